@@ -1,0 +1,1 @@
+"""Pallas kernels for the basis-scale-sum and the backend dispatch that picks them."""

@@ -1,0 +1,74 @@
+"""`RandLoraDense`: a drop-in `nn.Dense` whose kernel is adapted by RandLoRA.
+
+Parameters: `kernel` and `bias` exactly as `nn.Dense` names and shapes them (a pretrained
+Dense checkpoint loads unchanged), plus `randlora_lambda` (r, N) and `randlora_gamma` (N, d).
+The bases are regenerated from `basis_seed` on every call and are never parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import dtypes
+
+from randlora_jax import bases, ops
+
+Initializer = Callable[..., jax.Array]
+
+
+class RandLoraDense(nn.Module):
+  """`nn.Dense` + RandLoRA update ``x @ (W0 + dW) + b`` (see `randlora_jax.ops`).
+
+  Attributes:
+    features: output size, as in `nn.Dense`.
+    r: rank of each random basis (PEFT default 32). Smaller r means MORE trainable
+      parameters, N*(r + d) per layer with N = ceil(min(in, out) / r).
+    alpha: scale numerator, s = alpha / r (PEFT default 640, i.e. s = 20).
+    basis_seed: int or `jax.random` key; the same for every layer of a model (bases are
+      shared, as in PEFT). Converted once with `bases.seed_from_key`.
+    distribution: 'uniform' | 'normal' | 'sparse' | 'very_sparse'.
+    sparse_dim: for 'very_sparse', min(in, out) of the largest adapted layer (PEFT's rule);
+      defaults to this layer's own.
+    path: 'auto' (cost model on token count), 'merged' or 'factored'.
+    dtype: compute dtype (e.g. bf16); parameters are kept in `param_dtype` (fp32).
+  """
+
+  features: int
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  r: int = 32
+  alpha: float = 640.0
+  basis_seed: Any = 0
+  distribution: str = "uniform"
+  sparse_dim: int | None = None
+  path: str = "auto"
+
+  def spec(self, in_features: int) -> ops.LayerSpec:
+    return ops.LayerSpec(in_features, self.features, self.r, float(self.alpha),
+                         self.distribution, self.sparse_dim)
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    spec = self.spec(jnp.shape(inputs)[-1])
+    kernel = self.param("kernel", self.kernel_init, (spec.in_features, self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    lam = self.param("randlora_lambda", lambda _, s, t: ops.init_lambda(spec, t),
+                     spec.lambda_shape, self.param_dtype)
+    gamma = self.param("randlora_gamma", lambda _, s, t: ops.init_gamma(spec, t),
+                       spec.gamma_shape, self.param_dtype)
+    inputs, _, _ = dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    seed = bases.traced_seed(self.basis_seed)
+    y = ops.apply(inputs, kernel, lam, gamma, seed, spec, path=self.path,
+                  dtype=inputs.dtype, precision=self.precision)
+    if bias is not None:
+      y = y + jnp.asarray(bias, y.dtype)
+    return y

@@ -1,0 +1,366 @@
+"""The RandLoRA update: the math, in one place.
+
+For a layer with kernel ``W0`` of Flax shape ``(in, out)``, let ``d = min(in, out)``,
+``D = max(in, out)``, ``N = ceil(d / r)`` and ``s = alpha / r``. The update is
+
+    dW (D x d) = s * sum_{n<N} Bt_n diag(lambda[:, n]) A diag(gamma[n])
+
+with frozen random ``A`` (r x d, shared by all terms) and ``Bt_n`` (D x r), and trainable
+``lambda`` (r, N) and ``gamma`` (N, d), PEFT's shapes.
+
+**Pairing.** We use PEFT's pairing natively, so export and import are exact for every layer
+shape: with ``Bf`` the flat global B (D x N*r) and ``c = k*N + n``,
+
+    dW = s * Bf @ diag(lambda.ravel()) @ Af,      Af[c] = A[k] * gamma[n]
+
+i.e. basis ``Bt_n`` above is made of the columns ``n, n+N, n+2N, ...`` of ``Bf``. Since Bf is
+i.i.d., this is the paper's method exactly; only the naming of columns differs.
+
+**Orientation** (PEFT): if ``in <= out`` the kernel update is ``dW^T`` (``x @ Af^T @ Bf^T``),
+otherwise ``dW``. Both products are generated directly in plain NN-matmul layout.
+
+**Two evaluation paths**, chosen per call by a static flop count:
+
+* merged: ``y = x @ (W0 + dW)``; forming dW costs ``2*D*d*N*r`` once per call, and the
+  backward needs the weight cotangent ``G = x^T g`` anyway (reductions give dlambda, dgamma);
+* factored: ``y = x @ W0 + s * ((x @ L) * lambda) @ R`` through the N*r space, cheaper for
+  few tokens (decode, tiny batches).
+
+Both carry a ``jax.custom_vjp`` that regenerates the bases in the backward: nothing of the
+size of a basis is ever saved as a residual.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from randlora_jax import bases
+
+Path = Literal["auto", "merged", "factored"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """Static description of one adapted (in, out) layer and its slice of the shared bases."""
+
+  in_features: int
+  out_features: int
+  r: int = 32
+  alpha: float = 640.0
+  distribution: str = "uniform"
+  sparse_dim: int | None = None  # for 'very_sparse': min(in, out) of the largest adapted layer
+
+  def __post_init__(self):
+    if self.in_features < 1 or self.out_features < 1:
+      raise ValueError(f"layer dims must be positive, got ({self.in_features}, {self.out_features})")
+    if not isinstance(self.r, int) or self.r < 1:
+      raise ValueError(f"rank r must be a positive integer, got {self.r!r}")
+    if self.r > self.d:
+      raise ValueError(f"rank r={self.r} exceeds min(in, out)={self.d} for a "
+                       f"({self.in_features}, {self.out_features}) layer")
+    bases.sparse_nonzero_fraction(self.distribution, self.effective_sparse_dim)  # validates
+
+  @property
+  def d(self) -> int:
+    return min(self.in_features, self.out_features)
+
+  @property
+  def D(self) -> int:
+    return max(self.in_features, self.out_features)
+
+  @property
+  def num_bases(self) -> int:
+    return -(-self.d // self.r)
+
+  @property
+  def nr(self) -> int:
+    return self.num_bases * self.r
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.r
+
+  @property
+  def transposed(self) -> bool:
+    """True when the kernel update is dW^T (in <= out): A sits on the input side."""
+    return self.in_features <= self.out_features
+
+  @property
+  def effective_sparse_dim(self) -> int | None:
+    if self.distribution == "very_sparse" and self.sparse_dim is None:
+      return self.d
+    return self.sparse_dim
+
+  @property
+  def lambda_shape(self) -> tuple[int, int]:
+    return (self.r, self.num_bases)
+
+  @property
+  def gamma_shape(self) -> tuple[int, int]:
+    return (self.num_bases, self.d)
+
+  @property
+  def num_trainable(self) -> int:
+    return self.num_bases * (self.r + self.d)
+
+
+def init_lambda(spec: LayerSpec, dtype=jnp.float32) -> jax.Array:
+  """PEFT's init: lambda = 0, so the adapted layer starts as the pretrained one."""
+  return jnp.zeros(spec.lambda_shape, dtype)
+
+
+def init_gamma(spec: LayerSpec, dtype=jnp.float32) -> jax.Array:
+  """PEFT's init: gamma = 1 / max(N, d)."""
+  return jnp.full(spec.gamma_shape, 1.0 / max(spec.num_bases, spec.d), dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Materialising the factors (XLA path). `explicit` bases, when given, replace the hash: a pair
+# (A (r, >=d), Bf (>=D, >=N*r)) of arrays, as imported from a PEFT adapter file.
+
+
+def _a(spec: LayerSpec, seed, explicit, transpose: bool) -> jax.Array:
+  """A (r, d), or A^T (d, r)."""
+  if explicit is not None:
+    a = explicit[0][: spec.r, : spec.d].astype(jnp.float32)
+    return a.T if transpose else a
+  shape = (spec.d, spec.r) if transpose else (spec.r, spec.d)
+  return bases.a_tile(seed, shape, transpose=transpose, distribution=spec.distribution,
+                      sparse_dim=spec.effective_sparse_dim)
+
+
+def _bf(spec: LayerSpec, seed, explicit, transpose: bool) -> jax.Array:
+  """Flat B (D, N*r), or its transpose (N*r, D)."""
+  if explicit is not None:
+    b = explicit[1][: spec.D, : spec.nr].astype(jnp.float32)
+    return b.T if transpose else b
+  shape = (spec.nr, spec.D) if transpose else (spec.D, spec.nr)
+  return bases.b_tile(seed, shape, transpose=transpose, distribution=spec.distribution,
+                      sparse_dim=spec.effective_sparse_dim)
+
+
+def _af(spec, lam, gamma, seed, explicit, transpose: bool) -> jax.Array:
+  """lambda-scaled Af (N*r, d) with rows c = k*N + n, or its transpose (d, N*r)."""
+  r, n, d = spec.r, spec.num_bases, spec.d
+  lam = lam.astype(jnp.float32)
+  gamma = gamma.astype(jnp.float32)
+  if transpose:  # (d, r, N): A^T[j, k] * gamma[n, j] * lambda[k, n]
+    at = _a(spec, seed, explicit, transpose=True)
+    return (at[:, :, None] * gamma.T[:, None, :] * lam[None]).reshape(d, r * n)
+  a = _a(spec, seed, explicit, transpose=False)  # (r, N, d)
+  return (a[:, None, :] * gamma[None] * lam[:, :, None]).reshape(r * n, d)
+
+
+def _mm(x, y):
+  return jnp.matmul(x, y, preferred_element_type=jnp.float32)
+
+
+def delta_kernel_reference(lam, gamma, seed, spec: LayerSpec, explicit=None) -> jax.Array:
+  """dW in kernel layout (in, out), float32, plain autodiff: the readable reference path."""
+  if spec.transposed:  # (d, Nr) @ (Nr, D)
+    return spec.scale * _mm(_af(spec, lam, gamma, seed, explicit, True),
+                            _bf(spec, seed, explicit, True))
+  return spec.scale * _mm(_bf(spec, seed, explicit, False),
+                          _af(spec, lam, gamma, seed, explicit, False))
+
+
+def _reduce_h(spec: LayerSpec, h, lam, gamma, seed, explicit):
+  """dlambda, dgamma from H = Bf^T G (in the orientation given) without per-basis outputs.
+
+  ``h`` is (N*r, d) when not transposed, (d, N*r) when transposed (its transpose otherwise).
+  """
+  r, n, d = spec.r, spec.num_bases, spec.d
+  lam = lam.astype(jnp.float32)
+  gamma = gamma.astype(jnp.float32)
+  if spec.transposed:
+    h3 = h.reshape(d, r, n)
+    at = _a(spec, seed, explicit, transpose=True)  # (d, r)
+    ha = h3 * at[:, :, None]  # (d, r, N)
+    dlam = jnp.einsum("jkn,nj->kn", ha, gamma)
+    dgamma = jnp.einsum("jkn,kn->nj", ha, lam)
+  else:
+    h3 = h.reshape(r, n, d)
+    a = _a(spec, seed, explicit, transpose=False)  # (r, d)
+    ha = h3 * a[:, None, :]  # (r, N, d)
+    dlam = jnp.einsum("knj,nj->kn", ha, gamma)
+    dgamma = jnp.einsum("knj,kn->nj", ha, lam)
+  return spec.scale * dlam, spec.scale * dgamma
+
+
+def delta_kernel_xla(lam, gamma, seed, spec: LayerSpec) -> jax.Array:
+  """Forward of the XLA path (float32 kernel-layout dW)."""
+  return delta_kernel_reference(lam, gamma, seed, spec)
+
+
+def delta_kernel_bwd_xla(g, lam, gamma, seed, spec: LayerSpec):
+  """Backward of the XLA path: dlambda, dgamma from the kernel-layout cotangent ``g``."""
+  g = g.astype(jnp.float32)
+  if spec.transposed:  # g (d, D); H^T = g @ Bf (d, Nr)
+    h = _mm(g, _bf(spec, seed, None, False))
+  else:  # g (D, d); H = Bf^T g (Nr, d)
+    h = _mm(_bf(spec, seed, None, True), g)
+  return _reduce_h(spec, h, lam, gamma, seed, None)
+
+
+def _backend_impl(spec: LayerSpec):
+  """(forward, backward) implementations for the current backend: kernels where they exist."""
+  from randlora_jax.kernels import dispatch  # local import: kernels depend on this module
+
+  return dispatch.delta_impl(spec)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def delta_kernel(lam, gamma, seed, spec: LayerSpec) -> jax.Array:
+  """dW in kernel layout (in, out), float32, from hashed bases; the differentiable op."""
+  fwd, _ = _backend_impl(spec)
+  return fwd(lam, gamma, seed, spec)
+
+
+def _delta_fwd(lam, gamma, seed, spec):
+  fwd, _ = _backend_impl(spec)
+  return fwd(lam, gamma, seed, spec), (lam, gamma, seed)
+
+
+def _delta_bwd(spec, res, g):
+  lam, gamma, seed = res
+  _, bwd = _backend_impl(spec)
+  dlam, dgamma = bwd(g, lam, gamma, seed, spec)
+  return dlam.astype(lam.dtype), dgamma.astype(gamma.dtype), None
+
+
+delta_kernel.defvjp(_delta_fwd, _delta_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Factored path: y_delta = s * ((x @ L) * lambda) @ R through the N*r space.
+
+
+def _factors_unscaled(spec, gamma, seed, explicit):
+  """(L, R) with gamma folded in and lambda NOT applied: x @ L @ diag(lam) @ R = x @ dW_kernel/s."""
+  ones = jnp.ones(spec.lambda_shape, jnp.float32)
+  if spec.transposed:  # L = Af^T (d, Nr) carries gamma, R = Bf^T (Nr, D)
+    return _af(spec, ones, gamma, seed, explicit, True), _bf(spec, seed, explicit, True)
+  return _bf(spec, seed, explicit, False), _af(spec, ones, gamma, seed, explicit, False)
+
+
+def _factored(x, lam, gamma, seed, spec, explicit=None):
+  left, right = _factors_unscaled(spec, gamma, seed, explicit)
+  cdt = x.dtype
+  u = _mm(x, left.astype(cdt))
+  v = (u * (spec.scale * lam.reshape(-1).astype(jnp.float32))).astype(cdt)
+  return _mm(v, right.astype(cdt)), u
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def factored_delta(x, lam, gamma, seed, spec: LayerSpec) -> jax.Array:
+  """``x @ dW_kernel`` for x of shape (T, in), without forming dW (float32 result)."""
+  return _factored(x, lam, gamma, seed, spec)[0]
+
+
+def _factored_fwd(x, lam, gamma, seed, spec):
+  y, u = _factored(x, lam, gamma, seed, spec)
+  return y, (x, u, lam, gamma, seed)  # u is activation-sized (T, N*r); no basis is saved
+
+
+def _factored_bwd(spec, res, g):
+  x, u, lam, gamma, seed = res
+  cdt = x.dtype
+  left, right = _factors_unscaled(spec, gamma, seed, None)
+  lam_flat = lam.reshape(-1).astype(jnp.float32)
+  gv = _mm(g.astype(cdt), right.T.astype(cdt))  # (T, Nr); right.T is a regenerated basis
+  dlam = spec.scale * jnp.sum(gv * u, axis=0).reshape(spec.lambda_shape)
+  gu = gv * (spec.scale * lam_flat)
+  dx = _mm(gu.astype(cdt), left.T.astype(cdt))
+  # gamma lives in the factor on A's side: L when transposed, R otherwise.
+  r, n, d = spec.r, spec.num_bases, spec.d
+  if spec.transposed:  # dL = x^T gu (d, Nr); L[j, (k,n)] = A^T[j,k] gamma[n,j]
+    dl = _mm(x.astype(jnp.float32).T, gu).reshape(d, r, n)
+    at = _a(spec, seed, None, transpose=True)
+    dgamma = jnp.einsum("jkn,jk->nj", dl, at)
+  else:  # dR = v^T g with v = u * s * lam: R[(k,n), j] = A[k,j] gamma[n,j]
+    v = u * (spec.scale * lam_flat)
+    dr = _mm(v.T, g.astype(jnp.float32)).reshape(r, n, d)
+    a = _a(spec, seed, None, transpose=False)
+    dgamma = jnp.einsum("knj,kj->nj", dr, a)
+  return dx.astype(x.dtype), dlam.astype(lam.dtype), dgamma.astype(gamma.dtype), None
+
+
+factored_delta.defvjp(_factored_fwd, _factored_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing the path.
+
+
+def path_flops(tokens: int, spec: LayerSpec) -> dict[str, int]:
+  """Extra flops over the frozen matmul, forward + backward, for each path."""
+  dd, big, nr = spec.d, spec.D, spec.nr
+  merged = 2 * (2 * big * dd * nr) + 2 * tokens * big * dd  # form dW, H = Bf^T G, G = x^T g
+  factored = 3 * 2 * tokens * nr * (dd + big)  # two thin matmuls, each forward + 2 backward
+  return {"merged": merged, "factored": factored}
+
+
+def choose_path(tokens: int, spec: LayerSpec, path: Path = "auto") -> str:
+  if path in ("merged", "factored"):
+    return path
+  if path != "auto":
+    raise ValueError(f"path must be 'auto', 'merged' or 'factored', got {path!r}")
+  f = path_flops(tokens, spec)
+  return "merged" if f["merged"] <= f["factored"] else "factored"
+
+
+def apply(x, kernel, lam, gamma, seed, spec: LayerSpec, *, path: Path = "auto",
+          dtype=None, precision=None, explicit=None) -> jax.Array:
+  """``x @ (W0 + dW)`` for x (..., in) and frozen kernel (in, out); no bias.
+
+  ``dtype`` is the compute dtype (default: x's). ``explicit`` = (A, Bf) arrays replace the
+  hash (imported PEFT adapters); that path uses plain autodiff.
+  """
+  if x.shape[-1] != spec.in_features:
+    raise ValueError(f"input last dim {x.shape[-1]} != in_features {spec.in_features}")
+  dtype = dtype or x.dtype
+  x = x.astype(dtype)
+  tokens = math.prod(x.shape[:-1])
+  chosen = choose_path(tokens, spec, path)
+  if explicit is not None:
+    if chosen == "merged":
+      w = kernel.astype(jnp.float32) + delta_kernel_reference(lam, gamma, seed, spec, explicit)
+      return jnp.matmul(x, w.astype(dtype), precision=precision)
+    x2 = x.reshape(tokens, spec.in_features)
+    y = jnp.matmul(x2, kernel.astype(dtype), precision=precision)
+    y = y + _factored(x2, lam, gamma, seed, spec, explicit)[0].astype(dtype)
+    return y.reshape(*x.shape[:-1], spec.out_features)
+  if chosen == "merged":
+    w = (kernel.astype(jnp.float32) + delta_kernel(lam, gamma, seed, spec)).astype(dtype)
+    return jnp.matmul(x, w, precision=precision)
+  x2 = x.reshape(tokens, spec.in_features)
+  y = jnp.matmul(x2, kernel.astype(dtype), precision=precision)
+  y = y + factored_delta(x2, lam, gamma, seed, spec).astype(dtype)
+  return y.reshape(*x.shape[:-1], spec.out_features)
+
+
+def to_peft_bases(seed: int, specs: list[LayerSpec]) -> tuple[jax.Array, jax.Array]:
+  """The global bases materialised in PEFT's storage layout, for export.
+
+  Returns ``randlora_A`` (r, 1, d_max) and ``randlora_B`` (D_max, N_max, r): since we use
+  PEFT's pairing, no permutation is needed and every layer's slice matches exactly.
+  """
+  if not specs:
+    raise ValueError("no layers given")
+  r = specs[0].r
+  dist = specs[0].distribution
+  if any(s.r != r or s.distribution != dist for s in specs):
+    raise ValueError("all layers sharing bases must use the same r and distribution")
+  d_max = max(s.d for s in specs)
+  big_max = max(s.D for s in specs)
+  n_max = max(s.num_bases for s in specs)
+  sdim = specs[0].effective_sparse_dim
+  a = bases.a_tile(seed, (r, d_max), distribution=dist, sparse_dim=sdim)
+  b = bases.b_tile(seed, (big_max, n_max * r), distribution=dist, sparse_dim=sdim)
+  return a[:, None, :], b.reshape(big_max, n_max, r)
