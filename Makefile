@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python demo.py
+	$(BIN)/python examples/fit_full_rank.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
