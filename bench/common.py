@@ -1,0 +1,141 @@
+"""Shared helpers for the benchmarks: child processes, memory, tables, the PyTorch stack.
+
+Every measured configuration runs in its own subprocess (a fresh interpreter: no shared
+allocator state, compile caches or thread pools between configurations), which prints one
+line ``RESULT {json}`` that the parent collects.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+from typing import Any, Iterable, Sequence
+
+RESULT_PREFIX = "RESULT "
+
+# The reference stack whose numbers we compare against (shared/reference/randlora.md, sec. 5).
+TORCH_PIN = "torch==2.13.0"
+REFERENCE_PINS = ("peft==0.21.2", "transformers==5.23.0")
+
+
+def peak_rss_mib() -> float:
+  """Peak resident set size of THIS process so far, MiB (Linux reports ru_maxrss in KiB)."""
+  kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  if sys.platform == "darwin":  # bytes there
+    kib /= 1024
+  return kib / 1024.0
+
+
+def emit_result(payload: dict[str, Any]) -> None:
+  """Child side: print the one machine-readable line the parent looks for."""
+  print(RESULT_PREFIX + json.dumps(payload), flush=True)
+
+
+def run_child(argv: Sequence[str], timeout: float | None = None,
+              env: dict[str, str] | None = None) -> dict[str, Any]:
+  """Run ``argv`` to completion and return its RESULT payload (or an ``error`` entry)."""
+  try:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                          env=env)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout} s"}
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith(RESULT_PREFIX):
+      return json.loads(line[len(RESULT_PREFIX):])
+  tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+  return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+
+
+def ensure_torch_stack(install: bool = True) -> None:
+  """Make torch, transformers and peft importable, installing them if missing.
+
+  torch goes in FIRST and pinned: peft/transformers would otherwise pull an unpinned torch
+  (a CUDA build with ~20 extra packages). Raises SystemExit with a clear message on failure.
+  """
+  missing = []
+  for mod in ("torch", "transformers", "peft"):
+    try:
+      importlib.import_module(mod)
+    except ImportError:
+      missing.append(mod)
+  if not missing:
+    return
+  if not install:
+    raise SystemExit(f"missing {missing}: run `{sys.executable} -m pip install {TORCH_PIN}` "
+                     f"then `... pip install {' '.join(REFERENCE_PINS)}` (torch first)")
+  steps = []
+  if "torch" in missing:
+    steps.append([TORCH_PIN])
+  steps.append(list(REFERENCE_PINS))
+  for pkgs in steps:
+    cmd = [sys.executable, "-m", "pip", "install", "-q", *pkgs]
+    print("installing:", " ".join(cmd), file=sys.stderr, flush=True)
+    if subprocess.run(cmd).returncode != 0:
+      raise SystemExit(f"could not install {pkgs} into {sys.executable}; install "
+                       f"{TORCH_PIN} first, then {' '.join(REFERENCE_PINS)}")
+  importlib.invalidate_caches()
+
+
+def versions() -> dict[str, str]:
+  """Versions of the packages that matter for the numbers (absent ones omitted)."""
+  out = {"python": platform.python_version()}
+  for mod in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft"):
+    try:
+      out[mod] = importlib.import_module(mod).__version__
+    except Exception:  # noqa: BLE001 - absent or broken: just not reported
+      pass
+  return out
+
+
+def machine() -> str:
+  """A one-line description of the host (CPU model, cores, memory)."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  mem = ""
+  try:
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    mem = f", {pages / 2**30:.0f} GiB"
+  except (ValueError, OSError):
+    pass
+  return f"{cpu}, {os.cpu_count()} cores{mem}"
+
+
+def spread(values: Iterable[float]) -> tuple[float, float, float]:
+  """(median, min, max)."""
+  v = list(values)
+  return statistics.median(v), min(v), max(v)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A GitHub-markdown table; cells are str()-ed."""
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def parse_markdown_tables(text: str) -> list[list[dict[str, str]]]:
+  """Every markdown table in ``text`` as a list of {header: cell} rows (for tests/tools)."""
+  tables, block = [], []
+  for line in text.splitlines() + [""]:
+    if line.strip().startswith("|"):
+      block.append(line.strip())
+      continue
+    if len(block) >= 2:
+      cells = [[c.strip() for c in b.strip("|").split("|")] for b in block]
+      header, body = cells[0], cells[2:]
+      tables.append([dict(zip(header, row)) for row in body])
+    block = []
+  return tables
