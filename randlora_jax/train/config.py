@@ -1,0 +1,87 @@
+"""The trainer's config schema: every field with its default, in one place.
+
+The files in `configs/` start from `base_config()` and change what their experiment needs;
+anything can be overridden on the command line (`--config.optim.weight_decay=0.05`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+METHODS = ("randlora", "lora", "full", "head")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = "randlora"       # randlora | lora | full | head (linear probe)
+  c.methods = ()              # non-empty: train each of these in turn, then print a table
+  c.seed = 0
+
+  # The backbone: a ViTConfig preset (randlora_jax.models.ViTConfig.<preset>) with optional
+  # overrides, or the shapes of a local HF checkpoint (then its weights are loaded).
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"     # tiny | vit_b16 | vit_l16 | vit_l14 | dinov2_b14 | clip_b32 | ...
+  c.model.family = config_dict.placeholder(str)   # vit | dinov2 | clip (presets that take it)
+  c.model.checkpoint = ""     # local HF directory (config.json + model.safetensors)
+  c.model.image_size = 224
+  c.model.patch_size = config_dict.placeholder(int)
+  c.model.hidden_size = config_dict.placeholder(int)
+  c.model.num_layers = config_dict.placeholder(int)
+  c.model.num_heads = config_dict.placeholder(int)
+  c.model.mlp_dim = config_dict.placeholder(int)
+  c.model.dtype = "float32"   # compute dtype; parameters stay float32
+  c.model.remat = False
+  c.model.normalization = "clip"  # clip | imagenet | half: the backbone's pixel mean/std
+
+  # Adapters. targets: regexes on layer names (q_proj k_proj v_proj o_proj fc1 fc2).
+  c.adapter = ml_collections.ConfigDict()
+  c.adapter.targets = ("q_proj", "k_proj", "v_proj", "fc1", "fc2")
+  c.adapter.r = 8             # RandLoRA rank (smaller r: more bases, more parameters)
+  c.adapter.alpha = 160.0     # RandLoRA scale s = alpha / r (PEFT's default s = 20)
+  c.adapter.seed = 0          # basis seed
+  c.adapter.distribution = "uniform"
+  c.adapter.lora_rank = 32
+  c.adapter.lora_alpha = 64.0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic_shapes/left_shape"
+  c.data.data_dir = ""        # "" -> ~/.cache/randlora_jax/tfds
+  c.data.train_split = "train"
+  c.data.test_split = "test"
+  c.data.kshot = 0            # >0: k examples per class from the train split (fixed seed)
+  c.data.kshot_seed = 0
+  c.data.crop_scale = (0.5, 1.0)   # RandomResizedCrop area range
+  c.data.flip = True
+  c.data.image_key = "image"
+  c.data.label_key = "label"
+  c.data.max_test_examples = 0     # >0: evaluate on the first n test examples only
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = ml_collections.ConfigDict(dict(randlora=1e-2, lora=1e-2, full=1e-5, head=1e-3))
+  c.optim.weight_decay = 0.1
+  c.optim.end_lr_fraction = 0.01   # cosine to 1% of the peak
+  c.optim.warmup_steps = 0
+  c.optim.grad_clip = 1.0
+
+  c.batch_size = 128          # global
+  c.eval_batch_size = 256     # global
+  c.total_steps = 0           # 0: num_epochs over the (k-shot) train set
+  c.num_epochs = 10
+  c.log_every = 10
+  c.eval_every = 0            # 0: evaluate at the end only
+  c.checkpoint_every = 0      # 0: no periodic checkpoints (one at the end)
+  c.keep_checkpoints = 3
+  c.progress = True           # tqdm bar
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.distributed = ml_collections.ConfigDict(dict(
+      enabled=False, coordinator_address="", num_processes=0, process_id=-1))
+
+  # Demo only: pretrain the backbone once on an embedded task (cached), then fine-tune.
+  c.pretrain = ml_collections.ConfigDict(dict(
+      enabled=False, dataset="synthetic_shapes/shapes", steps=400, batch_size=64, lr=2e-3,
+      cache_dir=""))
+
+  c.export = ml_collections.ConfigDict(dict(adapter=True, merged=False))
+  return c

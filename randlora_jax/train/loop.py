@@ -1,0 +1,151 @@
+"""The training loop: resume, step, log, evaluate, checkpoint, stop on divergence, summarise."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from randlora_jax import checkpoint as ckpt_lib
+from randlora_jax import data, sharding
+from randlora_jax.train import evaluate as eval_lib
+from randlora_jax.train import metrics as metrics_lib
+from randlora_jax.train import setup as setup_lib
+from randlora_jax.train import step as step_lib
+
+
+class TrainingDiverged(RuntimeError):
+  """A non-finite loss/gradient/parameter: the run stopped, the last good checkpoint kept."""
+
+
+def _train_iterator(exp: setup_lib.Experiment):
+  d = exp.config.data
+  transform = data.train_transform(exp.vit_config.image_size, tuple(d.crop_scale), d.flip,
+                                   d.image_key, d.label_key)
+  return iter(data.train_dataset(exp.train_source, batch_size=exp.local_batch_size,
+                                 seed=exp.config.seed, transform=transform,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count()))
+
+
+def train(config, workdir: str, *, load_pretrained: Callable | None = None,
+          mesh=None) -> dict[str, Any]:
+  """Trains `config.method` as configured; returns (and writes) the run's summary."""
+  # ---- build
+  exp = setup_lib.build(config, load_pretrained=load_pretrained, mesh=mesh)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       keep=config.keep_checkpoints)
+  batch_sh = sharding.batch_sharding(exp.mesh)
+  train_step = jax.jit(step_lib.make_train_step(exp.model, exp.tx, config.model.normalization,
+                                                config.seed),
+                       in_shardings=(exp.state_shardings, exp.frozen_shardings, batch_sh),
+                       out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
+                       donate_argnums=(0,))
+  evaluator = eval_lib.Evaluator(exp)
+
+  # ---- resume
+  state = exp.state
+  iterator = _train_iterator(exp)
+  run_config = {"fingerprint": exp.fingerprint, "config": config.to_dict()}
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    saved = checkpointer.saved_config(latest)
+    ckpt_lib.check_fingerprint(saved.get("fingerprint", {}), json.loads(json.dumps(
+        exp.fingerprint)), checkpointer.directory)
+    target = ckpt_lib.abstract(state, exp.state_shardings)
+    state, data_state = checkpointer.restore(latest, target)
+    if data_state:
+      iterator.set_state(data_state)
+  start = int(state.step)
+
+  # ---- loop
+  step_times, history = [], []
+  progress = None
+  if is_main and config.progress:
+    from tqdm.auto import tqdm
+    progress = tqdm(total=exp.total_steps, initial=start, desc=config.method, unit="step",
+                    dynamic_ncols=True)
+  batch = sharding.shard_batch(next(iterator), exp.mesh) if start < exp.total_steps else None
+  window = []
+  try:
+    for step in range(start + 1, exp.total_steps + 1):
+      t0 = time.perf_counter()
+      state, m = train_step(state, exp.frozen, batch)
+      # The next batch is read and placed while the device computes this step.
+      data_state = iterator.get_state()
+      if step < exp.total_steps:
+        batch = sharding.shard_batch(next(iterator), exp.mesh)
+      m = jax.device_get(m)
+      step_times.append(time.perf_counter() - t0)
+      if not all(math.isfinite(float(m[k])) for k in ("loss", "grad_norm", "param_norm")):
+        raise TrainingDiverged(
+            f"non-finite values at step {step} (loss {m['loss']}, grad norm {m['grad_norm']}, "
+            f"parameter norm {m['param_norm']}); stopped without saving. Last good checkpoint: "
+            f"step {checkpointer.latest_step()} in {checkpointer.directory}")
+      window.append(m)
+      if step % config.log_every == 0 or step == exp.total_steps:
+        avg = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+        avg["lr"] = float(exp.schedule(step - 1))
+        writer.write(step, "train", avg)
+        window = []
+        if progress is not None:
+          progress.set_postfix(loss=f"{avg['loss']:.3f}", acc=f"{avg['accuracy']:.3f}")
+      if config.eval_every and step % config.eval_every == 0 and step < exp.total_steps:
+        res = evaluator(state)
+        writer.write(step, "test", res)
+        history.append((step, res))
+      if config.checkpoint_every and step % config.checkpoint_every == 0:
+        checkpointer.save(step, state, data_state, run_config)
+      if progress is not None:
+        progress.update(1)
+  finally:
+    if progress is not None:
+      progress.close()
+    checkpointer.wait()
+
+  # ---- end: evaluate, checkpoint, export, summarise
+  final_step = int(state.step)
+  if checkpointer.latest_step() != final_step:
+    checkpointer.save(final_step, state, data_state if final_step > start else None, run_config)
+  checkpointer.wait()
+  checkpointer.close()
+  res = evaluator(state)
+  writer.write(final_step, "test", res)
+  writer.close()
+
+  summary = {
+      "method": config.method, "dataset": config.data.name, "steps": final_step,
+      "trainable_params": exp.trainable_count, "total_params": exp.total_count,
+      "test_accuracy": res["accuracy"], "test_loss": res["loss"],
+      # The first step of a process compiles: excluded from the median when there are others.
+      "median_step_time_s": metrics_lib.median(step_times[1:] or step_times),
+      "devices": jax.device_count(), "processes": jax.process_count(),
+      "backend": jax.default_backend(), **metrics_lib.peak_memory(),
+  }
+  if is_main:
+    exports = os.path.join(workdir, "export")
+    if config.export.adapter and config.method in ("randlora", "lora", "head"):
+      summary["adapter_bytes"] = ckpt_lib.export_adapter(
+          os.path.join(exports, "adapter"), state.trainable, exp.adapter_config)
+    if config.export.merged:
+      params = jax.device_get(_combine(state.trainable, exp.frozen))
+      summary["merged_bytes"] = ckpt_lib.export_merged(
+          os.path.join(exports, "merged"), params, config.method, exp.adapter_config)
+    metrics_lib.plot_curves(writer.path, os.path.join(workdir, "curves.png"),
+                            title=f"{config.method} on {config.data.name}")
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+def _combine(trainable, frozen):
+  from randlora_jax import optim
+  return optim.combine(trainable, frozen)

@@ -1,0 +1,258 @@
+"""From a config to everything a run needs: mesh, data, model, parameters, optimizer.
+
+Every check that can fail on a bad config runs here, before anything is compiled, and
+raises `ConfigError` with what is wrong and what would fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from randlora_jax import data, lora, optim, sharding
+from randlora_jax.models import ViT, ViTConfig
+from randlora_jax.train import step as step_lib
+from randlora_jax.train.config import METHODS
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message says which and why."""
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Experiment:
+  """The built pieces of one run (see `build`)."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  model: nn.Module
+  vit_config: ViTConfig
+  frozen: Any                 # frozen partition, placed on the mesh (None where trainable)
+  state: step_lib.TrainState  # step 0: trainable partition + optimizer state, on the mesh
+  state_shardings: Any
+  frozen_shardings: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  train_source: Any
+  test_source: Any
+  num_classes: int
+  total_steps: int
+  local_batch_size: int
+  trainable_count: int
+  total_count: int
+  adapter_config: dict        # what the adapter export needs to regenerate the update
+
+  @property
+  def fingerprint(self) -> dict:
+    return fingerprint(self.config, self.vit_config)
+
+
+def fingerprint(config, vit_config: ViTConfig) -> dict:
+  """What fixes the checkpointed shapes and their meaning: must match to resume."""
+  fp = {"method": config.method, "model": repr(vit_config.replace(dtype=None, remat=False))}
+  if config.method in ("randlora", "lora"):
+    a = config.adapter
+    fp["targets"] = list(a.targets)
+    fp["adapter"] = (dict(r=a.r, alpha=a.alpha, seed=a.seed, distribution=a.distribution)
+                     if config.method == "randlora" else dict(rank=a.lora_rank, alpha=a.lora_alpha))
+  return fp
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def vit_config(config, num_classes: int, loaded: ViTConfig | None = None) -> ViTConfig:
+  """The ViTConfig: a checkpoint's own, or a preset; then the config's overrides."""
+  m = config.model
+  if m.dtype not in DTYPES:
+    raise ConfigError(f"model.dtype {m.dtype!r} is not one of {sorted(DTYPES)}")
+  if loaded is None:
+    preset = getattr(ViTConfig, m.preset, None)
+    if preset is None or not isinstance(ViTConfig.__dict__.get(m.preset), classmethod):
+      known = sorted(k for k, v in ViTConfig.__dict__.items() if isinstance(v, classmethod))
+      raise ConfigError(f"unknown model.preset {m.preset!r}; known presets: {known}")
+    kw = {"family": m.family} if m.family else {}
+    vcfg = preset(num_classes=num_classes, **kw) if m.preset == "tiny" else preset(
+        num_classes=num_classes, image_size=m.image_size, **kw)
+  else:
+    vcfg = loaded.replace(num_classes=num_classes)
+  overrides = {k: m[k] for k in ("patch_size", "hidden_size", "num_layers", "num_heads",
+                                 "mlp_dim") if m[k] is not None}
+  try:
+    return vcfg.replace(image_size=m.image_size, dtype=DTYPES[m.dtype], remat=m.remat,
+                        num_classes=num_classes, **overrides)
+  except ValueError as e:
+    raise ConfigError(f"model: {e}") from None
+
+
+def dense_factory(config) -> Callable[[str], Any]:
+  a = config.adapter
+  if config.method == "randlora":
+    return lora.dense_factory("randlora", a.targets, r=a.r, alpha=a.alpha, basis_seed=a.seed,
+                              distribution=a.distribution)
+  if config.method == "lora":
+    return lora.dense_factory("lora", a.targets, rank=a.lora_rank, alpha=a.lora_alpha)
+  return lora.dense_factory(config.method)
+
+
+def trainable_patterns(method: str) -> tuple[str, ...]:
+  """Regexes on parameter paths that train. The head is new for the task: always trained."""
+  head = r"^head/"
+  return {"randlora": (r"randlora_lambda$", r"randlora_gamma$", head),
+          "lora": (r"lora_a$", r"lora_b$", head),
+          "full": (r".*",),
+          "head": (head,)}[method]
+
+
+def check_targets(config, plain_abstract) -> None:
+  """Each target regex must name at least one Dense layer, and each targeted layer must be
+  at least as wide as the rank (RandLoRA's r <= min(in, out), LoRA's likewise)."""
+  if config.method not in ("randlora", "lora"):
+    return
+  kernels = {}  # layer name -> kernel shapes (scanned layers share a name)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(plain_abstract)[0]:
+    parts = optim.path_str(path).split("/")
+    if parts[-1] == "kernel" and len(leaf.shape) >= 2 and parts[-2] != "patch_embed":
+      kernels.setdefault(parts[-2], []).append(tuple(leaf.shape[-2:]))
+  if not config.adapter.targets:
+    raise ConfigError(f"method {config.method!r} needs adapter.targets; layers are "
+                      f"{sorted(kernels)}")
+  rank = config.adapter.r if config.method == "randlora" else config.adapter.lora_rank
+  rank_name = "adapter.r" if config.method == "randlora" else "adapter.lora_rank"
+  for target in config.adapter.targets:
+    names = [n for n in kernels if re.search(target, n)]
+    if not names:
+      raise ConfigError(f"adapter target {target!r} matches no layer of the model; its Dense "
+                        f"layers are {sorted(kernels)}")
+    for n in names:
+      for shape in kernels[n]:
+        if rank > min(shape):
+          raise ConfigError(f"{rank_name}={rank} is larger than d = min(in, out) = {min(shape)} "
+                            f"of layer {n!r} {shape}; use a rank <= {min(shape)}")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_data(config, process_index: int, process_count: int):
+  """(train source (k-shot subset if asked), test source, num_classes)."""
+  d = config.data
+  builder = data.get_builder(d.name, d.data_dir or None)
+  train_src = data.data_source(builder, d.train_split)
+  test_src = data.data_source(builder, d.test_split)
+  try:
+    num_classes = data.num_classes(builder, d.label_key)
+  except (KeyError, AttributeError):
+    raise ConfigError(f"dataset {d.name!r} has no class label {d.label_key!r}") from None
+  if d.kshot > 0:
+    labels = data.labels_of(train_src, d.label_key)
+    train_src = data.Subset(train_src, data.kshot_indices(labels, d.kshot, d.kshot_seed))
+  if d.max_test_examples > 0:
+    test_src = data.Subset(test_src, np.arange(min(d.max_test_examples, len(test_src))))
+  return train_src, test_src, num_classes
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def check_batch(config, mesh) -> int:
+  """Per-process batch size; the global batch must split evenly over devices and processes."""
+  dp = sharding.data_parallel_size(mesh)
+  for name in ("batch_size", "eval_batch_size"):
+    b = config[name]
+    if b < 1 or b % dp:
+      raise ConfigError(f"{name}={b} is not divisible by the data-parallel size {dp} "
+                        f"(mesh data x fsdp = {dict(mesh.shape)}); use a multiple of {dp}")
+  return config.batch_size // jax.process_count()
+
+
+def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Experiment:
+  """Builds a run. `load_pretrained(init_params, vit_config) -> params` supplies the backbone
+  weights (None: the random init, or `config.model.checkpoint` when set)."""
+  if config.method not in METHODS:
+    raise ConfigError(f"unknown method {config.method!r}; expected one of {METHODS}")
+  mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  local_batch = check_batch(config, mesh)
+
+  try:
+    train_src, test_src, num_classes = load_data(config, jax.process_index(), jax.process_count())
+  except data.DataError as e:
+    raise ConfigError(str(e)) from None
+
+  loaded_cfg = loaded_params = None
+  if config.model.checkpoint:
+    from randlora_jax.models import loading
+    try:
+      loaded_cfg, loaded_params = loading.load_pretrained(
+          config.model.checkpoint, num_classes=num_classes, image_size=config.model.image_size)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"model.checkpoint {config.model.checkpoint!r}: {e}") from None
+    loaded_params = loaded_params["params"]
+  vcfg = vit_config(config, num_classes, loaded_cfg)
+  dummy = jnp.zeros((1, vcfg.image_size, vcfg.image_size, vcfg.num_channels), jnp.float32)
+  plain_abstract = jax.eval_shape(
+      lambda: ViT(vcfg, lora.dense_factory("full")).init(jax.random.key(0), dummy))["params"]
+  check_targets(config, plain_abstract)
+
+  model = ViT(vcfg, dense_factory(config))
+  init = lambda key: model.init(key, dummy)["params"]
+  abstract = jax.eval_shape(init, jax.random.key(config.seed))
+  param_sh = sharding.shardings(abstract, mesh)
+  params = jax.jit(init, out_shardings=param_sh)(jax.random.key(config.seed))
+  if loaded_params is not None:
+    try:
+      params = loading.merge_pretrained(params, loaded_params)
+    except loading.CheckpointError as e:
+      raise ConfigError(str(e)) from None
+  if load_pretrained is not None:
+    params = load_pretrained(params, vcfg)
+  params = jax.device_put(params, param_sh)
+
+  mask = optim.trainable_mask(params, trainable_patterns(config.method), defaults=False)
+  trainable, frozen = optim.partition(params, mask)
+  frozen_sh = jax.tree.map(lambda p, m: None if m else p, param_sh, mask)
+  trainable_sh = jax.tree.map(lambda p, m: p if m else None, param_sh, mask)
+
+  steps = config.total_steps or math.ceil(config.num_epochs * len(train_src) / config.batch_size)
+  lr = config.optim.lr[config.method]
+  schedule = step_lib.make_schedule(lr, steps, config.optim.warmup_steps,
+                                    config.optim.end_lr_fraction)
+  tx = step_lib.make_optimizer(schedule, weight_decay=config.optim.weight_decay,
+                               grad_clip=config.optim.grad_clip)
+  opt_abstract = jax.eval_shape(tx.init, trainable)
+  opt_sh = sharding.shardings(opt_abstract, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                              opt_state=opt_state)
+  state_sh = step_lib.TrainState(step=sharding.replicated(mesh), trainable=trainable_sh,
+                                 opt_state=opt_sh)
+
+  a = config.adapter
+  adapter_config = {"method": config.method, "targets": list(a.targets),
+                    "model": dataclasses.asdict(vcfg.replace(dtype=None, param_dtype=None)),
+                    "dataset": config.data.name, "num_classes": num_classes}
+  if config.method == "randlora":
+    adapter_config.update(r=a.r, alpha=a.alpha, seed=a.seed, distribution=a.distribution,
+                          sparse_dim=None)
+  elif config.method == "lora":
+    adapter_config.update(rank=a.lora_rank, alpha=a.lora_alpha)
+
+  return Experiment(
+      config=config, mesh=mesh, model=model, vit_config=vcfg, frozen=frozen, state=state,
+      state_shardings=state_sh, frozen_shardings=frozen_sh, tx=tx, schedule=schedule,
+      train_source=train_src, test_source=test_src, num_classes=num_classes,
+      total_steps=steps, local_batch_size=local_batch,
+      trainable_count=optim.count(params, mask), total_count=optim.count(params),
+      adapter_config=adapter_config)

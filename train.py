@@ -1,0 +1,51 @@
+"""Fine-tune a ViT with RandLoRA, LoRA, full fine-tuning or a linear probe.
+
+  python train.py --config=configs/demo.py --workdir=/tmp/demo
+  python train.py --config=configs/vit_l.py --config.model.checkpoint=/ckpt/clip-vit-large-patch14 \
+      --config.data.name=oxford_flowers102 --workdir=/tmp/flowers
+
+Overrides: any field, e.g. `--config.method=lora --config.batch_size=64`. See
+`randlora_jax/train/config.py` for every field.
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config file.")
+flags.DEFINE_string("workdir", "/tmp/randlora_jax", "Checkpoints, metrics, exports, summary.")
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+
+  # ---- parse: multi-host set-up has to happen before JAX touches a device.
+  from randlora_jax import sharding
+  if config.distributed.enabled:
+    d = config.distributed
+    sharding.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+
+  from randlora_jax.checkpoint import CheckpointMismatch
+  from randlora_jax.train import demo, loop
+  from randlora_jax.train.setup import ConfigError
+
+  # ---- build and run
+  try:
+    if config.methods:
+      demo.compare(config, FLAGS.workdir)
+    else:
+      load = demo.pretrained_loader(config) if config.pretrain.enabled else None
+      summary = loop.train(config, FLAGS.workdir, load_pretrained=load)
+      print(json.dumps(summary, indent=2))
+  except (ConfigError, CheckpointMismatch, loop.TrainingDiverged) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
