@@ -125,35 +125,46 @@ def init_gamma(spec: LayerSpec, dtype=jnp.float32) -> jax.Array:
 # (A (r, >=d), Bf (>=D, >=N*r)) of arrays, as imported from a PEFT adapter file.
 
 
-def _a(spec: LayerSpec, seed, explicit, transpose: bool) -> jax.Array:
-  """A (r, d), or A^T (d, r)."""
+def _a(spec: LayerSpec, seed, explicit, transpose: bool, cols=None) -> jax.Array:
+  """A (r, d), or A^T (d, r); ``cols = (offset, size)`` selects global columns (mesh shards)."""
   if explicit is not None:
+    if cols is not None:
+      raise NotImplementedError("explicit bases are not sliced by offset")
     a = explicit[0][: spec.r, : spec.d].astype(jnp.float32)
     return a.T if transpose else a
-  shape = (spec.d, spec.r) if transpose else (spec.r, spec.d)
-  return bases.a_tile(seed, shape, transpose=transpose, distribution=spec.distribution,
+  j0, dl = cols if cols is not None else (0, spec.d)
+  shape = (dl, spec.r) if transpose else (spec.r, dl)
+  return bases.a_tile(seed, shape, 0, j0, transpose=transpose, distribution=spec.distribution,
                       sparse_dim=spec.effective_sparse_dim)
 
 
-def _bf(spec: LayerSpec, seed, explicit, transpose: bool) -> jax.Array:
-  """Flat B (D, N*r), or its transpose (N*r, D)."""
+def _bf(spec: LayerSpec, seed, explicit, transpose: bool, rows=None) -> jax.Array:
+  """Flat B (D, N*r), or its transpose (N*r, D); ``rows = (offset, size)`` selects global rows."""
   if explicit is not None:
+    if rows is not None:
+      raise NotImplementedError("explicit bases are not sliced by offset")
     b = explicit[1][: spec.D, : spec.nr].astype(jnp.float32)
     return b.T if transpose else b
-  shape = (spec.nr, spec.D) if transpose else (spec.D, spec.nr)
-  return bases.b_tile(seed, shape, transpose=transpose, distribution=spec.distribution,
+  i0, big_l = rows if rows is not None else (0, spec.D)
+  shape = (spec.nr, big_l) if transpose else (big_l, spec.nr)
+  return bases.b_tile(seed, shape, i0, 0, transpose=transpose, distribution=spec.distribution,
                       sparse_dim=spec.effective_sparse_dim)
 
 
-def _af(spec, lam, gamma, seed, explicit, transpose: bool) -> jax.Array:
-  """lambda-scaled Af (N*r, d) with rows c = k*N + n, or its transpose (d, N*r)."""
-  r, n, d = spec.r, spec.num_bases, spec.d
+def _af(spec, lam, gamma, seed, explicit, transpose: bool, col_offset=0) -> jax.Array:
+  """lambda-scaled Af (N*r, d) with rows c = k*N + n, or its transpose (d, N*r).
+
+  ``gamma`` may hold only the columns ``[col_offset, col_offset + gamma.shape[1])`` of d.
+  """
+  r, n, d = spec.r, spec.num_bases, gamma.shape[1]
+  cols = None if (d == spec.d and isinstance(col_offset, int) and col_offset == 0) else (
+      col_offset, d)
   lam = lam.astype(jnp.float32)
   gamma = gamma.astype(jnp.float32)
   if transpose:  # (d, r, N): A^T[j, k] * gamma[n, j] * lambda[k, n]
-    at = _a(spec, seed, explicit, transpose=True)
+    at = _a(spec, seed, explicit, transpose=True, cols=cols)
     return (at[:, :, None] * gamma.T[:, None, :] * lam[None]).reshape(d, r * n)
-  a = _a(spec, seed, explicit, transpose=False)  # (r, N, d)
+  a = _a(spec, seed, explicit, transpose=False, cols=cols)  # (r, N, d)
   return (a[:, None, :] * gamma[None] * lam[:, :, None]).reshape(r * n, d)
 
 
@@ -170,42 +181,72 @@ def delta_kernel_reference(lam, gamma, seed, spec: LayerSpec, explicit=None) -> 
                           _af(spec, lam, gamma, seed, explicit, False))
 
 
-def _reduce_h(spec: LayerSpec, h, lam, gamma, seed, explicit):
+def _reduce_h(spec: LayerSpec, h, lam, gamma, seed, explicit, col_offset=0, h_transposed=None):
   """dlambda, dgamma from H = Bf^T G (in the orientation given) without per-basis outputs.
 
-  ``h`` is (N*r, d) when not transposed, (d, N*r) when transposed (its transpose otherwise).
+  ``h`` is (N*r, d), or its transpose (d, N*r) when ``h_transposed`` (default:
+  ``spec.transposed``).
+  ``gamma`` may hold only the columns ``[col_offset, col_offset + gamma.shape[1])`` of d.
   """
-  r, n, d = spec.r, spec.num_bases, spec.d
+  r, n, d = spec.r, spec.num_bases, gamma.shape[1]
+  cols = None if (d == spec.d and isinstance(col_offset, int) and col_offset == 0) else (
+      col_offset, d)
   lam = lam.astype(jnp.float32)
   gamma = gamma.astype(jnp.float32)
-  if spec.transposed:
+  if spec.transposed if h_transposed is None else h_transposed:
     h3 = h.reshape(d, r, n)
-    at = _a(spec, seed, explicit, transpose=True)  # (d, r)
+    at = _a(spec, seed, explicit, transpose=True, cols=cols)  # (d, r)
     ha = h3 * at[:, :, None]  # (d, r, N)
     dlam = jnp.einsum("jkn,nj->kn", ha, gamma)
     dgamma = jnp.einsum("jkn,kn->nj", ha, lam)
   else:
     h3 = h.reshape(r, n, d)
-    a = _a(spec, seed, explicit, transpose=False)  # (r, d)
+    a = _a(spec, seed, explicit, transpose=False, cols=cols)  # (r, d)
     ha = h3 * a[:, None, :]  # (r, N, d)
     dlam = jnp.einsum("knj,nj->kn", ha, gamma)
     dgamma = jnp.einsum("knj,kn->nj", ha, lam)
   return spec.scale * dlam, spec.scale * dgamma
 
 
-def delta_kernel_xla(lam, gamma, seed, spec: LayerSpec) -> jax.Array:
-  """Forward of the XLA path (float32 kernel-layout dW)."""
-  return delta_kernel_reference(lam, gamma, seed, spec)
+def delta_kernel_xla(lam, gamma, seed, spec: LayerSpec, *, offsets=(0, 0),
+                     big_l: int | None = None) -> jax.Array:
+  """Forward of the XLA path (float32 kernel-layout dW).
+
+  Both factors are generated in plain NN layout and the scale is folded into the small
+  lambda-scaled factor, so the only pass over the D x d output is the GEMM itself.
+  ``offsets = (i0, j0)`` and ``big_l`` select the block of global D rows ``[i0, i0 + big_l)``
+  and d columns ``[j0, j0 + gamma.shape[1])`` (a mesh shard; gamma holds those columns).
+  """
+  i0, j0 = offsets
+  rows = None if big_l is None else (i0, big_l)
+  # Af is always built as (Nr, d): its minor dim is d, which XLA:CPU broadcasts fast (the
+  # (d, r, N) layout with N minor was ~15x slower to build). The transposed case then runs
+  # a TN GEMM, which the CPU GEMM takes without a transpose copy.
+  af = _af(spec, lam.astype(jnp.float32) * spec.scale, gamma, seed, None, False, j0)
+  if spec.transposed:  # Af^T (d, Nr) @ Bf^T (Nr, D)
+    return jax.lax.dot_general(af, _bf(spec, seed, None, True, rows), (((0,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+  return _mm(_bf(spec, seed, None, False, rows), af)
 
 
-def delta_kernel_bwd_xla(g, lam, gamma, seed, spec: LayerSpec):
-  """Backward of the XLA path: dlambda, dgamma from the kernel-layout cotangent ``g``."""
+def delta_kernel_bwd_xla(g, lam, gamma, seed, spec: LayerSpec, *, offsets=(0, 0),
+                         big_l: int | None = None):
+  """Backward of the XLA path: dlambda, dgamma from the kernel-layout cotangent ``g``.
+
+  With ``offsets``/``big_l`` (see `delta_kernel_xla`) the results are this block's partial
+  sums: dlambda over the whole block, dgamma over its D rows (a mesh psums them).
+  """
+  i0, j0 = offsets
+  rows = None if big_l is None else (i0, big_l)
   g = g.astype(jnp.float32)
-  if spec.transposed:  # g (d, D); H^T = g @ Bf (d, Nr)
-    h = _mm(g, _bf(spec, seed, None, False))
-  else:  # g (D, d); H = Bf^T g (Nr, d)
-    h = _mm(_bf(spec, seed, None, True), g)
-  return _reduce_h(spec, h, lam, gamma, seed, None)
+  bft = _bf(spec, seed, None, True, rows)  # (Nr, D)
+  # H = Bf^T G' (Nr, d) in both orientations (NT GEMM when g is (d, D)), so the reduction
+  # always runs in the (r, N, d) layout with d minor (fast on XLA:CPU).
+  if spec.transposed:
+    h = jax.lax.dot_general(bft, g, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  else:
+    h = _mm(bft, g)
+  return _reduce_h(spec, h, lam, gamma, seed, None, j0, h_transposed=False)
 
 
 def _backend_impl(spec: LayerSpec):
