@@ -1,12 +1,12 @@
 """Input: the embedded tfds datasets and the grain pipeline (see `pipeline`)."""
 
-from randlora_jax.data.pipeline import (DEFAULT_DATA_DIR, NORMALIZATION, DataError, Subset,
-                                        data_source, eval_batches, eval_transform, get_builder,
-                                        kshot_indices, labels_of, normalize, num_classes,
-                                        train_dataset, train_transform)
+from randlora_jax.data.pipeline import (
+    DEFAULT_DATA_DIR, NORMALIZATION, DataError, Subset, center_crop_resize, data_source,
+    eval_batches, eval_transform, get_builder, kshot_indices, labels_of, normalize, num_classes,
+    random_resized_crop, train_dataset, train_transform)
 
 __all__ = [
-    "DEFAULT_DATA_DIR", "NORMALIZATION", "DataError", "Subset", "data_source", "eval_batches",
-    "eval_transform", "get_builder", "kshot_indices", "labels_of", "normalize", "num_classes",
-    "train_dataset", "train_transform",
+    "DEFAULT_DATA_DIR", "NORMALIZATION", "DataError", "Subset", "center_crop_resize",
+    "data_source", "eval_batches", "eval_transform", "get_builder", "kshot_indices", "labels_of",
+    "normalize", "num_classes", "random_resized_crop", "train_dataset", "train_transform",
 ]
