@@ -1,0 +1,121 @@
+"""Merged export of RandLoRA-adapted ViTs as plain HF checkpoints (`randlora_jax.interop.hf`)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from randlora_jax import adapter as adapter_lib
+from randlora_jax import optim
+from randlora_jax.interop import hf
+from randlora_jax.lora import dense_factory
+from randlora_jax.models import ViT, ViTConfig, load_pretrained
+
+# Adapted layers cover both orientations: q/v/fc1 have in <= out (update applied as dW^T),
+# fc2 has in > out (64 -> 32).
+TARGETS = [r"q_proj|v_proj|fc1|fc2"]
+ADAPTER = adapter_lib.AdapterConfig(r=4, alpha=8.0, seed=11)
+
+# fp32 on both sides; the merged kernel W0 + dW vs our adapted forward differ only in where
+# dW is added (and torch vs XLA summation order): ~1e-6 relative measured, 1e-4 leaves
+# margin; a wrong orientation, pairing or scale gives O(1) errors.
+RTOL = 1e-4
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def _adapted(cfg: ViTConfig, seed: int = 0):
+  """(dense factory, variables with random nonzero lambda/gamma, images, our outputs)."""
+  dense = dense_factory("randlora", TARGETS, r=ADAPTER.r, alpha=ADAPTER.alpha,
+                        basis_seed=ADAPTER.seed)
+  images = jax.random.normal(jax.random.key(seed), (2, cfg.image_size, cfg.image_size, 3))
+  model = ViT(cfg, dense=dense)
+  variables = jax.jit(model.init)(jax.random.key(seed + 1), images)
+  keys = iter(jax.random.split(jax.random.key(seed + 2), 64))
+
+  def randomize(path, v):
+    name = optim.path_str(path)
+    if "randlora_lambda" in name or "randlora_gamma" in name:
+      return 0.3 * jax.random.normal(next(keys), v.shape)
+    if name.endswith("layerscale1") or name.endswith("layerscale2"):
+      return v + 0.2 * jax.random.normal(next(keys), v.shape)
+    return v
+
+  variables = jax.tree_util.tree_map_with_path(randomize, variables)
+  logits, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(
+      variables, images)
+  return variables, images, np.asarray(logits), state["intermediates"]
+
+
+CASES = {
+    "vit": ViTConfig.tiny("vit", num_classes=5),
+    "dinov2_registers": ViTConfig.tiny("dinov2", num_classes=5, num_register_tokens=2),
+    "clip_projection": ViTConfig.tiny("clip", num_classes=5, projection_dim=16),
+}
+
+
+def test_export_roundtrip_through_our_loader(tmp_path):
+  """Export, load back with `load_pretrained`: the plain model equals the adapted one, and
+  the adapter really changed the outputs (otherwise this would prove nothing)."""
+  cfg = CASES["vit"]
+  variables, images, logits, _ = _adapted(cfg)
+  hf.export_merged(variables, cfg, ADAPTER, tmp_path)
+  cfg2, loaded = load_pretrained(tmp_path)
+  assert cfg2.replace(dtype=cfg.dtype) == cfg
+  plain = np.asarray(jax.jit(ViT(cfg2).apply)(loaded, images))
+  assert rel_err(plain, logits) < RTOL
+  without = adapter_lib.merge(variables["params"], ADAPTER)  # lambda reset to 0
+  for path, layer in adapter_lib.iter_layers(without):
+    layer["kernel"] = variables["params"]["encoder"]["blocks"][path.split("/")[-1]]["kernel"]
+  frozen_only = jax.jit(ViT(cfg, dense=dense_factory("randlora", TARGETS, r=ADAPTER.r,
+                                                     alpha=ADAPTER.alpha,
+                                                     basis_seed=ADAPTER.seed)).apply)(
+                                                         {"params": without}, images)
+  assert rel_err(frozen_only, logits) > 1e-2
+  meta = json.loads((tmp_path / "randlora_export.json").read_text())
+  assert meta["merged_adapter"]["r"] == ADAPTER.r
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_transformers_loads_export_with_same_logits(kind, tmp_path):
+  import torch
+  import transformers as tf
+  from safetensors.numpy import load_file
+  cfg = CASES[kind]
+  variables, images, logits, inter = _adapted(cfg)
+  hf.export_merged(variables, cfg, ADAPTER, tmp_path)
+  arch = json.loads((tmp_path / "config.json").read_text())["architectures"][0]
+  model, info = getattr(tf, arch).from_pretrained(tmp_path, output_loading_info=True)
+  # Every weight came from our file, none was left at a random init.
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  pixels = torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())
+  with torch.no_grad():
+    out = model.eval()(pixels)
+  if kind.startswith("clip"):
+    assert arch == "CLIPVisionModelWithProjection"
+    head = load_file(tmp_path / hf.HEAD_FILE)
+    pooled = out.image_embeds.numpy()
+    assert rel_err(pooled, inter["pooled"][0]) < RTOL
+    theirs = pooled @ head["weight"].T + head["bias"]
+  else:
+    assert arch.endswith("ForImageClassification")
+    theirs = out.logits.numpy()
+  assert rel_err(theirs, logits) < RTOL
+
+
+def test_export_requires_adapter_config_and_rejects_lora(tmp_path):
+  cfg = CASES["vit"]
+  variables, _, _, _ = _adapted(cfg)
+  with pytest.raises(ValueError, match="AdapterConfig"):
+    hf.export_merged(variables, cfg, None, tmp_path)
+  lora = ViT(cfg, dense=dense_factory("lora", [r"q_proj"], rank=2))
+  lora_vars = jax.eval_shape(lora.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  lora_vars = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), lora_vars)
+  with pytest.raises(ValueError, match="adapter leaves"):
+    hf.export_merged(lora_vars, cfg, None, tmp_path)
