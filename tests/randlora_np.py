@@ -1,21 +1,32 @@
-"""Float64 NumPy reference for dW (shared/reference/randlora.md, section 2), used by the
-injection, adapter, NNX and PEFT tests. Only the basis entries come from our code (the hash);
-the pairing and orientation are restated here from PEFT's formulas."""
+"""Test helpers: a float64 NumPy reference for dW (shared/reference/randlora.md, section 2)
+and small models, used by the injection, adapter, NNX and PEFT tests. Only the basis entries
+come from our code (the hash); the pairing and orientation are restated from PEFT's formulas."""
 
 from __future__ import annotations
 
+import functools
+
+import flax.linen as nn
+import jax
 import numpy as np
 
 from randlora_jax import bases
+from randlora_jax.adapter import GAMMA, LAMBDA, AdapterConfig
+
+
+@functools.lru_cache(maxsize=None)
+def _tile_fn(which: str, shape, distribution, sparse_dim):
+  # One compiled executable per tile shape (eager op-by-op dispatch compiles every op).
+  tile = bases.a_tile if which == "a" else bases.b_tile
+  return jax.jit(lambda seed: tile(seed, shape, distribution=distribution, sparse_dim=sparse_dim))
 
 
 def np_bases(seed: int, r: int, d: int, big: int, n: int, distribution="uniform",
              sparse_dim=None):
   """A (r, d) and flat Bf (D, N*r) in float64."""
-  a = np.asarray(bases.a_tile(seed, (r, d), distribution=distribution, sparse_dim=sparse_dim),
-                 np.float64)
-  bf = np.asarray(bases.b_tile(seed, (big, n * r), distribution=distribution,
-                               sparse_dim=sparse_dim), np.float64)
+  a = np.asarray(_tile_fn("a", (r, d), distribution, sparse_dim)(np.uint32(seed)), np.float64)
+  bf = np.asarray(_tile_fn("b", (big, n * r), distribution, sparse_dim)(np.uint32(seed)),
+                  np.float64)
   return a, bf
 
 
@@ -40,3 +51,58 @@ def np_delta_kernel(lam, gamma, fin: int, fout: int, *, r: int, alpha: float, se
   af = (lam[:, :, None] * a[:, None, :] * gamma[None, :, :]).reshape(r * n, d)
   dw = (alpha / r) * bf @ af  # (D, d)
   return dw.T if fin <= fout else dw
+
+
+def randomize_adapter(params, key, scale=0.3):
+  """Nonzero lambda/gamma everywhere, so dW != 0 and every layer's update is tested."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for (path, leaf), k in zip(leaves, keys):
+    name = str(getattr(path[-1], "key", path[-1]))
+    out.append(scale * jax.random.normal(k, leaf.shape, leaf.dtype)
+               if name in (LAMBDA, GAMMA) else leaf)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def np_merged(params, cfg: AdapterConfig, in_outs, sparse_dim=None):
+  """Plain-model tree (float64 numpy) with W0 + dW folded in, computed independently of ops."""
+  def walk(tree, prefix):
+    if LAMBDA in tree:
+      fin, fout = in_outs[prefix]
+      k = np.asarray(tree["kernel"], np.float64)
+      lam, gam = np.asarray(tree[LAMBDA]), np.asarray(tree[GAMMA])
+      lead = lam.ndim - 2
+      kk = k.reshape(-1, fin, fout) if lead else k.reshape(1, fin, fout)
+      lams = lam.reshape(-1, *lam.shape[lead:])
+      gams = gam.reshape(-1, *gam.shape[lead:])
+      merged = np.stack([
+          kk[i] + np_delta_kernel(lams[i], gams[i], fin, fout, r=cfg.r, alpha=cfg.alpha,
+                                  seed=cfg.seed, distribution=cfg.distribution,
+                                  sparse_dim=sparse_dim)
+          for i in range(kk.shape[0])])
+      out = {n: np.asarray(v, np.float64) for n, v in tree.items() if n not in (LAMBDA, GAMMA)}
+      out["kernel"] = merged.reshape(k.shape)
+      return out
+    return {n: walk(v, f"{prefix}/{n}" if prefix else n) if isinstance(v, dict)
+            else np.asarray(v, np.float64) for n, v in tree.items()}
+  return walk(params, "")
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.gelu(nn.Dense(9, name="up")(x))
+    return x + nn.Dense(6, name="down")(h), None
+
+
+class ScannedModel(nn.Module):
+  """Blocks under nn.scan(nn.remat(...)), as large models are written."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(6, name="embed")(x)
+    stack = nn.scan(nn.remat(Block), variable_axes={"params": 0},
+                    split_rngs={"params": True}, length=3)
+    x, _ = stack(name="blocks")(x, None)
+    return nn.Dense(3, name="head")(x)

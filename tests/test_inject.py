@@ -8,48 +8,12 @@ import pytest
 
 from randlora_jax import adapter, inject, ops
 from randlora_jax.adapter import GAMMA, LAMBDA, AdapterConfig
-from randlora_np import np_delta_kernel
+from randlora_np import ScannedModel, np_delta_kernel, np_merged, randomize_adapter
 
 # fp32 forward vs a float64 reference: sums of <= ~100 products of O(1) terms, so a few
 # float32 ulps of the O(1) outputs; 2e-5 leaves margin without hiding a wrong basis or pairing
 # (those change outputs at O(0.1)).
 RTOL, ATOL = 2e-5, 2e-5
-
-
-def randomize_adapter(params, key, scale=0.3):
-  """Nonzero lambda/gamma everywhere, so dW != 0 and every layer's update is tested."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  keys = jax.random.split(key, len(leaves))
-  out = []
-  for (path, leaf), k in zip(leaves, keys):
-    name = str(getattr(path[-1], "key", path[-1]))
-    out.append(scale * jax.random.normal(k, leaf.shape, leaf.dtype)
-               if name in (LAMBDA, GAMMA) else leaf)
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def np_merged(params, cfg: AdapterConfig, in_outs, sparse_dim=None):
-  """Plain-model tree (float64 numpy) with W0 + dW folded in, computed independently of ops."""
-  def walk(tree, prefix):
-    if LAMBDA in tree:
-      fin, fout = in_outs[prefix]
-      k = np.asarray(tree["kernel"], np.float64)
-      lam, gam = np.asarray(tree[LAMBDA]), np.asarray(tree[GAMMA])
-      lead = lam.ndim - 2
-      kk = k.reshape(-1, fin, fout) if lead else k.reshape(1, fin, fout)
-      lams = lam.reshape(-1, *lam.shape[lead:])
-      gams = gam.reshape(-1, *gam.shape[lead:])
-      merged = np.stack([
-          kk[i] + np_delta_kernel(lams[i], gams[i], fin, fout, r=cfg.r, alpha=cfg.alpha,
-                                  seed=cfg.seed, distribution=cfg.distribution,
-                                  sparse_dim=sparse_dim)
-          for i in range(kk.shape[0])])
-      out = {n: np.asarray(v, np.float64) for n, v in tree.items() if n not in (LAMBDA, GAMMA)}
-      out["kernel"] = merged.reshape(k.shape)
-      return out
-    return {n: walk(v, f"{prefix}/{n}" if prefix else n) if isinstance(v, dict)
-            else np.asarray(v, np.float64) for n, v in tree.items()}
-  return walk(params, "")
 
 
 class MLP(nn.Module):
@@ -163,25 +127,7 @@ def test_einsum_layer():
   np.testing.assert_allclose(y, want.reshape(2, 3, 8), rtol=RTOL, atol=ATOL)
 
 
-class Block(nn.Module):
-  @nn.compact
-  def __call__(self, x, _):
-    h = nn.gelu(nn.Dense(9, name="up")(x))
-    return x + nn.Dense(6, name="down")(h), None
-
-
-class ScannedModel(nn.Module):
-  """Blocks under nn.scan(nn.remat(...)), as large models are written."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Dense(6, name="embed")(x)
-    stack = nn.scan(nn.remat(Block), variable_axes={"params": 0},
-                    split_rngs={"params": True}, length=3)
-    x, _ = stack(name="blocks")(x, None)
-    return nn.Dense(3, name="head")(x)
-
-
+@pytest.mark.slow
 def test_scan_and_remat_forward_and_gradients():
   x = jax.random.normal(jax.random.key(1), (4, 5))
   cfg = AdapterConfig(r=4, alpha=8.0, seed=2)
@@ -219,6 +165,7 @@ def test_scan_and_remat_forward_and_gradients():
     assert np.abs(g["blocks"][n][LAMBDA]).min() > 0
 
 
+@pytest.mark.slow
 def test_our_vit_injection_equals_built_in_randlora_dense():
   from randlora_jax.lora import dense_factory
   from randlora_jax.models.vit import ViT, ViTConfig
