@@ -278,6 +278,38 @@ def _delta_bwd(spec, res, g):
 delta_kernel.defvjp(_delta_fwd, _delta_bwd)
 
 
+def _merged_value(kernel, lam, gamma, seed, spec, dtype):
+  from randlora_jax.kernels import dispatch  # local import: kernels depend on this module
+
+  fused = dispatch.merged_impl(spec)
+  if fused is not None:  # one pass: read the W0 tile, add dW, write in the compute dtype
+    return fused(kernel, lam, gamma, seed, spec, dtype)
+  fwd, _ = _backend_impl(spec)  # XLA fuses the add and the cast into one loop anyway
+  return (kernel.astype(jnp.float32) + fwd(lam, gamma, seed, spec)).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def merged_kernel(kernel, lam, gamma, seed, spec: LayerSpec, dtype) -> jax.Array:
+  """``(W0 + dW).astype(dtype)``, the merged path's weight; same gradients as the unfused form."""
+  return _merged_value(kernel, lam, gamma, seed, spec, dtype)
+
+
+def _merged_fwd(kernel, lam, gamma, seed, spec, dtype):
+  # an empty array carries W0's dtype (residuals must be arrays); W0 itself is not kept
+  return (_merged_value(kernel, lam, gamma, seed, spec, dtype),
+          (jnp.zeros((0,), kernel.dtype), lam, gamma, seed))
+
+
+def _merged_bwd(spec, dtype, res, g):
+  kernel_like, lam, gamma, seed = res
+  _, bwd = _backend_impl(spec)
+  dlam, dgamma = bwd(g.astype(jnp.float32), lam, gamma, seed, spec)
+  return g.astype(kernel_like.dtype), dlam.astype(lam.dtype), dgamma.astype(gamma.dtype), None
+
+
+merged_kernel.defvjp(_merged_fwd, _merged_bwd)
+
+
 # ----------------------------------------------------------------------------------------------
 # Factored path: y_delta = s * ((x @ L) * lambda) @ R through the N*r space.
 
@@ -378,7 +410,7 @@ def apply(x, kernel, lam, gamma, seed, spec: LayerSpec, *, path: Path = "auto",
     y = y + _factored(x2, lam, gamma, seed, spec, explicit)[0].astype(dtype)
     return y.reshape(*x.shape[:-1], spec.out_features)
   if chosen == "merged":
-    w = (kernel.astype(jnp.float32) + delta_kernel(lam, gamma, seed, spec)).astype(dtype)
+    w = merged_kernel(kernel, lam, gamma, seed, spec, jnp.dtype(dtype))
     return jnp.matmul(x, w, precision=precision)
   x2 = x.reshape(tokens, spec.in_features)
   y = jnp.matmul(x2, kernel.astype(dtype), precision=precision)

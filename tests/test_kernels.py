@@ -1,0 +1,290 @@
+"""Pallas kernels (interpret mode) against the XLA path, dispatch, and TPU/GPU lowering on CPU.
+
+Tolerances. Kernels and the XLA path generate bit-identical bases (same uint32 hash) and
+differ only in the fp32 summation order over the N*r contraction (blocks of rr*tn terms, then
+steps): the error is a few fp32 ulps times sqrt(N*r) relative to the largest entry, measured
+~2e-7. We assert 1e-5 * max|reference| (fwd, dlambda, dgamma): 50x margin, still far below
+any indexing bug (a wrong basis column or gamma row gives O(1) relative errors).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from randlora_jax import bases, linen, ops
+from randlora_jax.kernels import delta, dispatch
+
+RTOL_MAX = 1e-5
+SEED = 2024
+SMALL_BLOCKS = delta.BlockConfig(bm=128, bp=128, k=128, bwd_bm=128, bwd_k=128)
+# (in, out, r): wide (in < out, transposed layout), tall, square, dims that are not block
+# multiples with an odd r, and r = 1 (N = d bases).
+SHAPES = [(64, 256, 8), (256, 64, 8), (128, 128, 16), (100, 300, 5), (300, 100, 3),
+          (40, 72, 1)]
+
+
+def _params(spec, seed=0):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return (jax.random.normal(k1, spec.lambda_shape),
+          jax.random.normal(k2, spec.gamma_shape))
+
+
+def _close(got, want, rel=RTOL_MAX):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=0, atol=rel * np.abs(want).max())
+
+
+def _variant(name):
+  return dict(backend="gpu" if name == "interpret_gpu" else "tpu", interpret=True)
+
+
+@pytest.mark.parametrize("fin,fout,r", SHAPES)
+@pytest.mark.parametrize("variant", ["interpret", "interpret_gpu"])
+def test_kernel_forward_backward_match_xla(fin, fout, r, variant):
+  spec = ops.LayerSpec(fin, fout, r=r, alpha=2.0 * r)
+  lam, gamma = _params(spec)
+  seed = jnp.uint32(SEED)
+  want = ops.delta_kernel_xla(lam, gamma, seed, spec)
+  got = delta.delta_block(lam, gamma, seed, spec, **_variant(variant))
+  assert got.shape == (fin, fout) and got.dtype == jnp.float32
+  _close(got, want)
+  cot = jax.random.normal(jax.random.key(5), (fin, fout))
+  want_l, want_g = ops.delta_kernel_bwd_xla(cot, lam, gamma, seed, spec)
+  got_l, got_g = delta.delta_block_bwd(cot, lam, gamma, seed, spec, **_variant(variant))
+  _close(got_l, want_l)
+  _close(got_g, want_g)
+
+
+@pytest.mark.parametrize("fin,fout,r", [(256, 384, 8), (300, 100, 3), (384, 256, 32)])
+def test_multi_block_grid_and_padding(fin, fout, r):
+  """Small blocks: several programs per axis, several contraction steps, padded edges."""
+  spec = ops.LayerSpec(fin, fout, r=r)
+  lam, gamma = _params(spec, 1)
+  seed = jnp.uint32(SEED)
+  geo = delta.Geometry(spec, spec.d, spec.D, "tpu", SMALL_BLOCKS).fwd
+  assert geo["big_pad"] // geo["bm"] >= 2 and geo["n_pad"] // geo["tn"] >= 1
+  _close(delta.delta_block(lam, gamma, seed, spec, interpret=True, blocks=SMALL_BLOCKS),
+         ops.delta_kernel_xla(lam, gamma, seed, spec))
+  cot = jax.random.normal(jax.random.key(6), (fin, fout))
+  for got, want in zip(
+      delta.delta_block_bwd(cot, lam, gamma, seed, spec, interpret=True, blocks=SMALL_BLOCKS),
+      ops.delta_kernel_bwd_xla(cot, lam, gamma, seed, spec)):
+    _close(got, want)
+
+
+@pytest.mark.parametrize("dist", bases.DISTRIBUTIONS)
+def test_every_distribution(dist):
+  spec = ops.LayerSpec(96, 160, r=16, distribution=dist, sparse_dim=96)
+  lam, gamma = _params(spec, 2)
+  seed = jnp.uint32(7)
+  _close(delta.delta_block(lam, gamma, seed, spec, interpret=True),
+         ops.delta_kernel_xla(lam, gamma, seed, spec))
+  cot = jax.random.normal(jax.random.key(7), (96, 160))
+  for got, want in zip(delta.delta_block_bwd(cot, lam, gamma, seed, spec, interpret=True),
+                       ops.delta_kernel_bwd_xla(cot, lam, gamma, seed, spec)):
+    _close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("fin,fout", [(96, 200), (200, 96)])
+def test_fused_w0_plus_delta(dtype, fin, fout):
+  spec = ops.LayerSpec(fin, fout, r=8)
+  lam, gamma = _params(spec, 3)
+  seed = jnp.uint32(SEED)
+  w0 = jax.random.normal(jax.random.key(9), (fin, fout)).astype(dtype)
+  got = delta.delta_block(lam, gamma, seed, spec, w0=w0, interpret=True)
+  assert got.dtype == dtype and got.shape == (fin, fout)
+  want = w0.astype(jnp.float32) + ops.delta_kernel_xla(lam, gamma, seed, spec)
+  # fp32: as above. bf16: both round the same fp32 sum once; a ~1e-7 difference can flip a
+  # rounding tie, i.e. one bf16 ulp (2^-8 relative) at most.
+  rel = RTOL_MAX if dtype == jnp.float32 else 2.0 ** -8
+  got32 = np.asarray(got, np.float32)
+  want_c = np.asarray(want.astype(dtype), np.float32)
+  np.testing.assert_allclose(got32, want_c, rtol=rel, atol=RTOL_MAX * np.abs(want_c).max())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("mode", ["interpret", "interpret_gpu"])
+def test_gradients_through_apply_match_xla(dtype, mode):
+  """jax.grad through ops.apply's merged path (fused kernel + custom_vjp) vs the XLA path."""
+  spec = ops.LayerSpec(64, 160, r=8, alpha=16.0)
+  lam, gamma = _params(spec, 4)
+  gamma = gamma / spec.d
+  k1, k2, k3 = jax.random.split(jax.random.key(11), 3)
+  x = jax.random.normal(k1, (48, 64)).astype(dtype)
+  w0 = jax.random.normal(k2, (64, 160)) / 8
+  probe = jax.random.normal(k3, (48, 160))
+  seed = bases.traced_seed(SEED)
+
+  def loss(w0, lam, gamma):  # linear in y: gradients do not amplify rounding differences
+    y = ops.apply(x, w0, lam, gamma, seed, spec, path="merged", dtype=dtype)
+    return jnp.sum(y.astype(jnp.float32) * probe)
+
+  with dispatch.set_kernel_mode("xla"):
+    want = jax.grad(loss, argnums=(0, 1, 2))(w0, lam, gamma)
+  with dispatch.set_kernel_mode(mode):
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(w0, lam, gamma))
+    got = jax.grad(loss, argnums=(0, 1, 2))(w0, lam, gamma)
+  assert "pallas_call" in jaxpr
+  # fp32: as above. bf16: W0 + dW is rounded to bf16 before x @ W; a flipped tie moves one
+  # weight by one bf16 ulp, so gradients agree to ~1% (bf16 has 8 bits).
+  rel = RTOL_MAX * 10 if dtype == jnp.float32 else 2e-2
+  for g_got, g_want in zip(got, want):
+    _close(g_got, g_want, rel)
+  assert np.abs(np.asarray(want[1])).max() > 0  # the adapter gets a real gradient
+
+
+def test_block_offsets_give_the_global_slice():
+  """A block at offsets (i0, j0) equals that slice of the whole dW: what a mesh shard uses."""
+  spec = ops.LayerSpec(256, 128, r=8)  # tall: kernel layout (D, d)
+  lam, gamma = _params(spec, 5)
+  seed = jnp.uint32(SEED)
+  full = ops.delta_kernel_xla(lam, gamma, seed, spec)
+  i0, j0, big_l, dl = 128, 64, 128, 64
+  block = delta.delta_block(lam, gamma[:, j0:j0 + dl], seed, spec, offsets=(i0, j0),
+                            big_l=big_l, interpret=True)
+  _close(block, full[i0:i0 + big_l, j0:j0 + dl])
+  xla_block = ops.delta_kernel_xla(lam, gamma[:, j0:j0 + dl], seed, spec, offsets=(i0, j0),
+                                   big_l=big_l)
+  _close(xla_block, full[i0:i0 + big_l, j0:j0 + dl])
+
+
+def test_dispatch_modes(monkeypatch):
+  monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+  assert dispatch.kernel_mode() == "auto"
+  assert dispatch.resolved_mode() == "xla"  # CPU
+  spec = ops.LayerSpec(8, 8, r=4)
+  assert dispatch.delta_impl(spec) == (ops.delta_kernel_xla, ops.delta_kernel_bwd_xla)
+  assert dispatch.merged_impl(spec) is None
+  monkeypatch.setenv(dispatch.ENV_VAR, "interpret")
+  assert dispatch.resolved_mode() == "interpret"
+  with dispatch.set_kernel_mode("xla"):
+    assert dispatch.resolved_mode() == "xla"
+    with dispatch.set_kernel_mode("interpret_gpu"):
+      assert dispatch.resolved_mode() == "interpret_gpu"
+    assert dispatch.resolved_mode() == "xla"
+  assert dispatch.resolved_mode() == "interpret"
+  monkeypatch.setenv(dispatch.ENV_VAR, "auto")
+  for platform, want in (("tpu", "tpu"), ("gpu", "gpu"), ("cpu", "xla")):
+    monkeypatch.setattr(jax, "default_backend", lambda p=platform: p)
+    assert dispatch.resolved_mode() == want
+  with pytest.raises(ValueError, match="kernel mode"):
+    dispatch.set_kernel_mode("cuda")
+
+
+def test_randloradense_runs_the_kernel_unchanged():
+  """RandLoraDense users change nothing: the mode switches the implementation underneath."""
+  layer = linen.RandLoraDense(features=96, r=8, basis_seed=3, path="merged")
+  x = jax.random.normal(jax.random.key(0), (4, 10, 64))
+  params = layer.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p, params)
+  params["params"]["randlora_lambda"] = jax.random.normal(jax.random.key(2), (8, 8))
+
+  def loss(p):
+    return jnp.sum(layer.apply(p, x) ** 2)
+
+  with dispatch.set_kernel_mode("xla"):
+    want_y, want_g = layer.apply(params, x), jax.grad(loss)(params)
+  with dispatch.set_kernel_mode("interpret"):
+    assert "pallas_call" in str(jax.make_jaxpr(layer.apply)(params, x))
+    got_y, got_g = layer.apply(params, x), jax.grad(loss)(params)
+  _close(got_y, want_y)
+  for name in ("randlora_lambda", "randlora_gamma", "kernel"):
+    _close(got_g["params"][name], want_g["params"][name], RTOL_MAX * 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block shapes and lowering for the real layer shapes (no execution: CPU only).
+
+REAL_SHAPES = [(768, 768), (768, 3072), (3072, 768), (1024, 4096), (4096, 4096)]
+
+
+@pytest.mark.parametrize("fin,fout", REAL_SHAPES + [(1000, 3000)])
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_block_shapes_are_legal(fin, fout, backend):
+  spec = ops.LayerSpec(fin, fout, r=32)
+  blocks = delta.GPU_BLOCKS if backend == "gpu" else delta.TPU_BLOCKS
+  for geo in (delta.Geometry(spec, spec.d, spec.D, backend, blocks).fwd,
+              delta.Geometry(spec, spec.d, spec.D, backend, blocks).bwd):
+    for b, ext in ((geo["bm"], spec.D), (geo["bp"], spec.d)):
+      if backend == "tpu":
+        assert b % 128 == 0 or b == ext
+      else:
+        assert b & (b - 1) == 0 and b >= 16
+    assert geo["tn"] & (geo["tn"] - 1) == 0 and geo["tn"] >= 8
+    assert geo["n_pad"] % geo["tn"] == 0 and geo["n_pad"] >= spec.num_bases
+    assert geo["rr"] >= spec.r
+    if backend == "gpu":
+      assert (geo["rr"] * geo["tn"]) & (geo["rr"] * geo["tn"] - 1) == 0
+    else:
+      assert (geo["rr"] * geo["tn"]) % 128 == 0
+    if fin % 128 == 0 and fout % 128 == 0:  # the real shapes need no padding copies
+      assert geo["big_pad"] == spec.D and geo["d_pad"] == spec.d
+
+
+def _export(fn, args, platform):
+  if platform == "tpu":
+    return jax.export.export(jax.jit(fn), platforms=("tpu",))(*args)
+  return jax.export.export(
+      jax.jit(fn), platforms=("cuda",),
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+
+
+@pytest.mark.parametrize("fin,fout", REAL_SHAPES)
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_lowers_for_accelerators(fin, fout, platform):
+  """Pallas -> Mosaic (TPU) / Triton (GPU) lowering of forward, fused and backward kernels."""
+  spec = ops.LayerSpec(fin, fout, r=32)
+  f32 = jnp.float32
+  lam = jax.ShapeDtypeStruct(spec.lambda_shape, f32)
+  gamma = jax.ShapeDtypeStruct(spec.gamma_shape, f32)
+  seed = jax.ShapeDtypeStruct((), jnp.uint32)
+  w0 = jax.ShapeDtypeStruct((fin, fout), jnp.bfloat16)
+  cot = jax.ShapeDtypeStruct((fin, fout), f32)
+  kw = dict(backend=platform)
+  marker = "tpu_custom_call" if platform == "tpu" else "triton"
+  for fn, args in (
+      (lambda l, g, s: delta.delta_block(l, g, s, spec, **kw), (lam, gamma, seed)),
+      (lambda w, l, g, s: delta.delta_block(l, g, s, spec, w0=w, **kw), (w0, lam, gamma, seed)),
+      (lambda c, l, g, s: delta.delta_block_bwd(c, l, g, s, spec, **kw), (cot, lam, gamma, seed)),
+  ):
+    exported = _export(fn, args, platform)
+    assert marker in exported.mlir_module()
+
+
+def test_lowering_check_rejects_illegal_blocks():
+  """The export check is real: a block Mosaic cannot tile is rejected on this CPU machine."""
+  from jax.experimental import pallas as pl
+
+  def copy(x_ref, o_ref):
+    o_ref[...] = x_ref[...]
+
+  def fn(x):
+    return pl.pallas_call(copy, out_shape=jax.ShapeDtypeStruct((256, 256), jnp.float32),
+                          grid=(2, 2), in_specs=[pl.BlockSpec((100, 100), lambda i, j: (i, j))],
+                          out_specs=pl.BlockSpec((100, 100), lambda i, j: (i, j)))(x)
+
+  with pytest.raises(Exception, match="divisible by 8 and 128"):
+    _export(fn, (jax.ShapeDtypeStruct((256, 256), jnp.float32),), "tpu")
+
+
+def test_lowers_in_a_jitted_training_step_for_tpu():
+  """The dispatch path (custom_vjp: fused forward, kernel backward) lowers for TPU as a whole."""
+  spec = ops.LayerSpec(768, 3072, r=32)
+  f32 = jnp.float32
+
+  def step(x, w0, lam, gamma):
+    def loss(lam, gamma):
+      return jnp.sum(ops.apply(x, w0, lam, gamma, bases.traced_seed(0), spec, path="merged"))
+    return jax.value_and_grad(loss, argnums=(0, 1))(lam, gamma)  # value keeps the forward
+
+  args = (jax.ShapeDtypeStruct((512, 768), jnp.bfloat16),
+          jax.ShapeDtypeStruct((768, 3072), f32),
+          jax.ShapeDtypeStruct(spec.lambda_shape, f32),
+          jax.ShapeDtypeStruct(spec.gamma_shape, f32))
+  with dispatch.set_kernel_mode("tpu"):
+    text = _export(step, args, "tpu").mlir_module()
+  assert "randlora_delta_fused" in text and "randlora_delta_bwd" in text
