@@ -17,7 +17,7 @@ def get_config():
 
   c.model.preset = "tiny"
   c.model.image_size = 32
-  c.model.patch_size = 4       # 64 patches
+  c.model.patch_size = 8       # 16 patches
   c.model.hidden_size = 64
   c.model.num_layers = 4
   c.model.num_heads = 4

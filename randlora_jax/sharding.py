@@ -84,7 +84,7 @@ def spec_for(path: str, shape: Sequence[int], mesh: jax.sharding.Mesh,
       logging.debug("%s: dim %d (%d) not divisible by %s=%d, unsharded", path, i, shape[i],
                     axis, size)
       full[i] = None
-  return P(*full)
+  return P(*full) if any(a is not None for a in full) else P()
 
 
 def shardings(tree, mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES):

@@ -67,9 +67,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, normaliz
         state.trainable, frozen, batch, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
                # Non-finite parameters after the update stop the run before they are saved.
-               "param_norm": optax.global_norm(trainable)}
+               "param_norm": optax.tree.norm(trainable)}
     return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
   return train_step
