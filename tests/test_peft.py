@@ -1,0 +1,164 @@
+"""PEFT interop: our export loads in PEFT 0.21.2 and reproduces our outputs; a PEFT adapter
+imported here reproduces PEFT's outputs and gradients."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from randlora_jax import inject
+from randlora_jax.adapter import GAMMA, LAMBDA, AdapterConfig
+from randlora_jax.interop import peft as peft_io
+from randlora_np import randomize_adapter
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.torch
+
+# in < out, in = out, in > out; r = 3 divides none of d = 12, 20, 7.
+SIZES = [(12, 20), (20, 20), (20, 7)]
+NAMES = ["fc0", "fc1", "fc2"]
+# Both sides fp32 with the same stored bases; only summation order differs (torch vs XLA).
+RTOL, ATOL = 1e-5, 1e-5
+
+
+class TorchMLP(torch.nn.Module):
+  def __init__(self):
+    super().__init__()
+    for name, (fin, fout) in zip(NAMES, SIZES):
+      setattr(self, name, torch.nn.Linear(fin, fout))
+
+  def forward(self, x):
+    x = torch.relu(self.fc0(x))
+    x = torch.relu(self.fc1(x))
+    return self.fc2(x)
+
+
+class FlaxMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(20, name="fc0")(x))
+    x = nn.relu(nn.Dense(20, name="fc1")(x))
+    return nn.Dense(7, name="fc2")(x)
+
+
+def _torch_model(seed=0):
+  torch.manual_seed(seed)
+  return TorchMLP().eval()
+
+
+def _frozen_from_torch(model):
+  return {n: {"kernel": jnp.asarray(getattr(model, n).weight.detach().numpy().T),
+              "bias": jnp.asarray(getattr(model, n).bias.detach().numpy())} for n in NAMES}
+
+
+def _x():
+  return np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32)
+
+
+def test_export_loads_in_peft_and_reproduces_our_outputs(tmp_path):
+  from peft import PeftModel
+
+  cfg = AdapterConfig(r=3, alpha=6.0, seed=1234)
+  tmodel = _torch_model()
+  f = inject.randlora(FlaxMLP(), NAMES, cfg)
+  params = f.init_adapter(_frozen_from_torch(tmodel), jax.ShapeDtypeStruct((1, 12), jnp.float32))
+  params = randomize_adapter(params, jax.random.key(3))
+  ours = np.asarray(f.apply({"params": params}, _x()))
+
+  out = tmp_path / "ours"
+  peft_io.export_peft(str(out), params, cfg, in_outs=f.in_outs)
+  with pytest.warns(UserWarning, match="missing adapter keys") as record:
+    peft_model = PeftModel.from_pretrained(tmodel, str(out)).eval()
+  # PEFT notes that the per-module copies of the bases are absent (it shares the model-level
+  # buffers it loaded); nothing else may be missing.
+  missing = [str(w.message) for w in record if "missing adapter keys" in str(w.message)]
+  assert "randlora_lambda" not in missing[0] and "randlora_gamma" not in missing[0]
+  with torch.no_grad():
+    theirs = peft_model(torch.from_numpy(_x())).numpy()
+  np.testing.assert_allclose(theirs, ours, rtol=RTOL, atol=ATOL)
+  # The adapter moves the output: the comparison is not between two base models.
+  with torch.no_grad(), peft_model.disable_adapter():
+    assert np.abs(peft_model(torch.from_numpy(_x())).numpy() - ours).max() > 1e-2
+
+  # Our file holds the bases once (model level); PEFT re-saves a copy per module.
+  from safetensors.numpy import load_file
+  keys = set(load_file(str(out / peft_io.WEIGHTS_FILE)))
+  assert sum(k.endswith(("randlora_A", "randlora_B")) for k in keys) == 2
+  peft_model.save_pretrained(str(tmp_path / "resaved"))
+  ours_size = os.path.getsize(out / peft_io.WEIGHTS_FILE)
+  peft_size = os.path.getsize(tmp_path / "resaved" / peft_io.WEIGHTS_FILE)
+  print(f"adapter file: ours {ours_size} B, PEFT {peft_size} B")
+  assert ours_size < peft_size
+
+
+def _peft_adapter(tmp_path, **config_kw):
+  """A PEFT RandLoRA adapter with random lambda/gamma, saved; returns (peft model, dir)."""
+  from peft import RandLoraConfig, get_peft_model
+
+  tmodel = _torch_model()
+  frozen = _frozen_from_torch(tmodel)
+  config = RandLoraConfig(r=3, randlora_alpha=6, target_modules=NAMES,
+                          projection_prng_key=7, **config_kw)
+  pmodel = get_peft_model(tmodel, config)
+  torch.manual_seed(1)
+  for name, p in pmodel.named_parameters():
+    if "randlora_lambda" in name or "randlora_gamma" in name:
+      with torch.no_grad():
+        p.copy_(0.3 * torch.randn_like(p))
+  pmodel.save_pretrained(str(tmp_path / "peft"))
+  return pmodel, frozen, str(tmp_path / "peft")
+
+
+@pytest.mark.parametrize("config_kw", [{}, {"very_sparse": True}], ids=["uniform", "very_sparse"])
+def test_import_reproduces_peft_outputs_and_gradients(tmp_path, config_kw):
+  pmodel, frozen, path = _peft_adapter(tmp_path, **config_kw)
+  f = inject.randlora(FlaxMLP(), NAMES, AdapterConfig(r=3))
+  params = f.init_adapter(frozen, jax.ShapeDtypeStruct((1, 12), jnp.float32))
+  params, cfg, stored = peft_io.import_peft(path, params, in_outs=f.in_outs)
+  assert (cfg.r, cfg.alpha) == (3, 6.0)
+  assert stored["A"].shape[1] == 1 and stored["B"].shape[-1] == 3
+  f = inject.randlora(FlaxMLP(), NAMES, cfg)
+  x = _x()
+  upstream = np.random.default_rng(1).normal(size=(5, 7)).astype(np.float32)
+
+  def loss(p):
+    y = f.apply({"params": p, "randlora_bases": stored}, x)
+    return jnp.sum(y * upstream), y
+
+  (_, ours), grads = jax.value_and_grad(loss, has_aux=True)(params)
+
+  xt = torch.from_numpy(x)
+  pmodel.train()  # dropout is 0: train mode only enables autograd bookkeeping
+  y = pmodel(xt)
+  (y * torch.from_numpy(upstream)).sum().backward()
+  np.testing.assert_allclose(ours, y.detach().numpy(), rtol=RTOL, atol=ATOL)
+  named = dict(pmodel.named_parameters())
+  for n in NAMES:
+    for leaf in (LAMBDA, GAMMA):
+      theirs = named[f"base_model.model.{n}.{leaf}.default"].grad.numpy()
+      # Gradients sum over the batch and the N*r basis columns: compare at their own scale.
+      np.testing.assert_allclose(grads[n][leaf], theirs, rtol=1e-4,
+                                 atol=1e-5 * np.abs(theirs).max())
+      assert np.abs(theirs).max() > 0
+
+
+def test_our_vit_module_map_matches_the_hf_export_names():
+  from randlora_jax.models import loading
+  from randlora_jax.models.vit import ViT, ViTConfig
+
+  for family in ("vit", "dinov2", "clip"):
+    vcfg = ViTConfig.tiny(family=family, num_classes=3)
+    params = jax.eval_shape(ViT(vcfg).init, jax.random.key(0),
+                            jnp.zeros((1, 32, 32, 3)))["params"]
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), params)
+    keys = set(loading.tree_to_hf(params, vcfg))
+    fn = peft_io.vit_module_map(vcfg)
+    for ours in ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"):
+      for i in range(vcfg.num_layers):
+        assert fn(f"encoder/blocks/{ours}", i) + ".weight" in keys, (family, ours)
+    assert fn("head", None) + ".weight" in keys
