@@ -18,16 +18,12 @@ from randlora_jax.lora import dense_factory
 from randlora_jax.models import (CheckpointError, ViT, ViTConfig, load_pretrained,
                                  merge_pretrained, param_count)
 from randlora_jax.models import loading
+from vit_testing import random_variables, rel_err
 
 # fp32 parity bound: both sides compute in float32 with different summation orders (conv vs
 # patch matmul, fused attention); errors measured are ~1e-6 relative, 1e-4 leaves margin
 # while still catching any layout or key-mapping mistake (those give O(1) errors).
 RTOL = 1e-4
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
 @pytest.mark.parametrize("family,kw", [("vit", {}), ("dinov2", {"num_register_tokens": 2}),
@@ -36,7 +32,7 @@ def test_forward_shapes_and_param_layout(family, kw):
   cfg = ViTConfig.tiny(family, num_classes=5, **kw)
   model = ViT(cfg)
   x = jnp.zeros((2, 32, 32, 3))
-  variables = jax.jit(model.init)(jax.random.key(0), x)
+  variables = random_variables(model, x, seed=0)
   logits, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, x)
   assert logits.shape == (2, 5)
   tokens = 1 + cfg.num_register_tokens + cfg.num_patches
@@ -55,13 +51,11 @@ def test_dense_factory_targets_named_layers_and_remat_matches():
   cfg = ViTConfig.tiny("vit", num_classes=3)
   dense = dense_factory("randlora", [r"q_proj|v_proj"], r=8, alpha=16.0, basis_seed=3)
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  variables = jax.jit(ViT(cfg, dense=dense).init)(jax.random.key(0), x)
+  variables = random_variables(ViT(cfg, dense=dense), x, seed=1)  # lambda != 0
   blocks = variables["params"]["encoder"]["blocks"]
   assert "randlora_lambda" in blocks["q_proj"] and "randlora_lambda" in blocks["v_proj"]
   assert "randlora_lambda" not in blocks["k_proj"] and "randlora_lambda" not in blocks["fc1"]
-  # Nonzero lambda so the adapter contributes; remat must not change values or gradients.
-  variables = jax.tree_util.tree_map_with_path(
-      lambda p, v: v + 0.1 if "randlora_lambda" in optim.path_str(p) else v, variables)
+  # Remat must not change values or gradients.
 
   def loss(v, remat):
     return jnp.sum(ViT(cfg.replace(remat=remat), dense=dense).apply(v, x) ** 2)
@@ -283,8 +277,9 @@ def test_readme_snippet_load_local_dinov2_with_randlora(tmp_path):
   config, pretrained = load_pretrained(local_dir, num_classes=10)  # or a hub id
   model = ViT(config, dense=dense_factory("randlora", [r"q_proj|v_proj"], r=8, alpha=160.0))
   images = jnp.zeros((4, config.image_size, config.image_size, 3))
-  variables = merge_pretrained(model.init(jax.random.key(0), images), pretrained)
-  logits = model.apply(variables, images)  # (4, 10)
+  # jit: XLA compiles init/apply once instead of dispatching op by op.
+  variables = merge_pretrained(jax.jit(model.init)(jax.random.key(0), images), pretrained)
+  logits = jax.jit(model.apply)(variables, images)  # (4, 10)
   # --- end snippet ---
   assert logits.shape == (4, 10)
   assert config.family == "dinov2" and config.num_register_tokens == 3

@@ -19,10 +19,12 @@ Architectures written:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from randlora_jax import adapter as adapter_lib
@@ -83,6 +85,13 @@ def hf_config(config: ViTConfig, base: Any = None):
   return out
 
 
+def _plain_dicts(tree):
+  """FrozenDicts and other mappings -> dicts (a stable pytree structure for jit)."""
+  if hasattr(tree, "items"):
+    return {k: _plain_dicts(v) for k, v in tree.items()}
+  return tree
+
+
 def export_merged(params: Mapping, config: ViTConfig,
                   adapter_cfg: adapter_lib.AdapterConfig | None, out_dir: str | os.PathLike, *,
                   base_config: Any = None, dtype=np.float32) -> str:
@@ -99,7 +108,9 @@ def export_merged(params: Mapping, config: ViTConfig,
     if adapter_cfg is None:
       raise ValueError("params hold RandLoRA leaves: pass the AdapterConfig they were trained "
                        "with (r, alpha, seed, distribution)")
-    tree = adapter_lib.merge(tree, adapter_cfg, drop_adapter=True)
+    # One compiled program for all layers (eager dispatch of the per-layer ops is slow).
+    merge = functools.partial(adapter_lib.merge, cfg=adapter_cfg, drop_adapter=True)
+    tree = jax.jit(merge)(_plain_dicts(tree))
   state = tree_to_hf(tree, config)
   head = {}
   if config.num_classes and not head_in_model(config):
