@@ -105,8 +105,8 @@ def test_config_from_hf_defaults_match_presets():
       num_register_tokens=4)
   assert config_from_hf(tf.CLIPConfig(), projection_dim=512) == ViTConfig.clip_b32(
       projection_dim=512)
-  assert config_from_hf(tf.CLIPVisionConfig(), image_size=336, num_classes=3) == (
-      ViTConfig.clip_b32(num_classes=3, image_size=336))
+  assert config_from_hf(tf.CLIPVisionConfig(), image_size=288, num_classes=3) == (
+      ViTConfig.clip_b32(num_classes=3, image_size=288))
 
 
 # ----------------------------------------------------------------------------------------------
