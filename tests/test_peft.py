@@ -147,18 +147,68 @@ def test_import_reproduces_peft_outputs_and_gradients(tmp_path, config_kw):
       assert np.abs(theirs).max() > 0
 
 
-def test_our_vit_module_map_matches_the_hf_export_names():
-  from randlora_jax.models import loading
-  from randlora_jax.models.vit import ViT, ViTConfig
+def test_our_vit_module_map_names_transformers_linear_modules():
+  import transformers
+  from randlora_jax.models.vit import ViTConfig
 
-  for family in ("vit", "dinov2", "clip"):
-    vcfg = ViTConfig.tiny(family=family, num_classes=3)
-    params = jax.eval_shape(ViT(vcfg).init, jax.random.key(0),
-                            jnp.zeros((1, 32, 32, 3)))["params"]
-    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), params)
-    keys = set(loading.tree_to_hf(params, vcfg))
-    fn = peft_io.vit_module_map(vcfg)
-    for ours in ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"):
-      for i in range(vcfg.num_layers):
-        assert fn(f"encoder/blocks/{ours}", i) + ".weight" in keys, (family, ours)
-    assert fn("head", None) + ".weight" in keys
+  tiny = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+              num_attention_heads=4)
+  cases = [
+      (transformers.ViTForImageClassification,
+       transformers.ViTConfig(intermediate_size=64, num_labels=3, **tiny), {}),
+      (transformers.Dinov2ForImageClassification,
+       transformers.Dinov2Config(mlp_ratio=2, num_labels=3, **tiny), {}),
+      (transformers.Dinov2WithRegistersForImageClassification,
+       transformers.Dinov2WithRegistersConfig(mlp_ratio=2, num_labels=3,
+                                              num_register_tokens=2, **tiny),
+       {"num_register_tokens": 2}),
+      (transformers.CLIPVisionModelWithProjection,
+       transformers.CLIPVisionConfig(intermediate_size=64, projection_dim=16, **tiny),
+       {"projection_dim": 16}),
+  ]
+  for cls, hf_cfg, kw in cases:
+    family = {"vit": "vit", "dinov2": "dinov2", "dinov2_with_registers": "dinov2",
+              "clip_vision_model": "clip"}[hf_cfg.model_type]
+    linears = {n for n, m in cls(hf_cfg).named_modules() if isinstance(m, torch.nn.Linear)}
+    fn = peft_io.vit_module_map(ViTConfig.tiny(family=family, **kw))
+    ours = {fn(f"encoder/blocks/{n}", i) for i in range(2)
+            for n in ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")}
+    ours.add(fn("visual_projection" if family == "clip" else "head", None))
+    assert ours == linears, (cls.__name__, ours ^ linears)
+
+
+@pytest.mark.slow
+def test_vit_export_reproduces_outputs_in_transformers_vit(tmp_path):
+  """Our ViT (plain nn.Dense, RandLoRA injected on q/v/fc1) exported with `vit_module_map`
+  loads onto transformers' ViTForImageClassification and gives the same logits."""
+  import transformers
+  from peft import PeftModel
+  from randlora_jax.models import loading
+  from randlora_jax.models.vit import ViT
+
+  hf_cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, num_labels=3)
+  torch.manual_seed(0)
+  tmodel = transformers.ViTForImageClassification(hf_cfg).eval()
+  state = {k: v.detach().numpy() for k, v in tmodel.state_dict().items()}
+  vcfg = loading.config_from_hf(hf_cfg, num_classes=3)
+  cfg = AdapterConfig(r=4, alpha=8.0, seed=5)
+  f = inject.randlora(ViT(vcfg), ["q_proj", "v_proj", "fc1"], cfg)
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  params = f.init_adapter(loading.hf_to_tree(state, vcfg), jax.ShapeDtypeStruct(images.shape,
+                                                                               jnp.float32))
+  params = randomize_adapter(params, jax.random.key(1), scale=0.5)
+  ours = np.asarray(jax.jit(f.apply)({"params": params}, images))
+
+  peft_io.export_peft(str(tmp_path), params, cfg, module_map=peft_io.vit_module_map(vcfg),
+                      in_outs=f.in_outs)
+  pmodel = PeftModel.from_pretrained(tmodel, str(tmp_path)).eval()
+  pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  with torch.no_grad():
+    theirs = pmodel(pixel_values=pixels).logits.numpy()
+    with pmodel.disable_adapter():
+      base = pmodel(pixel_values=pixels).logits.numpy()
+  # Two fp32 transformer blocks with LayerNorm/softmax/GELU on each side: ~1e-6 relative.
+  np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+  assert np.abs(base - ours).max() > 1e-2  # the adapter changes the logits

@@ -59,25 +59,24 @@ def as_module_map(module_map: ModuleMap | Mapping[str, str] | None) -> ModuleMap
 
 
 def vit_module_map(config) -> ModuleMap:
-  """Our `randlora_jax.models.vit.ViT` -> the torch module names of the transformers class
-  `randlora_jax.interop.hf` exports (ViTForImageClassification, Dinov2..., CLIPVisionModel...),
-  the names `models.loading.tree_to_hf` writes."""
+  """Our `randlora_jax.models.vit.ViT` -> torch module names in transformers 5
+  (ViTForImageClassification, Dinov2(WithRegisters)ForImageClassification,
+  CLIPVisionModel(WithProjection)). These are module names, which PEFT matches; transformers 5
+  renamed ViT's modules (`vit.layers.N.attention.q_proj`) while checkpoint files keep the Hub
+  names (`vit.encoder.layer.N.attention.attention.query`), see `models.loading`."""
   fam = config.family
+  names = {"q_proj": "attention.q_proj", "k_proj": "attention.k_proj",
+           "v_proj": "attention.v_proj", "o_proj": "attention.o_proj",
+           "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
   if fam == "clip":
     root = "vision_model.encoder.layers.{}."
-    names = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
-             "v_proj": "self_attn.v_proj", "o_proj": "self_attn.out_proj",
-             "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+    names = {k: v.replace("attention.", "self_attn.") for k, v in names.items()}
+    names["o_proj"] = "self_attn.out_proj"
+  elif fam == "vit":
+    root = "vit.layers.{}."
   else:
-    pre = "vit." if fam == "vit" else (
-        "dinov2_with_registers." if config.num_register_tokens else "dinov2.")
-    root = pre + "encoder.layer.{}."
-    names = {"q_proj": "attention.attention.query", "k_proj": "attention.attention.key",
-             "v_proj": "attention.attention.value", "o_proj": "attention.output.dense"}
-    if fam == "vit":
-      names.update(fc1="intermediate.dense", fc2="output.dense")
-    else:
-      names.update(fc1="mlp.fc1", fc2="mlp.fc2")
+    root = ("dinov2_with_registers." if config.num_register_tokens else "dinov2.") + \
+        "encoder.layer.{}."
   top = {"head": "classifier", "visual_projection": "visual_projection"}
 
   def fn(path: str, index: int | None) -> str:
