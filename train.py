@@ -22,6 +22,7 @@ flags.DEFINE_string("workdir", "/tmp/randlora_jax", "Checkpoints, metrics, expor
 def main(argv):
   del argv
   config = FLAGS.config
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
 
   # ---- parse: multi-host set-up has to happen before JAX touches a device.
   from randlora_jax import sharding

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -10,9 +11,10 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from randlora_jax import checkpoint as ckpt_lib
-from randlora_jax import data, sharding
+from randlora_jax import data, optim, sharding
 from randlora_jax.train import evaluate as eval_lib
 from randlora_jax.train import metrics as metrics_lib
 from randlora_jax.train import setup as setup_lib
@@ -130,15 +132,20 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
       "devices": jax.device_count(), "processes": jax.process_count(),
       "backend": jax.default_backend(), **metrics_lib.peak_memory(),
   }
+  # Host copies for the exports and the checksum; collective, so every process takes part.
+  host_trainable = to_host(state.trainable)
+  summary["trainable_sha256"] = checksum(host_trainable)
+  exports = os.path.join(workdir, "export")
   if is_main:
-    exports = os.path.join(workdir, "export")
     if config.export.adapter and config.method in ("randlora", "lora", "head"):
       summary["adapter_bytes"] = ckpt_lib.export_adapter(
-          os.path.join(exports, "adapter"), state.trainable, exp.adapter_config)
-    if config.export.merged:
-      params = jax.device_get(_combine(state.trainable, exp.frozen))
+          os.path.join(exports, "adapter"), host_trainable, exp.adapter_config)
+  if config.export.merged:
+    params = optim.combine(host_trainable, to_host(exp.frozen))
+    if is_main:
       summary["merged_bytes"] = ckpt_lib.export_merged(
           os.path.join(exports, "merged"), params, config.method, exp.adapter_config)
+  if is_main:
     metrics_lib.plot_curves(writer.path, os.path.join(workdir, "curves.png"),
                             title=f"{config.method} on {config.data.name}")
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -146,6 +153,21 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
   return summary
 
 
-def _combine(trainable, frozen):
-  from randlora_jax import optim
-  return optim.combine(trainable, frozen)
+def to_host(tree):
+  """numpy copies of (possibly multi-process sharded) arrays; None leaves stay None.
+
+  A replicated array is read from this process's own copy, so checksums of replicated
+  parameters compare what each process really holds."""
+  def one(x):
+    if x.is_fully_replicated or jax.process_count() == 1:
+      return np.asarray(x.addressable_data(0)) if x.is_fully_replicated else np.asarray(x)
+    return multihost_utils.process_allgather(x, tiled=True)
+  return jax.tree.map(one, tree)
+
+
+def checksum(host_tree) -> str:
+  """sha256 over the leaves' bytes (in tree order): equal iff the parameters are equal."""
+  h = hashlib.sha256()
+  for x in jax.tree.leaves(host_tree):
+    h.update(np.ascontiguousarray(x).tobytes())
+  return h.hexdigest()
