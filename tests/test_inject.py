@@ -184,3 +184,52 @@ def test_our_vit_injection_equals_built_in_randlora_dense():
   plain = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), np_merged(params, cfg, f.in_outs))
   np.testing.assert_allclose(y, ViT(vit_cfg).apply({"params": plain}, images),
                              rtol=1e-4, atol=1e-4)
+
+
+# The README's snippet, verbatim: the README shows exactly what this test runs.
+README_INJECT = '''
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from randlora_jax import inject, optim
+from randlora_jax.adapter import AdapterConfig
+
+
+class Encoder(nn.Module):  # any existing Linen model: its code is not edited
+  @nn.compact
+  def __call__(self, x):
+    x = x + nn.MultiHeadDotProductAttention(num_heads=4, name="attn")(x)
+    return nn.Dense(10, name="head")(x.mean(axis=1))
+
+
+x = jnp.ones((2, 16, 64))
+pretrained = Encoder().init(jax.random.key(0), x)["params"]  # or a loaded checkpoint
+
+model = inject.randlora(Encoder(), targets=[r"attn/(query|value)"],
+                        config=AdapterConfig(r=8, alpha=160.0, seed=0))
+params = model.init_adapter(pretrained, x)  # adds randlora_lambda/gamma beside each kernel
+tx = optim.freeze_others(optax.adamw(1e-3), optim.trainable_mask(params))  # lambda/gamma only
+opt_state = tx.init(params)
+
+
+@jax.jit
+def step(params, opt_state, x, y):
+  loss_fn = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, loss
+
+
+params, opt_state, loss = step(params, opt_state, x, jnp.ones((2, 10)))
+'''
+
+
+def test_readme_inject_snippet(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  namespace = {"__name__": "readme_inject"}
+  exec(compile(README_INJECT, "README[inject]", "exec"), namespace)
+  assert namespace["loss"] > 0
+  assert set(namespace["params"]["attn"]["query"]) == {"kernel", "bias", "randlora_lambda",
+                                                     "randlora_gamma"}

@@ -89,3 +89,47 @@ def test_optimizer_step_changes_only_lambda_gamma():
                            if str(getattr(k, "key", k)) not in (".value", "value")))
   want = {f"{l}/randlora_{p}" for l in ("fc0", "fc1") for p in ("lambda", "gamma")}
   assert changed == want
+
+
+# The README's snippet, verbatim: the README shows exactly what this test runs.
+README_NNX = '''
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from randlora_jax.adapter import AdapterConfig
+from randlora_jax.nnx import RandLoraParam, inject_nnx
+
+
+class MLP(nnx.Module):  # an existing NNX model
+  def __init__(self, rngs):
+    self.fc1 = nnx.Linear(64, 256, rngs=rngs)
+    self.fc2 = nnx.Linear(256, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+model = MLP(nnx.Rngs(0))
+inject_nnx(model, ["fc1", "fc2"], AdapterConfig(r=8, alpha=160.0))  # in place
+optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=RandLoraParam)
+
+
+@nnx.jit
+def step(model, optimizer, x, y):
+  loss_fn = lambda m: jnp.mean((m(x) - y) ** 2)
+  loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, RandLoraParam))(model)
+  optimizer.update(model, grads)
+  return loss
+
+
+loss = step(model, optimizer, jnp.ones((8, 64)), jnp.zeros((8, 10)))
+'''
+
+
+def test_readme_nnx_snippet(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  namespace = {"__name__": "readme_nnx"}
+  exec(compile(README_NNX, "README[nnx]", "exec"), namespace)
+  assert float(namespace["loss"]) > 0

@@ -212,3 +212,40 @@ def test_vit_export_reproduces_outputs_in_transformers_vit(tmp_path):
   # Two fp32 transformer blocks with LayerNorm/softmax/GELU on each side: ~1e-6 relative.
   np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
   assert np.abs(base - ours).max() > 1e-2  # the adapter changes the logits
+
+
+# The README's snippet, verbatim: the README shows exactly what this test runs.
+README_PEFT = '''
+import jax
+import jax.numpy as jnp
+
+from randlora_jax import inject
+from randlora_jax.adapter import AdapterConfig
+from randlora_jax.interop import peft as peft_io
+from randlora_jax.models.vit import ViT, ViTConfig
+
+vit_config = ViTConfig.tiny(num_classes=3)  # blocks under nn.scan, plain nn.Dense layers
+images = jnp.zeros((1, 32, 32, 3))
+model = inject.randlora(ViT(vit_config), ["q_proj", "v_proj"], AdapterConfig(r=4, alpha=80.0))
+params = model.init(jax.random.key(0), images)["params"]
+
+# adapter_config.json + adapter_model.safetensors for
+# PeftModel.from_pretrained(transformers.ViTForImageClassification(...), "vit_adapter")
+names = peft_io.vit_module_map(vit_config)  # our paths -> transformers 5 module names
+peft_io.export_peft("vit_adapter", params, model.config, module_map=names,
+                    in_outs=model.in_outs)
+
+# And back: a PEFT adapter's stored bases replace our hashed ones.
+params, config, stored = peft_io.import_peft("vit_adapter", params, module_map=names,
+                                             in_outs=model.in_outs)
+logits = inject.randlora(ViT(vit_config), ["q_proj", "v_proj"], config).apply(
+    {"params": params, "randlora_bases": stored}, images)
+'''
+
+
+def test_readme_peft_snippet(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  namespace = {"__name__": "readme_peft"}
+  exec(compile(README_PEFT, "README[peft]", "exec"), namespace)
+  assert (tmp_path / "vit_adapter" / peft_io.WEIGHTS_FILE).exists()
+  assert namespace["logits"].shape == (1, 3)
