@@ -41,19 +41,42 @@ def _variant(name):
   return dict(backend="gpu" if name == "interpret_gpu" else "tpu", interpret=True)
 
 
-@pytest.mark.parametrize("fin,fout,r", SHAPES)
-@pytest.mark.parametrize("variant", ["interpret", "interpret_gpu"])
+# Jitted wrappers: one compilation per call instead of dozens of eager-op compilations (the
+# dominant cost of these tests on CPU).
+def _kfwd(lam, gamma, seed, spec, **kw):
+  return jax.jit(lambda l, g, s: delta.delta_block(l, g, s, spec, **kw))(lam, gamma, seed)
+
+
+def _kbwd(cot, lam, gamma, seed, spec, **kw):
+  return jax.jit(lambda c, l, g, s: delta.delta_block_bwd(c, l, g, s, spec, **kw))(
+      cot, lam, gamma, seed)
+
+
+def _xfwd(lam, gamma, seed, spec, **kw):
+  return jax.jit(lambda l, g, s: ops.delta_kernel_xla(l, g, s, spec, **kw))(lam, gamma, seed)
+
+
+def _xbwd(cot, lam, gamma, seed, spec):
+  return jax.jit(lambda c, l, g, s: ops.delta_kernel_bwd_xla(c, l, g, s, spec))(
+      cot, lam, gamma, seed)
+
+
+# The TPU layout on every shape; the GPU layout (power-of-two blocks, in-kernel D loop) on a
+# wide, a tall odd-r and an r = 1 shape, to keep CPU time down.
+@pytest.mark.parametrize("fin,fout,r,variant",
+                         [s + ("interpret",) for s in SHAPES] +
+                         [s + ("interpret_gpu",) for s in (SHAPES[0], SHAPES[4], SHAPES[5])])
 def test_kernel_forward_backward_match_xla(fin, fout, r, variant):
   spec = ops.LayerSpec(fin, fout, r=r, alpha=2.0 * r)
   lam, gamma = _params(spec)
   seed = jnp.uint32(SEED)
-  want = ops.delta_kernel_xla(lam, gamma, seed, spec)
-  got = delta.delta_block(lam, gamma, seed, spec, **_variant(variant))
+  want = _xfwd(lam, gamma, seed, spec)
+  got = _kfwd(lam, gamma, seed, spec, **_variant(variant))
   assert got.shape == (fin, fout) and got.dtype == jnp.float32
   _close(got, want)
   cot = jax.random.normal(jax.random.key(5), (fin, fout))
-  want_l, want_g = ops.delta_kernel_bwd_xla(cot, lam, gamma, seed, spec)
-  got_l, got_g = delta.delta_block_bwd(cot, lam, gamma, seed, spec, **_variant(variant))
+  want_l, want_g = _xbwd(cot, lam, gamma, seed, spec)
+  got_l, got_g = _kbwd(cot, lam, gamma, seed, spec, **_variant(variant))
   _close(got_l, want_l)
   _close(got_g, want_g)
 
@@ -66,12 +89,12 @@ def test_multi_block_grid_and_padding(fin, fout, r):
   seed = jnp.uint32(SEED)
   geo = delta.Geometry(spec, spec.d, spec.D, "tpu", SMALL_BLOCKS).fwd
   assert geo["big_pad"] // geo["bm"] >= 2 and geo["n_pad"] // geo["tn"] >= 1
-  _close(delta.delta_block(lam, gamma, seed, spec, interpret=True, blocks=SMALL_BLOCKS),
-         ops.delta_kernel_xla(lam, gamma, seed, spec))
+  _close(_kfwd(lam, gamma, seed, spec, interpret=True, blocks=SMALL_BLOCKS),
+         _xfwd(lam, gamma, seed, spec))
   cot = jax.random.normal(jax.random.key(6), (fin, fout))
   for got, want in zip(
-      delta.delta_block_bwd(cot, lam, gamma, seed, spec, interpret=True, blocks=SMALL_BLOCKS),
-      ops.delta_kernel_bwd_xla(cot, lam, gamma, seed, spec)):
+      _kbwd(cot, lam, gamma, seed, spec, interpret=True, blocks=SMALL_BLOCKS),
+      _xbwd(cot, lam, gamma, seed, spec)):
     _close(got, want)
 
 
@@ -80,11 +103,11 @@ def test_every_distribution(dist):
   spec = ops.LayerSpec(96, 160, r=16, distribution=dist, sparse_dim=96)
   lam, gamma = _params(spec, 2)
   seed = jnp.uint32(7)
-  _close(delta.delta_block(lam, gamma, seed, spec, interpret=True),
-         ops.delta_kernel_xla(lam, gamma, seed, spec))
+  _close(_kfwd(lam, gamma, seed, spec, interpret=True),
+         _xfwd(lam, gamma, seed, spec))
   cot = jax.random.normal(jax.random.key(7), (96, 160))
-  for got, want in zip(delta.delta_block_bwd(cot, lam, gamma, seed, spec, interpret=True),
-                       ops.delta_kernel_bwd_xla(cot, lam, gamma, seed, spec)):
+  for got, want in zip(_kbwd(cot, lam, gamma, seed, spec, interpret=True),
+                       _xbwd(cot, lam, gamma, seed, spec)):
     _close(got, want)
 
 
@@ -95,9 +118,9 @@ def test_fused_w0_plus_delta(dtype, fin, fout):
   lam, gamma = _params(spec, 3)
   seed = jnp.uint32(SEED)
   w0 = jax.random.normal(jax.random.key(9), (fin, fout)).astype(dtype)
-  got = delta.delta_block(lam, gamma, seed, spec, w0=w0, interpret=True)
+  got = _kfwd(lam, gamma, seed, spec, w0=w0, interpret=True)
   assert got.dtype == dtype and got.shape == (fin, fout)
-  want = w0.astype(jnp.float32) + ops.delta_kernel_xla(lam, gamma, seed, spec)
+  want = w0.astype(jnp.float32) + _xfwd(lam, gamma, seed, spec)
   # fp32: as above. bf16: both round the same fp32 sum once; a ~1e-7 difference can flip a
   # rounding tie, i.e. one bf16 ulp (2^-8 relative) at most.
   rel = RTOL_MAX if dtype == jnp.float32 else 2.0 ** -8
@@ -123,11 +146,12 @@ def test_gradients_through_apply_match_xla(dtype, mode):
     y = ops.apply(x, w0, lam, gamma, seed, spec, path="merged", dtype=dtype)
     return jnp.sum(y.astype(jnp.float32) * probe)
 
+  # the mode is read at trace time: a fresh jit per mode
   with dispatch.set_kernel_mode("xla"):
-    want = jax.grad(loss, argnums=(0, 1, 2))(w0, lam, gamma)
+    want = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(w0, lam, gamma)
   with dispatch.set_kernel_mode(mode):
     jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(w0, lam, gamma))
-    got = jax.grad(loss, argnums=(0, 1, 2))(w0, lam, gamma)
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(w0, lam, gamma)
   assert "pallas_call" in jaxpr
   # fp32: as above. bf16: W0 + dW is rounded to bf16 before x @ W; a flipped tie moves one
   # weight by one bf16 ulp, so gradients agree to ~1% (bf16 has 8 bits).
@@ -142,12 +166,12 @@ def test_block_offsets_give_the_global_slice():
   spec = ops.LayerSpec(256, 128, r=8)  # tall: kernel layout (D, d)
   lam, gamma = _params(spec, 5)
   seed = jnp.uint32(SEED)
-  full = ops.delta_kernel_xla(lam, gamma, seed, spec)
+  full = _xfwd(lam, gamma, seed, spec)
   i0, j0, big_l, dl = 128, 64, 128, 64
-  block = delta.delta_block(lam, gamma[:, j0:j0 + dl], seed, spec, offsets=(i0, j0),
+  block = _kfwd(lam, gamma[:, j0:j0 + dl], seed, spec, offsets=(i0, j0),
                             big_l=big_l, interpret=True)
   _close(block, full[i0:i0 + big_l, j0:j0 + dl])
-  xla_block = ops.delta_kernel_xla(lam, gamma[:, j0:j0 + dl], seed, spec, offsets=(i0, j0),
+  xla_block = _xfwd(lam, gamma[:, j0:j0 + dl], seed, spec, offsets=(i0, j0),
                                    big_l=big_l)
   _close(xla_block, full[i0:i0 + big_l, j0:j0 + dl])
 
@@ -180,17 +204,16 @@ def test_randloradense_runs_the_kernel_unchanged():
   layer = linen.RandLoraDense(features=96, r=8, basis_seed=3, path="merged")
   x = jax.random.normal(jax.random.key(0), (4, 10, 64))
   params = layer.init(jax.random.key(1), x)
-  params = jax.tree.map(lambda p: p, params)
   params["params"]["randlora_lambda"] = jax.random.normal(jax.random.key(2), (8, 8))
 
   def loss(p):
     return jnp.sum(layer.apply(p, x) ** 2)
 
   with dispatch.set_kernel_mode("xla"):
-    want_y, want_g = layer.apply(params, x), jax.grad(loss)(params)
+    want_y, want_g = jax.jit(layer.apply)(params, x), jax.jit(jax.grad(loss))(params)
   with dispatch.set_kernel_mode("interpret"):
     assert "pallas_call" in str(jax.make_jaxpr(layer.apply)(params, x))
-    got_y, got_g = layer.apply(params, x), jax.grad(loss)(params)
+    got_y, got_g = jax.jit(layer.apply)(params, x), jax.jit(jax.grad(loss))(params)
   _close(got_y, want_y)
   for name in ("randlora_lambda", "randlora_gamma", "kernel"):
     _close(got_g["params"][name], want_g["params"][name], RTOL_MAX * 10)
