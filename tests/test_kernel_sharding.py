@@ -94,3 +94,43 @@ def test_indivisible_shapes_are_rejected():
   with pytest.raises(ValueError, match="not divisible"):
     sharded.delta_kernel_sharded(jnp.zeros(spec.lambda_shape), jnp.zeros(spec.gamma_shape),
                                  jnp.uint32(0), spec, mesh, P("fsdp", None), mode="xla")
+
+
+@pytest.mark.parametrize("mode", ["xla", "interpret"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_merged_weight_sharded_equals_unsharded(mode, dtype):
+  """W0 + dW per shard (fused kernel in interpret mode) vs ops.merged_kernel, values and grads."""
+  mesh = _mesh((2, 4), ("fsdp", "tp"))
+  kernel_spec = P("fsdp", "tp")
+  spec = ops.LayerSpec(128, 64, r=4, alpha=8.0)
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(1), 4)
+  lam = jax.random.normal(k1, spec.lambda_shape)
+  gamma = jax.random.normal(k2, spec.gamma_shape) / spec.d
+  w0 = jax.random.normal(k3, (128, 64))
+  probe = jax.random.normal(k4, (128, 64))
+  seed = jnp.uint32(SEED)
+  w0_sharded = jax.device_put(w0, jax.sharding.NamedSharding(mesh, kernel_spec))
+
+  def loss(merged_fn, w0, lam, gamma):
+    return jnp.sum(merged_fn(w0, lam, gamma).astype(jnp.float32) * probe)
+
+  def unsharded(w0, lam, gamma):
+    return ops.merged_kernel(w0, lam, gamma, seed, spec, jnp.dtype(dtype))
+
+  def on_mesh(w0, lam, gamma):
+    return sharded.merged_kernel_sharded(w0, lam, gamma, seed, spec, mesh, kernel_spec, dtype,
+                                         mode=mode)
+
+  got = jax.jit(on_mesh)(w0_sharded, lam, gamma)
+  want = jax.jit(unsharded)(w0, lam, gamma)
+  assert got.dtype == dtype
+  assert got.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, kernel_spec), 2)
+  # bf16: the same fp32 sum rounded once; a ~1e-7 difference can flip a tie (one bf16 ulp)
+  rtol = 0 if dtype == jnp.float32 else 2.0 ** -8
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=rtol, atol=REL * float(jnp.abs(want.astype(jnp.float32)).max()))
+  got_g = jax.jit(jax.grad(lambda *a: loss(on_mesh, *a), argnums=(0, 1, 2)))(w0_sharded, lam,
+                                                                            gamma)
+  want_g = jax.jit(jax.grad(lambda *a: loss(unsharded, *a), argnums=(0, 1, 2)))(w0, lam, gamma)
+  for g_got, g_want in zip(got_g, want_g):
+    _close(g_got, g_want)

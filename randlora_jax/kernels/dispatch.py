@@ -68,8 +68,12 @@ def kernel_mode() -> str:
 
 def resolved_mode() -> str:
   """The implementation that runs now: 'auto' resolved against `jax.default_backend()`."""
-  mode = kernel_mode()
-  if mode != "auto":
+  return resolve(kernel_mode())
+
+
+def resolve(mode: str) -> str:
+  """A mode with 'auto' replaced by the implementation for `jax.default_backend()`."""
+  if _check(mode) != "auto":
     return mode
   platform = jax.default_backend()
   if platform == "tpu":

@@ -125,9 +125,59 @@ def delta_kernel_sharded(lam, gamma, seed, spec: ops.LayerSpec, mesh: Mesh,
   ``mode``: a `dispatch` mode; default the current one ('auto' resolves per backend).
   Every W0 dimension must be divisible by the number of shards of its mesh axes.
   """
-  mode = dispatch.resolved_mode() if mode is None else mode
-  if mode == "auto":
-    with dispatch.set_kernel_mode("auto"):
-      mode = dispatch.resolved_mode()
+  mode = dispatch.resolved_mode() if mode is None else dispatch.resolve(mode)
   _layout(spec, mesh, kernel_spec)  # validates divisibility before tracing the shard_map
   return _sharded(lam, gamma, seed, spec, mesh, P(*_entries(kernel_spec)), mode)
+
+
+# ----------------------------------------------------------------------------------------------
+# The merged path's weight, W0 + dW in the compute dtype, per shard (one pass over W0's shard).
+
+
+def _merged_forward(kernel, lam, gamma, seed, spec, mesh, kernel_spec, dtype, mode):
+  big_e, small_e, big_l, dl = _layout(spec, mesh, kernel_spec)
+  fwd, _ = _impls(mode)
+
+  def local(kernel, lam, gamma, seed):
+    offsets = (_offset(big_e, big_l), _offset(small_e, dl))
+    if mode == "xla":  # XLA fuses the add and cast into one loop
+      dw = fwd(lam, gamma, seed, spec, offsets=offsets, big_l=big_l)
+      return (kernel.astype(jnp.float32) + dw).astype(dtype)
+    return fwd(lam, gamma, seed, spec, w0=kernel, out_dtype=dtype, offsets=offsets, big_l=big_l)
+
+  kspec = P(*_entries(kernel_spec))
+  return jax.shard_map(local, mesh=mesh, in_specs=(kspec, P(), P(None, small_e), P()),
+                       out_specs=kspec, check_vma=False)(kernel, lam, gamma, seed)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _merged_sharded(kernel, lam, gamma, seed, spec, mesh, kernel_spec, dtype, mode):
+  return _merged_forward(kernel, lam, gamma, seed, spec, mesh, kernel_spec, dtype, mode)
+
+
+def _merged_sharded_fwd(kernel, lam, gamma, seed, spec, mesh, kernel_spec, dtype, mode):
+  out = _merged_forward(kernel, lam, gamma, seed, spec, mesh, kernel_spec, dtype, mode)
+  return out, (jnp.zeros((0,), kernel.dtype), lam, gamma, seed)  # W0 itself is not kept
+
+
+def _merged_sharded_bwd(spec, mesh, kernel_spec, dtype, mode, res, g):
+  kernel_like, lam, gamma, seed = res
+  dlam, dgamma = _backward(g, lam, gamma, seed, spec, mesh, kernel_spec, mode)
+  return (g.astype(kernel_like.dtype), dlam.astype(lam.dtype), dgamma.astype(gamma.dtype), None)
+
+
+_merged_sharded.defvjp(_merged_sharded_fwd, _merged_sharded_bwd)
+
+
+def merged_kernel_sharded(kernel, lam, gamma, seed, spec: ops.LayerSpec, mesh: Mesh,
+                          kernel_spec: P, dtype=None, *, mode: str | None = None) -> jax.Array:
+  """``(W0 + dW).astype(dtype)`` sharded like W0: the sharded twin of `ops.merged_kernel`.
+
+  On TPU/GPU each device runs the fused kernel on its W0 shard (one read of W0, one write of
+  the merged weight); gradients: W0 gets the cotangent, lam/gamma as `delta_kernel_sharded`.
+  """
+  mode = dispatch.resolved_mode() if mode is None else dispatch.resolve(mode)
+  dtype = jnp.dtype(dtype or kernel.dtype)
+  _layout(spec, mesh, kernel_spec)
+  return _merged_sharded(kernel, lam, gamma, seed, spec, mesh, P(*_entries(kernel_spec)), dtype,
+                         mode)
