@@ -388,12 +388,27 @@ def choose_path(tokens: int, spec: LayerSpec, path: Path = "auto") -> str:
   return "merged" if f["merged"] <= f["factored"] else "factored"
 
 
+def _merged_matmul_remat(x, kernel, lam, gamma, seed, spec, dtype, precision):
+  """``x @ (W0 + dW)`` that keeps no weight-sized residual: W0 + dW is re-formed in the backward.
+
+  Plain autodiff of the matmul saves the merged weight for ``dx = g @ W^T``: one extra
+  weight-sized array per adapted layer (stacked over scanned blocks), which put RandLoRA's
+  training peak above LoRA's (bench/RESULTS.md). Re-forming it costs one more dW per layer.
+  """
+  def fn(x, kernel, lam, gamma, seed):
+    return jnp.matmul(x, merged_kernel(kernel, lam, gamma, seed, spec, dtype), precision=precision)
+
+  return jax.checkpoint(fn)(x, kernel, lam, gamma, seed)
+
+
 def apply(x, kernel, lam, gamma, seed, spec: LayerSpec, *, path: Path = "auto",
-          dtype=None, precision=None, explicit=None) -> jax.Array:
+          dtype=None, precision=None, explicit=None, save_merged: bool = False) -> jax.Array:
   """``x @ (W0 + dW)`` for x (..., in) and frozen kernel (in, out); no bias.
 
   ``dtype`` is the compute dtype (default: x's). ``explicit`` = (A, Bf) arrays replace the
-  hash (imported PEFT adapters); that path uses plain autodiff.
+  hash (imported PEFT adapters); that path uses plain autodiff. ``save_merged`` (merged path
+  only) keeps ``W0 + dW`` for the backward instead of re-forming it: faster by one dW
+  formation per layer, but one weight-sized residual per adapted layer more memory.
   """
   if x.shape[-1] != spec.in_features:
     raise ValueError(f"input last dim {x.shape[-1]} != in_features {spec.in_features}")
@@ -410,8 +425,10 @@ def apply(x, kernel, lam, gamma, seed, spec: LayerSpec, *, path: Path = "auto",
     y = y + _factored(x2, lam, gamma, seed, spec, explicit)[0].astype(dtype)
     return y.reshape(*x.shape[:-1], spec.out_features)
   if chosen == "merged":
-    w = merged_kernel(kernel, lam, gamma, seed, spec, jnp.dtype(dtype))
-    return jnp.matmul(x, w, precision=precision)
+    if save_merged:
+      w = merged_kernel(kernel, lam, gamma, seed, spec, jnp.dtype(dtype))
+      return jnp.matmul(x, w, precision=precision)
+    return _merged_matmul_remat(x, kernel, lam, gamma, seed, spec, jnp.dtype(dtype), precision)
   x2 = x.reshape(tokens, spec.in_features)
   y = jnp.matmul(x2, kernel.astype(dtype), precision=precision)
   y = y + factored_delta(x2, lam, gamma, seed, spec).astype(dtype)
