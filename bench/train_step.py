@@ -56,7 +56,10 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "qv": ("q_proj", "v_proj"),
 }
 IMPLS = ("ours", "peft")
-METHODS = ("randlora", "lora", "full")
+# 'randlora_saved': ours only, the merged path keeping W0 + dW for the backward
+# (`ops.apply(save_merged=True)`) instead of re-forming it: the speed/memory trade-off.
+METHODS = ("randlora", "lora", "full", "randlora_saved")
+DEFAULT_METHODS = ("randlora", "lora", "full")
 NUM_CLASSES = 10
 RANDLORA_ALPHA = 640.0  # PEFT's default (s = alpha / r = 20 at r = 32)
 LORA_ALPHA = 64.0  # 2r; irrelevant to speed, set equal on both sides
@@ -81,7 +84,8 @@ class Config:
   def name(self) -> str:
     side = "ours" if self.impl == "ours" else ("torch" if self.method == "full" else "PEFT")
     method = {"randlora": f"RandLoRA r{self.r}", "lora": f"LoRA r{self.r}",
-              "full": "full fine-tuning"}[self.method]
+              "full": "full fine-tuning",
+              "randlora_saved": f"RandLoRA r{self.r} (W0+dW saved)"}[self.method]
     where = "" if self.method == "full" else (", all linear" if self.targets == "all"
                                                else ", q,v")
     return f"{side} {method}{where}"
@@ -118,7 +122,7 @@ def _ours_model(cfg: Config):
   from randlora_jax.models import vit
 
   s = cfg.shape
-  if cfg.method == "randlora":
+  if cfg.method in ("randlora", "randlora_saved"):
     dense = lora.dense_factory("randlora", [rf"^{t}$" for t in TARGETS[cfg.targets]],
                                r=cfg.r, alpha=RANDLORA_ALPHA, basis_seed=0)
   elif cfg.method == "lora":
@@ -136,7 +140,7 @@ def _ours_model(cfg: Config):
 def _ours_trainable_rules(method: str) -> tuple[tuple[str, ...], bool]:
   """(extra regexes, include RandLoRA defaults) for `optim.trainable_mask`."""
   head = r"(^|/)head/"
-  if method == "randlora":
+  if method in ("randlora", "randlora_saved"):
     return (head,), True
   if method == "lora":
     return (head, r"(^|/)lora_[ab]$"), False
@@ -149,8 +153,11 @@ def run_ours(cfg: Config) -> dict[str, Any]:
   import numpy as np
   import optax
 
-  from randlora_jax import optim
+  from randlora_jax import ops, optim
 
+  if cfg.method == "randlora_saved":  # this process only: every merged call keeps W0 + dW
+    import functools
+    ops.apply = functools.partial(ops.apply, save_merged=True)
   s = cfg.shape
   model = _ours_model(cfg)
   rng = np.random.default_rng(0)
@@ -256,6 +263,8 @@ def configurations(args) -> list[Config]:
   out = []
   for impl in args.impls:
     for method in args.methods:
+      if method == "randlora_saved" and impl != "ours":
+        continue
       if method == "full":
         out.append(Config(impl=impl, method=method, targets="-", **base))
         continue
@@ -345,6 +354,12 @@ def ratio_rows(summary) -> list[list[str]]:
         (f"ours RandLoRA / ours LoRA ({where})", ("ours", "randlora"), ("ours", "lora")),
         (f"PEFT RandLoRA / torch full FT ({where})", ("peft", "randlora"), ("peft", "full")),
         (f"PEFT RandLoRA / PEFT LoRA ({where})", ("peft", "randlora"), ("peft", "lora")),
+        (f"ours RandLoRA, W0+dW saved / ours full FT ({where})", ("ours", "randlora_saved"),
+         ("ours", "full")),
+        (f"ours RandLoRA, W0+dW saved / ours LoRA ({where})", ("ours", "randlora_saved"),
+         ("ours", "lora")),
+        (f"ours RandLoRA / ours RandLoRA, W0+dW saved ({where})", ("ours", "randlora"),
+         ("ours", "randlora_saved")),
     ]
     for label, (i1, m1), (i2, m2) in pairs:
       a, b = _find(summary, i1, m1, t), _find(summary, i2, m2, t)
@@ -401,7 +416,8 @@ def parse_args(argv=None):
   p.add_argument("--warmups", type=int, default=2)
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--impls", default=",".join(IMPLS), help="comma list of ours,peft")
-  p.add_argument("--methods", default=",".join(METHODS), help="comma list of randlora,lora,full")
+  p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                 help="comma list of " + ",".join(METHODS))
   p.add_argument("--targets", default="all,qv", help="comma list of all,qv")
   p.add_argument("--quick", action="store_true",
                  help="toy size (tiny ViT, batch 2, r=8, 1 warm-up, 2 steps, 1 repeat)")
