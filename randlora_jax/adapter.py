@@ -127,17 +127,27 @@ def resolve_config(params, cfg: AdapterConfig, in_outs: InOuts | None = None) ->
   return dataclasses.replace(cfg, sparse_dim=peft_sparse_dim(dims))
 
 
-def delta_for(layer: Mapping, cfg: AdapterConfig, in_out=None) -> jax.Array:
+def explicit_bases(stored: Mapping) -> tuple[jax.Array, jax.Array]:
+  """PEFT's stored {'A': (r, 1, d), 'B': (D, N, r)} as `ops`' explicit (A (r, d), Bf (D, N*r))."""
+  a, b = jnp.asarray(stored["A"]), jnp.asarray(stored["B"])
+  return a.reshape(a.shape[0], a.shape[-1]), b.reshape(b.shape[0], -1)
+
+
+def delta_for(layer: Mapping, cfg: AdapterConfig, in_out=None, bases=None) -> jax.Array:
   """dW for one layer, in the layer's own kernel shape (scan axes included), float32.
 
-  `cfg` must already be resolved (`resolve_config`) for 'very_sparse'.
+  `cfg` must already be resolved (`resolve_config`) for 'very_sparse'. `bases`: stored PEFT
+  bases {'A', 'B'} (an imported adapter) instead of the hashed ones.
   """
   spec = layer_spec(layer, cfg, in_out)
   kshape = layer["kernel"].shape
   lead = num_scan_axes(layer)
   seed = jnp.uint32(cfg.seed)
+  explicit = explicit_bases(bases) if bases is not None else None
 
   def one(lam, gamma):
+    if explicit is not None:
+      return ops.delta_kernel_reference(lam, gamma, seed, spec, explicit)
     return ops.delta_kernel(lam, gamma, seed, spec)
 
   lam, gamma = layer[LAMBDA], layer[GAMMA]
@@ -160,20 +170,21 @@ def _map_layers(params, fn, prefix=""):
 
 
 def merge(params, cfg: AdapterConfig, *, drop_adapter: bool = False,
-          in_outs: InOuts | None = None):
+          in_outs: InOuts | None = None, bases=None):
   """Fold dW into every adapted kernel: W0 + dW. Then lambda is reset to 0 (so applying the
   RandLoRA model to the merged tree gives the same outputs) or, with `drop_adapter`,
   the adapter leaves are removed (a plain model's tree).
 
   `in_outs` maps a layer path ('a/b/query') to its (in, out) where the kernel's shape alone
-  is ambiguous (N-D kernels); `randlora_jax.inject` models know it.
+  is ambiguous (N-D kernels); `randlora_jax.inject` models know it. `bases`: the stored PEFT
+  bases of an imported adapter ({'A', 'B'}, see `interop.peft.import_peft`).
   """
   in_outs = in_outs or {}
   cfg = resolve_config(params, cfg, in_outs)
 
   def fn(path, layer):
     w = layer["kernel"]
-    dw = delta_for(layer, cfg, in_outs.get(path))
+    dw = delta_for(layer, cfg, in_outs.get(path), bases)
     layer["kernel"] = (w.astype(jnp.float32) + dw).astype(w.dtype)
     if drop_adapter:
       layer.pop(LAMBDA)
@@ -186,7 +197,7 @@ def merge(params, cfg: AdapterConfig, *, drop_adapter: bool = False,
 
 
 def unmerge(merged_params, adapter_params, cfg: AdapterConfig, *,
-            in_outs: InOuts | None = None):
+            in_outs: InOuts | None = None, bases=None):
   """Inverse of `merge`: W0 = W - dW, with lambda/gamma restored from `adapter_params`."""
   in_outs = in_outs or {}
   adapters = dict(iter_layers(adapter_params))
@@ -199,7 +210,7 @@ def unmerge(merged_params, adapter_params, cfg: AdapterConfig, *,
         layer = dict(tree)
         layer[LAMBDA], layer[GAMMA] = ad[LAMBDA], ad[GAMMA]
         w = layer["kernel"]
-        dw = delta_for(layer, cfg, in_outs.get(prefix))
+        dw = delta_for(layer, cfg, in_outs.get(prefix), bases)
         layer["kernel"] = (w.astype(jnp.float32) - dw).astype(w.dtype)
         return layer
       return {k: walk(v, f"{prefix}/{k}" if prefix else str(k)) for k, v in tree.items()}

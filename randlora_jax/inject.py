@@ -238,9 +238,7 @@ class RandLoraModel:
     variables = dict(variables)
     explicit = None
     if BASES_COLLECTION in variables:
-      stored = variables.pop(BASES_COLLECTION)
-      a, b = jnp.asarray(stored["A"]), jnp.asarray(stored["B"])
-      explicit = (a.reshape(a.shape[0], a.shape[-1]), b.reshape(b.shape[0], -1))
+      explicit = adapter.explicit_bases(variables.pop(BASES_COLLECTION))
     cfg = self.resolved_config(variables["params"])
     with nn.intercept_methods(self._interceptor(cfg, explicit, None)):
       return self.model.apply(variables, *args, **kwargs)
@@ -276,13 +274,15 @@ class RandLoraModel:
   def _in_outs(self):
     return self.in_outs or {}
 
-  def merge(self, params, *, drop_adapter: bool = False):
+  def merge(self, params, *, drop_adapter: bool = False, bases=None):
     """W0 + dW in every adapted kernel (see `adapter.merge`); with `drop_adapter` the result
-    is a plain tree for `model.apply`."""
-    return adapter.merge(params, self.config, drop_adapter=drop_adapter, in_outs=self._in_outs())
+    is a plain tree for `model.apply`. `bases`: stored PEFT bases of an imported adapter."""
+    return adapter.merge(params, self.config, drop_adapter=drop_adapter,
+                         in_outs=self._in_outs(), bases=bases)
 
-  def unmerge(self, merged_params, adapter_params):
-    return adapter.unmerge(merged_params, adapter_params, self.config, in_outs=self._in_outs())
+  def unmerge(self, merged_params, adapter_params, *, bases=None):
+    return adapter.unmerge(merged_params, adapter_params, self.config, in_outs=self._in_outs(),
+                           bases=bases)
 
 
 def randlora(model: nn.Module, targets: Sequence[str], config: AdapterConfig | None = None,

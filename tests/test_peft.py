@@ -146,6 +146,14 @@ def test_import_reproduces_peft_outputs_and_gradients(tmp_path, config_kw):
                                  atol=1e-5 * np.abs(theirs).max())
       assert np.abs(theirs).max() > 0
 
+  # Merging the imported adapter (stored bases) gives PEFT's merged weights.
+  merged = f.merge(params, drop_adapter=True, bases=stored)
+  with torch.no_grad():
+    for n in NAMES:
+      module = getattr(pmodel.base_model.model, n)
+      want = (module.base_layer.weight + module.get_delta_weight("default")).numpy().T
+      np.testing.assert_allclose(merged[n]["kernel"], want, rtol=1e-5, atol=1e-6)
+
 
 def test_our_vit_module_map_names_transformers_linear_modules():
   import transformers
@@ -243,6 +251,7 @@ logits = inject.randlora(ViT(vit_config), ["q_proj", "v_proj"], config).apply(
 '''
 
 
+@pytest.mark.slow  # a ViT init and apply: ~20 s on the shared 2-core machine
 def test_readme_peft_snippet(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   namespace = {"__name__": "readme_peft"}
