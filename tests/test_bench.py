@@ -1,0 +1,114 @@
+"""Smoke tests of the benchmark scripts at toy size: they run, print parseable tables holding
+every configuration, and what they measure is self-consistent (same trainable counts on
+both sides, update ranks where the method says they must be)."""
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+sys.path.insert(0, BENCH)
+
+import common  # noqa: E402  (bench/common.py)
+
+
+def _run_script(name: str, *args: str, timeout: float = 600) -> str:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # the scripts run as users run them: one CPU device
+  proc = subprocess.run([sys.executable, os.path.join(BENCH, name), *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout, env=env)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_markdown_tables_round_trip():
+  rows = [["a", "1.50 s"], ["b c", "2"]]
+  text = "intro\n\n" + common.markdown_table(["name", "value"], rows) + "\n\ntrailer"
+  tables = common.parse_markdown_tables(text)
+  assert tables == [[{"name": "a", "value": "1.50 s"}, {"name": "b c", "value": "2"}]]
+
+
+def test_peak_rss_grows_with_allocation():
+  import numpy as np
+
+  before = common.peak_rss_mib()
+  block = np.ones((64, 2**20 // 8), np.float64)  # 64 MiB, touched
+  after = common.peak_rss_mib()
+  assert block.sum() > 0
+  # ru_maxrss is a high-water mark: it can only have grown, by at least most of the block
+  # unless an earlier peak already covered it.
+  assert after >= before
+  assert after >= 64 * 0.9 or before >= 64
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_train_step_quick_runs_every_config(tmp_path):
+  out = _run_script("train_step.py", "--quick", "--targets", "qv", "--plot",
+                    str(tmp_path / "step.png"))
+  results, ratios = common.parse_markdown_tables(out)
+  by_name = {r["config"]: r for r in results}
+  expected = ["ours RandLoRA r8, q,v", "ours LoRA r8, q,v", "ours full fine-tuning",
+              "PEFT RandLoRA r8, q,v", "PEFT LoRA r8, q,v", "torch full fine-tuning"]
+  assert sorted(by_name) == sorted(expected)
+  for row in results:
+    assert row["median step"].endswith(" s") and float(row["median step"][:-2]) > 0
+    assert float(row["peak memory"].split()[0]) > 0
+  # Same model shape, adapted modules and rank on both sides: identical trainable counts.
+  for ours, theirs in (("ours RandLoRA r8, q,v", "PEFT RandLoRA r8, q,v"),
+                       ("ours LoRA r8, q,v", "PEFT LoRA r8, q,v"),
+                       ("ours full fine-tuning", "torch full fine-tuning")):
+    assert by_name[ours]["trainable"] == by_name[theirs]["trainable"]
+  comparisons = {r["comparison"] for r in ratios}
+  assert "PEFT RandLoRA / ours RandLoRA (q,v): speed-up" in comparisons
+  assert "ours RandLoRA / ours full FT (q,v)" in comparisons
+  assert all(float(r["step time ratio"].rstrip("x")) > 0 for r in ratios)
+  assert (tmp_path / "step.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_fidelity_quick_reports_every_method_and_update_ranks(tmp_path):
+  import fidelity
+
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    assert fidelity.main(["--quick", "--plot", str(tmp_path / "fid.png")]) == 0
+  (rows,) = common.parse_markdown_tables(buf.getvalue())
+  by_method = {r["method"]: r for r in rows}
+  assert sorted(by_method) == sorted(fidelity.LABELS.values())
+  for row in rows:
+    mean = float(row["test accuracy"].split("+-")[0])
+    assert 0.0 <= mean <= 100.0
+  # --quick: width 32, r = 8 (N = 4 bases). The full-rank claim and the ablation, measured:
+  # RandLoRA's learned update has rank > r, the tied-gamma one <= r, LoRA's = its rank.
+  width, r = 32, 8
+  rand_lo = int(by_method[fidelity.LABELS["randlora"]]["update rank per layer"].split("-")[0])
+  tied_hi = int(by_method[fidelity.LABELS["randlora_rank_r"]]["update rank per layer"]
+                .split("-")[-1])
+  lora_rank = int(by_method[fidelity.LABELS["lora"]]["update rank per layer"].split("-")[-1])
+  assert r < rand_lo <= width
+  assert tied_hi <= r
+  assert lora_rank == fidelity.lora_rank_for(width, r)
+  assert (tmp_path / "fid.png").stat().st_size > 0
+
+
+@pytest.mark.torch
+def test_checkpoint_size_quick_ours_smaller_than_peft():
+  out = _run_script("checkpoint_size.py", "--quick", "--targets", "all")
+  (rows,) = common.parse_markdown_tables(out)
+  by_name = {r["adapter"]: r for r in rows}
+  ours, peft_rand = by_name["ours RandLoRA r8, all linear"], by_name["PEFT RandLoRA r8, all linear"]
+  assert ours["trainable"] == peft_rand["trainable"]
+
+  def kib(cell):
+    value, unit = cell.split()
+    return float(value) * (1024 if unit == "MiB" else 1)
+
+  # PEFT stores the shared bases too; ours only lambda/gamma (+ a small config file).
+  assert kib(peft_rand["on disk"]) > kib(ours["on disk"])
+  assert float(peft_rand["vs ours RandLoRA"].rstrip("x")) > 1.0
