@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax

@@ -84,7 +84,8 @@ def test_ambiguous_nd_kernel_needs_in_outs():
 
 def test_resolve_config_uses_pefts_very_sparse_rule():
   cfg = AdapterConfig(r=2, distribution="very_sparse")
-  tree = {"a": {"kernel": jnp.zeros((12, 16)), LAMBDA: jnp.zeros((2, 6)), GAMMA: jnp.zeros((6, 12))},
+  tree = {"a": {"kernel": jnp.zeros((12, 16)), LAMBDA: jnp.zeros((2, 6)),
+                GAMMA: jnp.zeros((6, 12))},
           "b": {"kernel": jnp.zeros((20, 5)), LAMBDA: jnp.zeros((2, 3)), GAMMA: jnp.zeros((3, 5))}}
   assert adapter.resolve_config(tree, cfg).sparse_dim == min(20, 16)
   assert adapter.resolve_config(tree, AdapterConfig(r=2)).sparse_dim is None

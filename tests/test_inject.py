@@ -6,9 +6,9 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
-from randlora_jax import adapter, inject, ops
+from randlora_jax import inject, ops
 from randlora_jax.adapter import GAMMA, LAMBDA, AdapterConfig
-from randlora_np import ScannedModel, np_delta_kernel, np_merged, randomize_adapter
+from randlora_np import ScannedModel, np_merged, randomize_adapter
 
 # fp32 forward vs a float64 reference: sums of <= ~100 products of O(1) terms, so a few
 # float32 ulps of the O(1) outputs; 2e-5 leaves margin without hiding a wrong basis or pairing

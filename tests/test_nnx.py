@@ -49,7 +49,8 @@ def test_inject_keeps_kernels_and_matches_float64():
   assert model.fc0.kernel is kernel_before  # the pretrained variable itself, not a copy
   np.testing.assert_allclose(model(x), y0, rtol=1e-6, atol=1e-6)  # lambda = 0 at init
   for layer in (model.fc0, model.fc1):
-    layer.randlora_lambda[...] = 0.3 * jax.random.normal(jax.random.key(3), layer.randlora_lambda.shape)
+    shape = layer.randlora_lambda.shape
+    layer.randlora_lambda[...] = 0.3 * jax.random.normal(jax.random.key(3), shape)
   h = np.asarray(x, np.float64)
   for layer, act in ((model.fc0, lambda v: np.maximum(v, 0)), (model.fc1, lambda v: v)):
     w = np.asarray(layer.kernel[...], np.float64) + np_delta_kernel(

@@ -1,7 +1,6 @@
 """PEFT interop: our export loads in PEFT 0.21.2 and reproduces our outputs; a PEFT adapter
 imported here reproduces PEFT's outputs and gradients."""
 
-import json
 import os
 
 import flax.linen as nn
