@@ -166,7 +166,7 @@ def test_scan_and_remat_forward_and_gradients():
 
 
 @pytest.mark.slow
-def test_our_vit_injection_equals_built_in_randlora_dense():
+def test_our_vit_injection_matches_float64_and_built_in_tree():
   from randlora_jax.lora import dense_factory
   from randlora_jax.models.vit import ViT, ViTConfig
 
@@ -178,9 +178,13 @@ def test_our_vit_injection_equals_built_in_randlora_dense():
   params = randomize_adapter(f.init(jax.random.key(0), images)["params"], jax.random.key(2))
   assert set(f.in_outs) == {"encoder/blocks/q_proj", "encoder/blocks/v_proj",
                             "encoder/blocks/fc1"}
-  y = jax.jit(f.apply)({"params": params}, images)
+  # Same tree, leaf for leaf, as the ViT built with RandLoraDense (the trainer's path), so
+  # checkpoints move between the two (shapes by tracing only: no compile).
   built_in = ViT(vit_cfg, dense=dense_factory("randlora", targets, r=4, alpha=8.0, basis_seed=9))
-  np.testing.assert_allclose(y, built_in.apply({"params": params}, images), rtol=1e-5, atol=1e-6)
+  shapes = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)
+  assert shapes(jax.eval_shape(built_in.init, jax.random.key(0), images)["params"]) == \
+      shapes(params)
+  y = jax.jit(f.apply)({"params": params}, images)
   plain = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), np_merged(params, cfg, f.in_outs))
   np.testing.assert_allclose(y, ViT(vit_cfg).apply({"params": plain}, images),
                              rtol=1e-4, atol=1e-4)
