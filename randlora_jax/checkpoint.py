@@ -103,13 +103,15 @@ def export_adapter(directory: str, trainable, adapter_config: dict) -> int:
   Orbax PyTree) and `adapter_config.json` (r, alpha, basis seed, distribution, targets,
   model). Frozen bases are regenerated from the seed, so they are not stored.
 
+  Collective on multi-process runs: every process calls it, process 0 writes.
   Returns the bytes of the arrays written."""
   directory = os.path.abspath(directory)
   tree = jax.tree.map(np.asarray, _prune(trainable))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, "params"), tree, force=True)
-  with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-    json.dump(adapter_config, f, indent=2, sort_keys=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+      json.dump(adapter_config, f, indent=2, sort_keys=True)
   return tree_bytes(tree)
 
 
@@ -159,7 +161,8 @@ def merged_params(params, method: str, adapter_config: dict):
 
 
 def export_merged(directory: str, params, method: str, adapter_config: dict) -> int:
-  """Writes the merged full model (a plain ViT tree, Orbax PyTree); returns its bytes."""
+  """Writes the merged full model (a plain ViT tree, Orbax PyTree); returns its bytes.
+  Collective on multi-process runs, like `export_adapter`."""
   tree = merged_params(params, method, adapter_config)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.abspath(directory), tree, force=True)

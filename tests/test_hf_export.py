@@ -103,3 +103,46 @@ def test_export_requires_adapter_config_and_rejects_lora(tmp_path):
   lora_vars = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), lora_vars)
   with pytest.raises(ValueError, match="adapter leaves"):
     hf.export_merged(lora_vars, cfg, None, tmp_path)
+
+
+@pytest.mark.torch
+def test_readme_snippet_export_merged(tmp_path):
+  """The README's export example: a tiny DINOv2 checkpoint from transformers, RandLoRA on
+  q/v, (stand-in) training, merged export, loaded back by transformers' Auto class."""
+  import torch
+  import transformers as tf
+  torch.manual_seed(0)
+  tf.Dinov2ForImageClassification(tf.Dinov2Config(
+      hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+      mlp_ratio=2, num_labels=10)).save_pretrained(tmp_path / "dinov2")
+  local_dir, out_dir = str(tmp_path / "dinov2"), str(tmp_path / "merged")
+  from randlora_jax.lora import dense_factory
+  from randlora_jax.models import ViT, load_pretrained, merge_pretrained
+  config, pretrained = load_pretrained(local_dir)
+  images = jnp.zeros((2, config.image_size, config.image_size, 3))
+  # --- README snippet ---
+  from randlora_jax.adapter import AdapterConfig
+  from randlora_jax.interop.hf import export_merged
+
+  adapter = AdapterConfig(r=8, alpha=160.0, seed=0)  # what the Dense layers were built with
+  model = ViT(config, dense=dense_factory("randlora", [r"q_proj|v_proj"], r=adapter.r,
+                                          alpha=adapter.alpha, basis_seed=adapter.seed))
+  variables = merge_pretrained(jax.jit(model.init)(jax.random.key(0), images), pretrained)
+  # ... train lambda/gamma (and the head) ...
+  export_merged(variables, config, adapter, out_dir)  # config.json + model.safetensors
+  # PyTorch side, no PEFT needed:
+  #   transformers.AutoModelForImageClassification.from_pretrained(out_dir)
+  # --- end snippet ---
+  del variables
+  # Stand-in for training: nonzero adapter values, then the same export must match.
+  init = jax.jit(model.init)(jax.random.key(0), images)
+  trained = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.5 * jax.random.normal(jax.random.key(len(str(p))), v.shape)
+      if "randlora_" in str(p) else v, merge_pretrained(init, pretrained))
+  export_merged(trained, config, adapter, out_dir)
+  x = np.random.default_rng(5).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  ours = np.asarray(jax.jit(model.apply)(trained, x))
+  hf_model = tf.AutoModelForImageClassification.from_pretrained(out_dir).eval()
+  with torch.no_grad():
+    theirs = hf_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).logits.numpy()
+  assert rel_err(theirs, ours) < RTOL

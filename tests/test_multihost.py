@@ -48,3 +48,7 @@ def test_two_process_run_completes_with_identical_parameters(tmp_path):
   assert a["trainable_sha256"] == b["trainable_sha256"]
   assert a["test_accuracy"] == b["test_accuracy"]  # global sums, same on both
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
+  # The exports are collective Orbax saves: written once, complete, loadable.
+  from randlora_jax import checkpoint as ckpt_lib
+  params, adapter_config = ckpt_lib.load_adapter(os.path.join(workdir, "export", "adapter"))
+  assert adapter_config["r"] > 0 and a["adapter_bytes"] == ckpt_lib.tree_bytes(params)

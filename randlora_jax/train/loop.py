@@ -135,16 +135,15 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
   # Host copies for the exports and the checksum; collective, so every process takes part.
   host_trainable = to_host(state.trainable)
   summary["trainable_sha256"] = checksum(host_trainable)
+  # Orbax saves are collective (every process enters them; process 0 writes host arrays).
   exports = os.path.join(workdir, "export")
-  if is_main:
-    if config.export.adapter and config.method in ("randlora", "lora", "head"):
-      summary["adapter_bytes"] = ckpt_lib.export_adapter(
-          os.path.join(exports, "adapter"), host_trainable, exp.adapter_config)
+  if config.export.adapter and config.method in ("randlora", "lora", "head"):
+    summary["adapter_bytes"] = ckpt_lib.export_adapter(
+        os.path.join(exports, "adapter"), host_trainable, exp.adapter_config)
   if config.export.merged:
     params = optim.combine(host_trainable, to_host(exp.frozen))
-    if is_main:
-      summary["merged_bytes"] = ckpt_lib.export_merged(
-          os.path.join(exports, "merged"), params, config.method, exp.adapter_config)
+    summary["merged_bytes"] = ckpt_lib.export_merged(
+        os.path.join(exports, "merged"), params, config.method, exp.adapter_config)
   if is_main:
     metrics_lib.plot_curves(writer.path, os.path.join(workdir, "curves.png"),
                             title=f"{config.method} on {config.data.name}")
