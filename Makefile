@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# The demo starts afresh each time (a kept workdir would resume its finished runs); the
+# pretrained backbone stays cached in ~/.cache/randlora_jax.
 demo: $(STAMP)
-	$(BIN)/python examples/fit_full_rank.py
+	rm -rf runs/demo
+	$(BIN)/python train.py --config=configs/demo.py --workdir=runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
@@ -29,6 +32,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/kernel.py
+	$(BIN)/python bench/train_step.py --model vit_b16 --batch 8 --repeats 2
 
 clean:
 	rm -rf $(VENV)

@@ -239,13 +239,15 @@ def delta_kernel_bwd_xla(g, lam, gamma, seed, spec: LayerSpec, *, offsets=(0, 0)
   i0, j0 = offsets
   rows = None if big_l is None else (i0, big_l)
   g = g.astype(jnp.float32)
-  bft = _bf(spec, seed, None, True, rows)  # (Nr, D)
-  # H = Bf^T G' (Nr, d) in both orientations (NT GEMM when g is (d, D)), so the reduction
-  # always runs in the (r, N, d) layout with d minor (fast on XLA:CPU).
+  # H = Bf^T G' (Nr, d), so the reduction always runs in the (r, N, d) layout with d minor
+  # (fast on XLA:CPU). Both GEMMs read g in its natural row-major layout: when g is (d, D),
+  # H^T = g @ Bf and a transpose of the small H. Contracting g's minor dim instead (an NT
+  # GEMM) made XLA lay out the producer of g, x^T @ dy, transposed: a strided copy of the
+  # (T, D) activation gradient per layer, ~9% of a ViT-B training step on CPU.
   if spec.transposed:
-    h = jax.lax.dot_general(bft, g, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    h = _mm(g, _bf(spec, seed, None, False, rows)).T
   else:
-    h = _mm(bft, g)
+    h = _mm(_bf(spec, seed, None, True, rows), g)
   return _reduce_h(spec, h, lam, gamma, seed, None, j0, h_transposed=False)
 
 
@@ -388,17 +390,66 @@ def choose_path(tokens: int, spec: LayerSpec, path: Path = "auto") -> str:
   return "merged" if f["merged"] <= f["factored"] else "factored"
 
 
-def _merged_matmul_remat(x, kernel, lam, gamma, seed, spec, dtype, precision):
+def adapter_grad_flops(tokens: int, spec: LayerSpec) -> dict[str, int]:
+  """Flops of the two ways to get dlambda/dgamma from the layer's input x and output grad g.
+
+  * ``weight``: G = x^T g (the weight-sized cotangent), then H = Bf^T G;
+  * ``tokens``: through the N*r space, H = (x Bf)^T g or (g Bf)^T x, never forming G.
+  """
+  big, dd, nr = spec.D, spec.d, spec.nr
+  return {"weight": 2 * tokens * big * dd + 2 * big * dd * nr,
+          "tokens": 2 * tokens * big * nr + 2 * tokens * nr * dd}
+
+
+def _h_through_tokens(x2, g2, seed, spec: LayerSpec) -> jax.Array:
+  """H = Bf^T G (Nr, d) without G: Bf meets the D-sized side (x when in > out, else g)."""
+  big_side, small_side = (g2, x2) if spec.transposed else (x2, g2)
+  v = _mm(big_side.astype(jnp.float32), _bf(spec, seed, None, False))  # (T, Nr)
+  return jax.lax.dot_general(v, small_side.astype(jnp.float32), (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def merged_matmul(x, kernel, lam, gamma, seed, spec: LayerSpec, dtype, precision):
   """``x @ (W0 + dW)`` that keeps no weight-sized residual: W0 + dW is re-formed in the backward.
 
-  Plain autodiff of the matmul saves the merged weight for ``dx = g @ W^T``: one extra
-  weight-sized array per adapted layer (stacked over scanned blocks), which put RandLoRA's
-  training peak above LoRA's (bench/RESULTS.md). Re-forming it costs one more dW per layer.
+  Saving the merged weight for ``dx = g @ W^T`` costs one weight-sized array per adapted layer
+  (stacked over scanned blocks), which put RandLoRA's training peak above LoRA's
+  (bench/RESULTS.md); re-forming it costs one more dW per layer. The backward takes
+  dlambda/dgamma by the cheaper contraction of `adapter_grad_flops` (on the XLA path; kernel
+  backends always reduce G in the kernel, so bases never reach HBM), and gives W0 its plain
+  cotangent ``x^T g``, which XLA drops when W0 is frozen.
   """
-  def fn(x, kernel, lam, gamma, seed):
-    return jnp.matmul(x, merged_kernel(kernel, lam, gamma, seed, spec, dtype), precision=precision)
+  return jnp.matmul(x, _merged_value(kernel, lam, gamma, seed, spec, dtype), precision=precision)
 
-  return jax.checkpoint(fn)(x, kernel, lam, gamma, seed)
+
+def _merged_matmul_fwd(x, kernel, lam, gamma, seed, spec, dtype, precision):
+  y = merged_matmul(x, kernel, lam, gamma, seed, spec, dtype, precision)
+  return y, (x, kernel, lam, gamma, seed)  # x and W0 exist anyway: nothing new is kept
+
+
+def _merged_matmul_bwd(spec, dtype, precision, res, g):
+  from randlora_jax.kernels import dispatch  # local import: kernels depend on this module
+
+  x, kernel, lam, gamma, seed = res
+  w = _merged_value(kernel, lam, gamma, seed, spec, dtype)
+  dx = jnp.matmul(g.astype(dtype), w.T, precision=precision).astype(x.dtype)
+  x2 = x.reshape(-1, spec.in_features)
+  g2 = g.reshape(-1, spec.out_features)
+  g_kernel = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+  flops = adapter_grad_flops(x2.shape[0], spec)
+  if dispatch.resolved_mode() == "xla" and flops["tokens"] < flops["weight"]:
+    h = _h_through_tokens(x2, g2, seed, spec)
+    dlam, dgamma = _reduce_h(spec, h, lam, gamma, seed, None, h_transposed=False)
+  else:
+    _, bwd = _backend_impl(spec)
+    dlam, dgamma = bwd(g_kernel, lam, gamma, seed, spec)
+  return (dx, g_kernel.astype(kernel.dtype), dlam.astype(lam.dtype), dgamma.astype(gamma.dtype),
+          None)
+
+
+merged_matmul.defvjp(_merged_matmul_fwd, _merged_matmul_bwd)
 
 
 def apply(x, kernel, lam, gamma, seed, spec: LayerSpec, *, path: Path = "auto",
@@ -428,7 +479,7 @@ def apply(x, kernel, lam, gamma, seed, spec: LayerSpec, *, path: Path = "auto",
     if save_merged:
       w = merged_kernel(kernel, lam, gamma, seed, spec, jnp.dtype(dtype))
       return jnp.matmul(x, w, precision=precision)
-    return _merged_matmul_remat(x, kernel, lam, gamma, seed, spec, jnp.dtype(dtype), precision)
+    return merged_matmul(x, kernel, lam, gamma, seed, spec, jnp.dtype(dtype), precision)
   x2 = x.reshape(tokens, spec.in_features)
   y = jnp.matmul(x2, kernel.astype(dtype), precision=precision)
   y = y + factored_delta(x2, lam, gamma, seed, spec).astype(dtype)

@@ -143,3 +143,36 @@ def test_own_loop_example_trains_only_the_adapter_and_head():
     np.testing.assert_array_equal(before[layer]["kernel"], after[layer]["kernel"])  # frozen
     assert np.abs(after[layer]["randlora_lambda"]).max() > 0
   assert not np.array_equal(before["head"]["kernel"], after["head"]["kernel"])
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
+def test_demo_pretrains_once_then_compares_methods(tmp_path, capsys):
+  """configs/demo.py's flow at tiny size: the backbone is pretrained on one task and cached
+  (a second loader reuses it), each method fine-tunes it, and a table is printed and written."""
+  from randlora_jax.train import demo
+  config = trainer_configs.load("tiny", **{
+      "methods": ("head", "randlora"), "total_steps": 2, "export.adapter": False,
+      "pretrain.enabled": True, "pretrain.steps": 3, "pretrain.batch_size": 16,
+      "pretrain.cache_dir": str(tmp_path / "cache")})
+  rows = demo.compare(config, str(tmp_path / "run"))
+  out = capsys.readouterr().out
+  assert "Pretraining the backbone" in out
+  assert [r["method"] for r in rows] == ["head", "randlora"]
+  head, randlora = rows
+  assert head["trainable_params"] < randlora["trainable_params"]
+  table = (tmp_path / "run" / "comparison.md").read_text()
+  assert "test accuracy" in table and "randlora" in table and "head" in table
+  # Cached: a second loader does not pretrain again, and loads the same backbone weights.
+  cached = os.listdir(tmp_path / "cache")
+  assert len(cached) == 1
+  load = demo.pretrained_loader(config)
+  assert "Pretraining" not in capsys.readouterr().out
+  from randlora_jax.train import setup as setup_lib
+  exp = setup_lib.build(config, load_pretrained=load)
+  saved = ckpt_lib.load_params(os.path.join(tmp_path / "cache", cached[0], "export", "merged"))
+  from randlora_jax import optim
+  got = jax.device_get(optim.combine(exp.state.trainable, exp.frozen))
+  np.testing.assert_array_equal(got["encoder"]["blocks"]["fc1"]["kernel"],
+                                saved["encoder"]["blocks"]["fc1"]["kernel"])
