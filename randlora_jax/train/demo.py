@@ -61,7 +61,7 @@ def pretrained_loader(config: ml_collections.ConfigDict) -> Callable[[Any, Any],
 
 COLUMNS = [("method", "method"), ("trainable_params", "trainable params"),
            ("test_accuracy", "test accuracy"), ("median_step_time_s", "median step (s)"),
-           ("peak_rss_mib", "peak RSS (MiB)")]
+           ("peak_rss_mib", "process peak RSS (MiB)")]  # one process runs every method
 
 
 def compare(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
