@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from randlora_jax import checkpoint as ckpt_lib
-from randlora_jax import lora
+from randlora_jax import lora, optim
 from randlora_jax.models import ViT
 from randlora_jax.train import loop, setup
 
@@ -169,10 +169,8 @@ def test_demo_pretrains_once_then_compares_methods(tmp_path, capsys):
   assert len(cached) == 1
   load = demo.pretrained_loader(config)
   assert "Pretraining" not in capsys.readouterr().out
-  from randlora_jax.train import setup as setup_lib
-  exp = setup_lib.build(config, load_pretrained=load)
+  exp = setup.build(config, load_pretrained=load)
   saved = ckpt_lib.load_params(os.path.join(tmp_path / "cache", cached[0], "export", "merged"))
-  from randlora_jax import optim
   got = jax.device_get(optim.combine(exp.state.trainable, exp.frozen))
   np.testing.assert_array_equal(got["encoder"]["blocks"]["fc1"]["kernel"],
                                 saved["encoder"]["blocks"]["fc1"]["kernel"])
