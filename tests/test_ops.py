@@ -183,8 +183,8 @@ def test_path_choice_follows_token_count():
   spec = ops.LayerSpec(768, 768, r=32)
   assert ops.choose_path(8 * 197, spec) == "merged"  # ViT-B batch 8
   assert ops.choose_path(1, spec) == "factored"  # decode
-  f = ops.path_flops(8 * 197, spec)
-  assert f["merged"] < f["factored"]
+  c = ops.path_costs(8 * 197, spec)
+  assert c["merged"] < c["factored"]
 
 
 def test_backward_saves_no_basis_sized_residual():
