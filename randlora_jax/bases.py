@@ -56,10 +56,19 @@ def stream_seed(seed, stream: int) -> jax.Array:
   return fmix32(_u32(seed) * _u32(_GOLDEN) ^ _u32(stream))
 
 
+def row_hash(sseed: jax.Array, row: jax.Array) -> jax.Array:
+  """The row-only half of `hash_bits`: kernels compute it once per row, not per entry."""
+  return fmix32(sseed ^ (_u32(row) * _u32(_ROW_MUL)))
+
+
+def col_key(col: jax.Array) -> jax.Array:
+  """The column-only term of `hash_bits` (kernels precompute it per column)."""
+  return _u32(col) * _u32(_COL_MUL)
+
+
 def hash_bits(sseed: jax.Array, row: jax.Array, col: jax.Array) -> jax.Array:
   """uint32 bits for entry (row, col) of the basis whose stream seed is ``sseed``."""
-  h = fmix32(sseed ^ (_u32(row) * _u32(_ROW_MUL)))
-  return fmix32(h ^ (_u32(col) * _u32(_COL_MUL)))
+  return fmix32(row_hash(sseed, row) ^ col_key(col))
 
 
 def _unit_open(bits: jax.Array) -> jax.Array:
