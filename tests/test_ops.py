@@ -236,10 +236,11 @@ def test_kernels_import_only_the_leaf_math():
                        env={**os.environ, "PYTHONPATH": ROOT}).stdout
   assert set(ast.literal_eval(out.strip().splitlines()[-1])) == {
       "randlora_jax", "randlora_jax.bases", "randlora_jax.update", "randlora_jax.kernels",
-      "randlora_jax.kernels.delta", "randlora_jax.kernels.dispatch"}
+      "randlora_jax.kernels.delta", "randlora_jax.kernels.dispatch",
+      "randlora_jax.kernels.tiling"}
   within = lambda names, mods: all(any(n == m or n.startswith(m + ".") for m in mods)
                                    for n in names)
-  for name in ("__init__", "delta", "dispatch"):
+  for name in ("__init__", "delta", "dispatch", "tiling"):
     top, nested = _project_imports(os.path.join(ROOT, "randlora_jax", "kernels", f"{name}.py"))
     assert within(top | nested, ("randlora_jax.bases", "randlora_jax.update",
                                  "randlora_jax.kernels")), (name, top | nested)
