@@ -134,14 +134,14 @@ class Checkpointer:
   def restore_newest(self, target, check_config: Callable[[dict], None],
                      report: Callable[[str], None] | None = None) -> tuple[int, Any, dict] | None:
     """(step, state, data-iterator state) of the newest step that restores; None if there
-    are no checkpoints. A step that fails (unreadable config, missing or truncated arrays) is
-    reported in one line and moved aside into `<directory>.unrestorable/`, so that the run
-    can later save that step number again. `check_config(saved config)` may raise (another
-    model's checkpoint): that is not a damaged step and stops the search. Raises
-    CheckpointUnrestorable when steps exist and none restores. Multi-process: a step counts
-    as restored only if it restored on every process."""
+    are no checkpoints. Each newer step that fails (unreadable config, missing or truncated
+    arrays) is reported in one line and moved aside into `<directory>.unrestorable/`, so that
+    the run can save that step number again. `check_config(saved config)` may raise (another
+    model's checkpoint): that is not a damaged step and stops the search. When steps exist
+    and none restores, nothing is moved and CheckpointUnrestorable says why. Multi-process: a
+    step counts as restored only if it restored on every process."""
     report = report or (lambda line: print(line, file=sys.stderr))
-    failures = []
+    failures = []  # (step, why), newest first
     for step in sorted(self.manager.all_steps(), reverse=True):
       why = None
       try:
@@ -157,19 +157,19 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
           why = one_line(e)
         if _everywhere(why is None):
+          for bad, bad_why in failures:
+            moved = self._move_aside(bad)
+            if jax.process_index() == 0:
+              report(f"checkpoint step {bad} in {self.directory} cannot be restored "
+                     f"({bad_why}); moved to {moved}, resuming from step {step}")
           return step, state, data_state
-      why = why or "it failed to restore on another process"
-      failures.append(step)
-      moved = self._move_aside(step)
-      if jax.process_index() == 0:
-        report(f"checkpoint step {step} in {self.directory} cannot be restored ({why}); "
-               f"moved to {moved}, trying the previous step")
+      failures.append((step, why or "it failed to restore on another process"))
     if not failures:
       return None
     raise CheckpointUnrestorable(
-        f"no checkpoint in {self.directory} can be restored (steps "
-        f"{', '.join(map(str, failures))}, moved to {self._aside_dir()}); to start afresh, "
-        f"use another --workdir or delete {os.path.dirname(self.directory)}")
+        f"no checkpoint in {self.directory} can be restored ("
+        + "; ".join(f"step {s}: {w}" for s, w in failures)
+        + f"); to start afresh, use another --workdir or delete {os.path.dirname(self.directory)}")
 
   def _aside_dir(self) -> str:
     return self.directory + ".unrestorable"
