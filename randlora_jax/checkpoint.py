@@ -44,15 +44,18 @@ class CheckpointSaveError(RuntimeError):
   """A checkpoint could not be written (full disk, no permission); older steps are intact."""
 
 
-class _DropOrbaxErrors(logging.Filter):
-  """Orbax logs the traceback of a failed save or restore before raising it; the trainer
-  reports those errors itself in one line, so the logged copy is dropped."""
+class _QuietOrbax(logging.Filter):
+  """Orbax logs the traceback of a failed save or restore before raising it, and a warning
+  per preemption save; the trainer reports both itself in one line, so Orbax's are dropped."""
 
   def filter(self, record):
-    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+    if "orbax" not in record.pathname:
+      return True
+    return not (record.levelno >= logging.ERROR
+                or "preemption sync point" in str(record.msg))
 
 
-logging.getLogger("absl").addFilter(_DropOrbaxErrors())
+logging.getLogger("absl").addFilter(_QuietOrbax())
 
 
 def _everywhere(ok: bool) -> bool:
@@ -85,14 +88,13 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=async_save))
-    self._pending = None  # (step of the last save started, the steps committed before it)
+    self._pending = None  # the step of the last save started
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict | None, config: dict) -> None:
     """Starts an asynchronous save of `step` (an error of an earlier one surfaces here)."""
-    committed = self._committed_steps()
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
@@ -100,20 +102,22 @@ class Checkpointer:
           config=ocp.args.JsonSave(config)))
     except Exception as e:  # noqa: BLE001  (any failure of the write is the same to the user)
       # An earlier asynchronous save's error surfaces here too: name the step that failed.
-      if self._pending is not None and self._pending[0] not in committed:
-        step, committed = self._pending
-      raise self._save_error(step, e, committed) from None
-    self._pending = (step, committed)
+      failed = self._pending if self._pending not in (None, *self._committed_steps()) else step
+      raise self._save_error(failed, e) from None
+    self._pending = step
 
   def _committed_steps(self) -> list[int]:
+    """Steps whose directories are complete (Orbax renames a step's directory into place
+    only once everything in it is written)."""
     try:
       return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
     except OSError:
       return []
 
-  def _save_error(self, step, e: Exception, committed: list[int]) -> CheckpointSaveError:
-    then = (f"checkpoint step {committed[-1]} is intact: free space or make the directory "
-            f"writable, then rerun the same command to resume from it" if committed else
+  def _save_error(self, step, e: Exception) -> CheckpointSaveError:
+    intact = [s for s in self._committed_steps() if s != step]
+    then = (f"checkpoint step {intact[-1]} is intact: free space or make the directory "
+            f"writable, then rerun the same command to resume from it" if intact else
             "no checkpoint was complete yet: free space or make the directory writable and "
             "rerun")
     return CheckpointSaveError(f"saving checkpoint step {step} in {self.directory} failed "
@@ -195,8 +199,7 @@ class Checkpointer:
       self.manager.wait_until_finished()
       self.manager.check_for_errors()
     except Exception as e:  # noqa: BLE001
-      step, committed = self._pending or (None, self._committed_steps())
-      raise self._save_error(step, e, committed) from None
+      raise self._save_error(self._pending, e) from None
 
   def close(self) -> None:
     self.manager.close()
