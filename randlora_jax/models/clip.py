@@ -53,6 +53,30 @@ class CLIPConfig:
                           eos_token_id=1)
     return cls(vision, text)
 
+  # Presets: the published shapes (random init; a checkpoint brings its own config).
+  @classmethod
+  def b32(cls, image_size: int = 224, **vision_kw) -> "CLIPConfig":
+    """openai/clip-vit-base-patch32."""
+    return cls(ViTConfig.clip_b32(image_size=image_size, projection_dim=512, **vision_kw),
+               CLIPTextConfig(hidden_size=512, num_layers=12, num_heads=8, mlp_dim=2048,
+                              projection_dim=512))
+
+  @classmethod
+  def l14(cls, image_size: int = 224, **vision_kw) -> "CLIPConfig":
+    """openai/clip-vit-large-patch14."""
+    return cls(ViTConfig.vit_l14(image_size=image_size, projection_dim=768, **vision_kw),
+               CLIPTextConfig(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072,
+                              projection_dim=768))
+
+  @classmethod
+  def h14(cls, image_size: int = 224, **vision_kw) -> "CLIPConfig":
+    """laion/CLIP-ViT-H-14-laion2B-s32B-b79K (gelu, not quick_gelu)."""
+    vision = ViTConfig(family="clip", image_size=image_size, patch_size=14, hidden_size=1280,
+                       num_layers=32, num_heads=16, mlp_dim=5120, layer_norm_eps=1e-5,
+                       hidden_act="gelu", projection_dim=1024, **vision_kw)
+    return cls(vision, CLIPTextConfig(hidden_size=1024, num_layers=24, num_heads=16,
+                                      mlp_dim=4096, hidden_act="gelu", projection_dim=1024))
+
 
 def l2_normalize(x: jax.Array) -> jax.Array:
   x = x.astype(jnp.float32)
@@ -217,5 +241,19 @@ def load_clip(name_or_dir: str | os.PathLike, *, image_size: int | None = None,
   return config, {"params": jax.tree.map(lambda x: np.asarray(x, dtype), params)}
 
 
+def zero_shot_head(config: CLIPConfig, params, tokenize, class_names, templates,
+                   scale: float = 100.0) -> np.ndarray:
+  """(projection_dim, num_classes) kernel of CLIP's zero-shot classifier: per class the mean
+  of its L2-normalised template embeddings, renormalised, times `scale` (exp(logit_scale) of
+  a trained CLIP = 100). Applied to L2-normalised image features, with no bias."""
+  prompts = [t.format(name) for name in class_names for t in templates]
+  embeds = jax.jit(lambda p, ids: CLIP(config).apply({"params": p}, ids,
+                                                     method=CLIP.encode_text))(
+                                                         params, jnp.asarray(tokenize(prompts)))
+  mean = np.asarray(embeds, np.float64).reshape(len(class_names), len(templates), -1).mean(1)
+  mean /= np.linalg.norm(mean, axis=-1, keepdims=True)
+  return (scale * mean.T).astype(np.float32)
+
+
 __all__ = ["CLIP", "CLIPConfig", "l2_normalize", "load_clip", "logits", "save_pretrained",
-           "text_tree", "tree_to_hf"]
+           "text_tree", "tree_to_hf", "zero_shot_head"]
