@@ -1,7 +1,8 @@
 """From a config to everything a run needs: mesh, data, model, parameters, optimizer.
 
 Every check that can fail on a bad config runs here, before anything is compiled, and
-raises `ConfigError` with what is wrong and what would fix it.
+raises `ConfigError` with what is wrong and what would fix it; the rules themselves are in
+`validate` (one table).
 """
 
 from __future__ import annotations
@@ -21,14 +22,8 @@ import optax
 from randlora_jax import data, lora, optim, sharding
 from randlora_jax.models import ViT, ViTConfig
 from randlora_jax.train import step as step_lib
-from randlora_jax.train.config import METHODS
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message says which and why."""
-
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from randlora_jax.train import validate
+from randlora_jax.train.validate import ConfigError  # noqa: F401  (raised by build)
 
 
 @dataclasses.dataclass
@@ -76,13 +71,8 @@ def fingerprint(config, vit_config: ViTConfig) -> dict:
 def vit_config(config, num_classes: int, loaded: ViTConfig | None = None) -> ViTConfig:
   """The ViTConfig: a checkpoint's own, or a preset; then the config's overrides."""
   m = config.model
-  if m.dtype not in DTYPES:
-    raise ConfigError(f"model.dtype {m.dtype!r} is not one of {sorted(DTYPES)}")
   if loaded is None:
-    preset = getattr(ViTConfig, m.preset, None)
-    if preset is None or not isinstance(ViTConfig.__dict__.get(m.preset), classmethod):
-      known = sorted(k for k, v in ViTConfig.__dict__.items() if isinstance(v, classmethod))
-      raise ConfigError(f"unknown model.preset {m.preset!r}; known presets: {known}")
+    preset = getattr(ViTConfig, m.preset)  # a known preset: validate.check_config
     kw = {"family": m.family} if m.family else {}
     vcfg = preset(num_classes=num_classes, **kw) if m.preset == "tiny" else preset(
         num_classes=num_classes, image_size=m.image_size, **kw)
@@ -91,7 +81,7 @@ def vit_config(config, num_classes: int, loaded: ViTConfig | None = None) -> ViT
   overrides = {k: m[k] for k in ("patch_size", "hidden_size", "num_layers", "num_heads",
                                  "mlp_dim") if m[k] is not None}
   try:
-    return vcfg.replace(image_size=m.image_size, dtype=DTYPES[m.dtype], remat=m.remat,
+    return vcfg.replace(image_size=m.image_size, dtype=getattr(jnp, m.dtype), remat=m.remat,
                         num_classes=num_classes, **overrides)
   except ValueError as e:
     raise ConfigError(f"model: {e}") from None
@@ -180,6 +170,7 @@ def load_data(config, process_index: int, process_count: int):
     raise ConfigError(f"dataset {d.name!r} has no class label {d.label_key!r}") from None
   if d.kshot > 0:
     labels = data.labels_of(train_src, d.label_key)
+    validate.check_kshot(config, labels, num_classes)
     train_src = data.Subset(train_src, data.kshot_indices(labels, d.kshot, d.kshot_seed))
   if d.max_test_examples > 0:
     test_src = data.Subset(test_src, np.arange(min(d.max_test_examples, len(test_src))))
@@ -189,24 +180,14 @@ def load_data(config, process_index: int, process_count: int):
 # ----------------------------------------------------------------------------- build
 
 
-def check_batch(config, mesh) -> int:
-  """Per-process batch size; the global batch must split evenly over devices and processes."""
-  dp = sharding.data_parallel_size(mesh)
-  for name in ("batch_size", "eval_batch_size"):
-    b = config[name]
-    if b < 1 or b % dp:
-      raise ConfigError(f"{name}={b} is not divisible by the data-parallel size {dp} "
-                        f"(mesh data x fsdp = {dict(mesh.shape)}); use a multiple of {dp}")
-  return config.batch_size // jax.process_count()
-
-
 def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Experiment:
   """Builds a run. `load_pretrained(init_params, vit_config) -> params` supplies the backbone
   weights (None: the random init, or `config.model.checkpoint` when set)."""
-  if config.method not in METHODS:
-    raise ConfigError(f"unknown method {config.method!r}; expected one of {METHODS}")
-  mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  local_batch = check_batch(config, mesh)
+  validate.check_config(config)
+  if mesh is None:
+    mesh = sharding.make_mesh(*validate.resolve_mesh(config, jax.device_count()))
+  local_batch = validate.check_batch(config, sharding.data_parallel_size(mesh),
+                                     jax.process_count())
 
   try:
     train_src, test_src, num_classes = load_data(config, jax.process_index(), jax.process_count())
