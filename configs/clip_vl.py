@@ -35,7 +35,7 @@ model.safetensors) with its tokenizer files (tokenizer.json, or vocab.json + mer
 
 from randlora_jax.train.config import base_config
 
-# preset -> (model preset, RandLoRA rank)
+# preset -> (clip.preset: the towers' shapes, RandLoRA rank)
 PRESETS = {"b32": ("b32", 6), "l14": ("l14", 8), "h14": ("h14", 10)}
 
 
@@ -66,14 +66,14 @@ def paper_recipe(c):
 def get_config(preset: str = "b32"):
   c = paper_recipe(base_config())
   if preset in PRESETS:
-    c.model.preset, c.adapter.r = PRESETS[preset]
+    c.clip.preset, c.adapter.r = PRESETS[preset]
     c.adapter.alpha = 20.0 * c.adapter.r   # s = 20, PEFT's default scale
     c.data.name = "oxford_flowers102"
     c.eval_every = 500
     c.checkpoint_every = 500
     return c
   if preset == "tiny":
-    c.model.preset = "tiny"
+    c.clip.preset = "tiny"
     c.model.image_size = 32
     c.model.dtype = "float32"
     c.model.normalization = "half"
@@ -95,7 +95,6 @@ def get_config(preset: str = "b32"):
 def demo(c):
   """The embedded VL demo; the architecture matches configs/demo.py's vision tower."""
   c.methods = ("head", "lora", "randlora", "full")
-  c.model.preset = "tiny"
   c.model.image_size = 32
   c.model.patch_size = 8
   c.model.hidden_size = 64

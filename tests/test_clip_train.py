@@ -23,20 +23,7 @@ ROOT = trainer_configs.ROOT
 
 
 def _tiny(**overrides):
-  """configs/clip_vl.py:tiny with dotted-key overrides."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("cfg_clip_vl", os.path.join(ROOT, "configs",
-                                                                            "clip_vl.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("tiny")
-  for k, v in overrides.items():
-    *parents, leaf = k.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return trainer_configs.load("clip_vl", preset="tiny", **overrides)
 
 
 def _one_device_mesh():

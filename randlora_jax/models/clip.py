@@ -27,6 +27,9 @@ from randlora_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from randlora_jax.models.vit import ViT, ViTConfig
 
 
+PRESETS = ("tiny", "b32", "l14", "h14")  # CLIPConfig classmethods: the published shapes
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
   vision: ViTConfig     # family 'clip', projection_dim set, num_classes 0

@@ -25,6 +25,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -34,12 +35,9 @@ from randlora_jax.models import loading
 from randlora_jax.models import tokenizer as tok_lib
 from randlora_jax.train import setup as setup_lib
 from randlora_jax.train import step as step_lib
-from randlora_jax.train.config import METHODS
-from randlora_jax.train.setup import ConfigError
+from randlora_jax.train import validate
+from randlora_jax.train.validate import ConfigError
 
-PRESETS = {"tiny": clip_lib.CLIPConfig.tiny, "b32": clip_lib.CLIPConfig.b32,
-           "l14": clip_lib.CLIPConfig.l14, "h14": clip_lib.CLIPConfig.h14}
-LOGIT_SCALES = ("raw", "exp")
 MIN_BATCHES = 10  # a k-shot epoch is at least this many batches (the paper's repetition)
 
 
@@ -78,16 +76,39 @@ def repeat_to_batches(source, batch_size: int, min_batches: int = MIN_BATCHES):
   return source if reps <= 1 else data.Subset(source, np.tile(np.arange(len(source)), reps))
 
 
+def _with(config, overrides: dict):
+  """A copy of `config` with dotted-key overrides."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  for k, v in overrides.items():
+    *parents, leaf = k.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def kshot_subset(config, train_src, num_classes: int):
+  """k examples per class (fixed seed), repeated to at least `MIN_BATCHES` batches. Unlike
+  the classification task's k-shot, fewer examples than one batch is fine: they repeat."""
+  d = config.data
+  labels = data.labels_of(train_src, d.label_key)
+  counts = np.bincount(labels, minlength=num_classes)
+  if counts.min() < d.kshot:
+    raise ConfigError(f"data.kshot={d.kshot} but class {int(counts.argmin())} of {d.name!r} "
+                      f"({d.train_split}) has {int(counts.min())} examples; use data.kshot <= "
+                      f"{int(counts.min())}")
+  subset = data.Subset(train_src, data.kshot_indices(labels, d.kshot, d.kshot_seed))
+  return repeat_to_batches(subset, config.batch_size)
+
+
 def clip_config(config, loaded: clip_lib.CLIPConfig | None) -> clip_lib.CLIPConfig:
   """A checkpoint's own config, or a preset; then the run's dtype / remat / image size."""
   m = config.model
   if m.dtype not in setup_lib.DTYPES:
     raise ConfigError(f"model.dtype {m.dtype!r} is not one of {sorted(setup_lib.DTYPES)}")
   if loaded is None:
-    if m.preset not in PRESETS:
-      raise ConfigError(f"unknown model.preset {m.preset!r} for task clip_vl; known presets: "
-                        f"{sorted(PRESETS)} (or set model.checkpoint)")
-    loaded = PRESETS[m.preset]()
+    loaded = getattr(clip_lib.CLIPConfig, config.clip.preset)()  # known: validate.check_config
     overrides = {k: m[k] for k in ("patch_size", "hidden_size", "num_layers", "num_heads",
                                    "mlp_dim") if m[k] is not None}
     try:
@@ -120,21 +141,19 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
   """As `setup.build`, for the two-tower model. `load_pretrained(init_params, clip_config)`
   may replace the parameters (None: `config.model.checkpoint`, the embedded pretrained
   tiny CLIP when `config.clip.pretrain.enabled`, or the random init)."""
-  if config.method not in METHODS:
-    raise ConfigError(f"unknown method {config.method!r}; expected one of {METHODS}")
-  if config.clip.logit_scale not in LOGIT_SCALES:
-    raise ConfigError(f"clip.logit_scale {config.clip.logit_scale!r}: expected one of "
-                      f"{LOGIT_SCALES}")
-  mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  local_batch = setup_lib.check_batch(config, mesh)
+  validate.check_config(config)
+  if mesh is None:
+    mesh = sharding.make_mesh(*validate.resolve_mesh(config, jax.device_count()))
+  local_batch = validate.check_batch(config, sharding.data_parallel_size(mesh),
+                                     jax.process_count())
   try:
     train_src, test_src, num_classes = setup_lib.load_data(
-        config, jax.process_index(), jax.process_count())
+        _with(config, {"data.kshot": 0}), jax.process_index(), jax.process_count())
     names = class_names(config)
   except data.DataError as e:
     raise ConfigError(str(e)) from None
   if config.data.kshot > 0:
-    train_src = repeat_to_batches(train_src, config.batch_size)
+    train_src = kshot_subset(config, train_src, num_classes)
 
   checkpoint = config.model.checkpoint
   if not checkpoint and config.clip.pretrain.enabled:

@@ -92,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Task clip_vl (randlora_jax/tasks/clip_vl.py): both CLIP towers, one prompt per class.
   c.clip = ml_collections.ConfigDict()
+  c.clip.preset = "tiny"      # tiny | b32 | l14 | h14: the towers' shapes without a checkpoint
   c.clip.prompt = "An image of {}"
   c.clip.logit_scale = "raw"  # raw: x the log-space parameter (~4.6, the paper's code) | exp: x100
   c.clip.context_length = 0   # 0: the tokenizer's / text tower's own
