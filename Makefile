@@ -10,7 +10,7 @@ HASH := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 TRAIN_STAMP := $(VENV)/.installed-train-$(HASH)
 TEST_STAMP := $(VENV)/.installed-test-$(HASH)
 
-.PHONY: demo test test-fast bench clean venv
+.PHONY: demo demo-vl test test-fast bench clean venv
 
 venv: $(TEST_STAMP)
 
@@ -33,6 +33,12 @@ $(TEST_STAMP): $(TRAIN_STAMP)
 demo: $(TRAIN_STAMP)
 	rm -rf runs/demo
 	$(BIN)/python train.py --config=configs/demo.py --workdir=runs/demo
+
+# The vision-language demo: a tiny CLIP pretrained once on embedded captioned shapes (cached
+# in ~/.cache/randlora_jax), both towers fine-tuned by each method; zero-shot vs fine-tuned.
+demo-vl: $(TRAIN_STAMP)
+	rm -rf runs/demo_vl
+	$(BIN)/python train.py --config=configs/clip_vl.py:demo --workdir=runs/demo_vl
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -n 2 -q

@@ -43,6 +43,13 @@ BAD_VALUES = [
     ("pretrain.enabled", 1), ("pretrain.dataset", ""), ("pretrain.steps", 0),
     ("pretrain.batch_size", 0), ("pretrain.lr", -2e-3), ("export.adapter", "true"),
     ("export.merged", None),
+    # Task selection and the CLIP fields (tasks/clip_vl.py).
+    ("task", "detection"), ("eval_at_start", "no"), ("model.zero_shot_head", 1),
+    ("model.zero_shot_templates", ("a photo of a dog",)), ("model.zero_shot_templates", ()),
+    ("clip.preset", "g14"), ("clip.prompt", "An image of"), ("clip.logit_scale", "log"),
+    ("clip.context_length", -1), ("clip.pretrain.enabled", "yes"), ("clip.pretrain.steps", 0),
+    ("clip.pretrain.batch_size", 1), ("clip.pretrain.lr", 0.0), ("clip.pretrain.text_width", 30),
+    ("clip.pretrain.text_layers", 0),
 ]
 
 
@@ -65,13 +72,15 @@ def test_every_field_has_exactly_one_rule():
   # Every field with a wrong value is in BAD_VALUES, but free text (any path is a path) and
   # the process count/id, whose range depends on distributed.enabled (tested below).
   assert {name for name, _ in BAD_VALUES} == fields - {
-      "model.checkpoint", "data.data_dir", "pretrain.cache_dir",
+      "model.checkpoint", "data.data_dir", "pretrain.cache_dir", "clip.pretrain.cache_dir",
       "distributed.num_processes", "distributed.process_id"}
 
 
 def test_the_shipped_configs_pass():
   for name in ("tiny", "demo", "vit_b", "vit_l"):
     validate.check_config(trainer_configs.load(name))
+  for preset in ("tiny", "demo", "b32", "l14", "h14"):
+    validate.check_config(trainer_configs.load("clip_vl", preset=preset))
 
 
 @pytest.mark.parametrize("field, value", BAD_VALUES, ids=[f"{f}={v!r}" for f, v in BAD_VALUES])

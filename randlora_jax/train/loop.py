@@ -15,12 +15,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from randlora_jax import checkpoint as ckpt_lib
-from randlora_jax import data, optim, sharding
-from randlora_jax.train import evaluate as eval_lib
+from randlora_jax import data, optim, sharding, tasks
 from randlora_jax.train import metrics as metrics_lib
 from randlora_jax.train import preemption
 from randlora_jax.train import setup as setup_lib
-from randlora_jax.train import step as step_lib
 
 
 class TrainingDiverged(RuntimeError):
@@ -54,20 +52,20 @@ def _train_iterator(exp: setup_lib.Experiment):
 def train(config, workdir: str, *, load_pretrained: Callable | None = None,
           mesh=None) -> dict[str, Any]:
   """Trains `config.method` as configured; returns (and writes) the run's summary."""
-  # ---- build
-  exp = setup_lib.build(config, load_pretrained=load_pretrained, mesh=mesh)
+  # ---- build (the task decides model, loss and scoring; classification by default)
+  task = tasks.get(config.task)
+  exp = task.build(config, load_pretrained=load_pretrained, mesh=mesh)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.keep_checkpoints)
   batch_sh = sharding.batch_sharding(exp.mesh)
-  train_step = jax.jit(step_lib.make_train_step(exp.model, exp.tx, config.model.normalization,
-                                                config.seed),
+  train_step = jax.jit(task.make_train_step(exp),
                        in_shardings=(exp.state_shardings, exp.frozen_shardings, batch_sh),
                        out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
                        donate_argnums=(0,))
-  evaluator = eval_lib.Evaluator(exp)
+  evaluator = task.make_evaluator(exp)
 
   # ---- resume
   state = exp.state
@@ -83,6 +81,8 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
     if data_state:
       iterator.set_state(data_state)
   start = int(state.step)
+  if config.eval_at_start and start == 0:  # e.g. CLIP's zero-shot accuracy, before any step
+    writer.write(0, "test", evaluator(state))
 
   # ---- loop
   step_times, history = [], []
@@ -158,6 +158,7 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
       "method": config.method, "dataset": config.data.name, "steps": final_step,
       "trainable_params": exp.trainable_count, "total_params": exp.total_count,
       "test_accuracy": res["accuracy"], "test_loss": res["loss"],
+      **initial_accuracy(writer.path),
       # The first step of a process compiles: excluded from the median when there are others.
       "median_step_time_s": metrics_lib.median(step_times[1:] or step_times),
       "devices": jax.device_count(), "processes": jax.process_count(),
@@ -188,6 +189,13 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
   return summary
+
+
+def initial_accuracy(metrics_path: str) -> dict[str, float]:
+  """{'initial_test_accuracy': ...} from the step-0 evaluation (`eval_at_start`), if any
+  (read back from metrics.jsonl, so a resumed run reports it too)."""
+  rows = [r for r in metrics_lib.read_jsonl(metrics_path) if r["step"] == 0 and r["split"] == "test"]
+  return {"initial_test_accuracy": rows[0]["accuracy"]} if rows else {}
 
 
 def to_host(tree):

@@ -135,6 +135,28 @@ def check_targets(config, plain_abstract) -> None:
                             f"of layer {n!r} {shape}; use a rank <= {min(shape)}")
 
 
+def zero_shot_kernel(config, vcfg: ViTConfig):
+  """The frozen zero-shot head of a vision-only CLIP run (`model.zero_shot_head`), from the
+  text tower of the CLIPModel checkpoint and the dataset's class names."""
+  from randlora_jax.models import clip as clip_lib, tokenizer as tok_lib
+  if config.method == "head":
+    raise ConfigError("method 'head' with model.zero_shot_head: the head is frozen, nothing "
+                      "would train")
+  if not config.model.checkpoint or not vcfg.projection_dim:
+    raise ConfigError("model.zero_shot_head needs model.checkpoint = a CLIPModel directory "
+                      "(both towers and the projections)")
+  names = data.get_builder(config.data.name, config.data.data_dir or None).info.features[
+      config.data.label_key].names
+  try:
+    ccfg, loaded = clip_lib.load_clip(config.model.checkpoint)
+    tokenize = tok_lib.load_tokenizer(config.model.checkpoint)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"model.zero_shot_head: {e}") from None
+  return clip_lib.zero_shot_head(ccfg, loaded["params"], tokenize,
+                                 [n.replace("_", " ") for n in names],
+                                 tuple(config.model.zero_shot_templates))
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -184,6 +206,9 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
       raise ConfigError(f"model.checkpoint {config.model.checkpoint!r}: {e}") from None
     loaded_params = loaded_params["params"]
   vcfg = vit_config(config, num_classes, loaded_cfg)
+  zero_shot = zero_shot_kernel(config, vcfg) if config.model.zero_shot_head else None
+  if zero_shot is not None:
+    vcfg = vcfg.replace(normalize_features=True)
   dummy = jnp.zeros((1, vcfg.image_size, vcfg.image_size, vcfg.num_channels), jnp.float32)
   plain_abstract = jax.eval_shape(
       lambda: ViT(vcfg, lora.dense_factory("full")).init(jax.random.key(0), dummy))["params"]
@@ -201,9 +226,14 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
       raise ConfigError(str(e)) from None
   if load_pretrained is not None:
     params = load_pretrained(params, vcfg)
+  patterns = trainable_patterns(config.method)
+  if zero_shot is not None:  # the head is CLIP's text tower's: installed, frozen
+    params = dict(params, head={"kernel": jnp.asarray(zero_shot),
+                                "bias": jnp.zeros((num_classes,), jnp.float32)})
+    patterns = tuple(p for p in patterns if p != r"^head/")
   params = jax.device_put(params, param_sh)
 
-  mask = optim.trainable_mask(params, trainable_patterns(config.method), defaults=False)
+  mask = optim.trainable_mask(params, patterns, defaults=False)
   trainable, frozen = optim.partition(params, mask)
   frozen_sh = jax.tree.map(lambda p, m: None if m else p, param_sh, mask)
   trainable_sh = jax.tree.map(lambda p, m: p if m else None, param_sh, mask)

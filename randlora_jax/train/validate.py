@@ -23,7 +23,9 @@ import numpy as np
 
 from randlora_jax.bases import DISTRIBUTIONS
 from randlora_jax.data import NORMALIZATION
+from randlora_jax.models.clip import PRESETS as CLIP_PRESETS
 from randlora_jax.models.vit import FAMILIES, ViTConfig
+from randlora_jax.tasks import TASKS
 from randlora_jax.train.config import METHODS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -217,6 +219,32 @@ register(
     _field("export.merged", boolean()),
 )
 
+
+# Task selection and the CLIP fields (task clip_vl, vision-only CLIP's zero-shot head).
+def _templates(v, c) -> bool:
+  return (isinstance(v, (tuple, list)) and len(v) > 0
+          and all(isinstance(t, str) and "{}" in t for t in v))
+
+
+register(
+    _field("task", one_of(TASKS)),
+    _field("eval_at_start", boolean()),
+    _field("model.zero_shot_head", boolean()),
+    _field("model.zero_shot_templates", ('a non-empty tuple of strings holding "{}"', _templates)),
+    _field("clip.preset", one_of(CLIP_PRESETS)),
+    _field("clip.prompt", ('a string holding "{}" (where the class name goes)',
+                           lambda v, c: isinstance(v, str) and "{}" in v)),
+    _field("clip.logit_scale", one_of(("raw", "exp"))),
+    _field("clip.context_length", ("an integer >= 0 (0: the tokenizer's own)", integer(0)[1])),
+    _field("clip.pretrain.enabled", boolean()),
+    _field("clip.pretrain.steps", integer(1)),
+    _field("clip.pretrain.batch_size", integer(2)),
+    _field("clip.pretrain.lr", number(gt=0)),
+    Field("clip.pretrain.text_width", "an integer >= 4, divisible by 4 (the text tower's heads)",
+          lambda v, c: _is_int(v) and v >= 4 and v % 4 == 0),
+    _field("clip.pretrain.text_layers", integer(1)),
+    _field("clip.pretrain.cache_dir", text()),
+)
 
 # ----------------------------------------------------------------------------- checks
 
