@@ -68,7 +68,7 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
   if top_k:
     kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p < 1.0:
+  if not isinstance(top_p, (int, float)) or top_p < 1.0:  # a traced top_p always filters
     order = jnp.argsort(logits, axis=-1)  # ascending, as transformers sorts
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
@@ -99,46 +99,59 @@ def _step(model, variables, tok, cache, kv_valid, slot, position):
   return logits[:, 0], cache, kv_valid
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _sample_loop(model, gen: GenerationConfig, variables, ids, mask, rng):
-  b, s = ids.shape
-  logits, cache, kv_valid, lengths = _prefill(model, variables, ids, mask, s + gen.max_new_tokens)
+def _static(gen: GenerationConfig) -> tuple:
+  """What changes the compiled program (the rest is passed as traced scalars)."""
+  return gen.method, gen.max_new_tokens, gen.num_beams, gen.top_k
+
+
+def _dynamic(gen: GenerationConfig) -> dict:
   eos = -1 if gen.eos_token_id is None else gen.eos_token_id
+  return {"eos": jnp.int32(eos), "pad": jnp.int32(gen.pad_token_id),
+          "temperature": jnp.float32(gen.temperature), "top_p": jnp.float32(gen.top_p),
+          "length_penalty": jnp.float32(gen.length_penalty)}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _sample_loop(model, static, dyn, variables, ids, mask, rng):
+  method, max_new, _, top_k = static
+  b, s = ids.shape
+  logits, cache, kv_valid, lengths = _prefill(model, variables, ids, mask, s + max_new)
+  eos, pad = dyn["eos"], dyn["pad"]
 
   def pick(logits, key):
-    if gen.method == "greedy":
+    if method == "greedy":
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = filter_logits(logits / gen.temperature, gen.top_k, gen.top_p)
+    logits = filter_logits(logits / dyn["temperature"], top_k, dyn["top_p"])
     return jax.random.categorical(key, logits).astype(jnp.int32)
 
   def body(t, carry):
     logits, cache, kv_valid, done, out, rng = carry
     rng, key = jax.random.split(rng)
-    tok = jnp.where(done, gen.pad_token_id, pick(logits, key))
+    tok = jnp.where(done, pad, pick(logits, key))
     out = out.at[:, t].set(tok)
     done = done | (tok == eos)
     logits, cache, kv_valid = _step(model, variables, tok, cache, kv_valid, s + t, lengths + t)
     return logits, cache, kv_valid, done, out, rng
 
-  out = jnp.full((b, gen.max_new_tokens), gen.pad_token_id, jnp.int32)
+  out = jnp.full((b, max_new), pad, jnp.int32)
   carry = (logits, cache, kv_valid, jnp.zeros((b,), bool), out, rng)
   # the last step's forward is wasted work; keeping the loop uniform keeps one compiled body
-  return jax.lax.fori_loop(0, gen.max_new_tokens, body, carry)[4]
+  return jax.lax.fori_loop(0, max_new, body, carry)[4]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _beam_loop(model, gen: GenerationConfig, variables, ids, mask):
+def _beam_loop(model, static, dyn, variables, ids, mask):
+  _, n, k, _ = static
   b, s = ids.shape
-  k, n = gen.num_beams, gen.max_new_tokens
-  eos = -1 if gen.eos_token_id is None else gen.eos_token_id
+  eos, pad = dyn["eos"], dyn["pad"]
   logits, cache, kv_valid, lengths = _prefill(model, variables, ids, mask, s + n)
   rep = lambda x: jnp.repeat(x, k, axis=0)
   cache = jax.tree.map(lambda c: jnp.repeat(c, k, axis=1), cache)  # (L, B*K, ...)
   kv_valid, lengths, logits = rep(kv_valid), rep(lengths), rep(logits)
   running = jnp.full((b, k), NEG, jnp.float32).at[:, 0].set(0.0)  # only beam 0 starts
-  seqs = jnp.full((b, k, n), gen.pad_token_id, jnp.int32)
+  seqs = jnp.full((b, k, n), pad, jnp.int32)
   fin_scores = jnp.full((b, k), NEG, jnp.float32)
-  fin_seqs = jnp.full((b, k, n), gen.pad_token_id, jnp.int32)
+  fin_seqs = jnp.full((b, k, n), pad, jnp.int32)
   vocab = logits.shape[-1]
 
   def body(t, carry):
@@ -150,7 +163,7 @@ def _beam_loop(model, gen: GenerationConfig, variables, ids, mask):
     cand_seqs = jnp.take_along_axis(seqs, beam[:, :, None], axis=1).at[:, :, t].set(tok)
     ends = (tok == eos) | (t == n - 1)
     # finished: only the top K candidates may finish (transformers' rule)
-    norm = top / (t + 1.0) ** gen.length_penalty
+    norm = top / (t + 1.0) ** dyn["length_penalty"]
     new_fin = jnp.where(ends & (jnp.arange(2 * k) < k)[None], norm, NEG)
     all_scores = jnp.concatenate([fin_scores, new_fin], axis=1)
     all_seqs = jnp.concatenate([fin_seqs, cand_seqs], axis=1)
@@ -173,7 +186,7 @@ def _beam_loop(model, gen: GenerationConfig, variables, ids, mask):
   best = carry[6][:, 0]
   # tokens after a hypothesis' EOS are padding
   after = jnp.cumsum(best == eos, axis=-1) - (best == eos) > 0
-  return jnp.where(after, gen.pad_token_id, best), carry[5][:, 0]
+  return jnp.where(after, pad, best), carry[5][:, 0]
 
 
 def generate(model, variables, input_ids, attention_mask=None, *, rng=None, **settings
@@ -190,9 +203,9 @@ def generate(model, variables, input_ids, attention_mask=None, *, rng=None, **se
   if mask.shape != ids.shape:
     raise ValueError(f"attention_mask {mask.shape} != input_ids {ids.shape}")
   if gen.method == "beam":
-    return np.asarray(_beam_loop(model, gen, variables, ids, mask)[0])
+    return np.asarray(_beam_loop(model, _static(gen), _dynamic(gen), variables, ids, mask)[0])
   rng = jax.random.key(0) if rng is None else rng
-  return np.asarray(_sample_loop(model, gen, variables, ids, mask, rng))
+  return np.asarray(_sample_loop(model, _static(gen), _dynamic(gen), variables, ids, mask, rng))
 
 
 __all__ = ["GenerationConfig", "filter_logits", "generate"]

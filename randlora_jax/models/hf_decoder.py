@@ -313,16 +313,28 @@ def load_decoder(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None
 
 
 def with_adapter(params, cfg: DecoderConfig, dense) -> dict:
-  """`params` plus the adapter leaves `Decoder(cfg, dense)` creates, at their PEFT init
-  (RandLoRA lambda = 0, gamma = 1/max(N, d); LoRA A Kaiming, B = 0 from `init`)."""
-  model = Decoder(cfg, dense)
-  ids = jnp.zeros((1, 1), jnp.int32)
-  fresh = _flat(jax.jit(lambda: model.init(jax.random.key(0), ids))()["params"])
+  """`params` plus the adapter leaves `Decoder(cfg, dense)` creates, at PEFT's init: RandLoRA
+  lambda = 0, gamma = 1/max(N, d) (no compile); LoRA leaves from the model's own init."""
+  abstract = _flat(abstract_params(cfg, dense))
   have = _flat(params)
-  extra = sorted(set(have) - set(fresh))
+  extra = sorted(set(have) - set(abstract))
   if extra:
     raise ValueError(f"params hold leaves the adapted model does not create: {extra[:5]}")
-  return _unflat({p: have.get(p, v) for p, v in fresh.items()})
+  fresh = None
+  out = {}
+  for path, leaf in abstract.items():
+    if path in have:
+      out[path] = have[path]
+    elif path.endswith("randlora_lambda"):
+      out[path] = jnp.zeros(leaf.shape, leaf.dtype)
+    elif path.endswith("randlora_gamma"):
+      out[path] = jnp.full(leaf.shape, 1.0 / max(leaf.shape[-2], leaf.shape[-1]), leaf.dtype)
+    else:
+      if fresh is None:
+        model, ids = Decoder(cfg, dense), jnp.zeros((1, 1), jnp.int32)
+        fresh = _flat(jax.jit(lambda: model.init(jax.random.key(0), ids))()["params"])
+      out[path] = fresh[path]
+  return _unflat(out)
 
 
 # ----------------------------------------------------------------------------------------------
