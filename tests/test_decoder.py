@@ -78,6 +78,11 @@ def test_sharded_load_places_each_block(checkpoints):
   assert {s.data.shape for s in emb.addressable_shards} == {(cfg.vocab_size // 8, 64)}
   for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(placed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  dense = lora.dense_factory("randlora", ["q_proj"], r=8, alpha=16.0)
+  adapted = hf_decoder.with_adapter(placed, cfg, dense, mesh=mesh)
+  lam = adapted["layers"]["q_proj"]["randlora_lambda"]
+  assert lam.sharding.is_fully_replicated and len(lam.sharding.device_set) == 8
+  assert adapted["layers"]["q_proj"]["kernel"] is placed["layers"]["q_proj"]["kernel"]
 
 
 def test_load_errors(checkpoints, tmp_path):

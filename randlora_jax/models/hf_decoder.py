@@ -312,9 +312,11 @@ def load_decoder(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None
   return cfg, _unflat(flat)
 
 
-def with_adapter(params, cfg: DecoderConfig, dense) -> dict:
+def with_adapter(params, cfg: DecoderConfig, dense, *, mesh: jax.sharding.Mesh | None = None,
+                 rules=DECODER_RULES) -> dict:
   """`params` plus the adapter leaves `Decoder(cfg, dense)` creates, at PEFT's init: RandLoRA
-  lambda = 0, gamma = 1/max(N, d) (no compile); LoRA leaves from the model's own init."""
+  lambda = 0, gamma = 1/max(N, d) (no compile); LoRA leaves from the model's own init. With
+  `mesh`, the new leaves are placed by `rules` (adapters: replicated)."""
   abstract = _flat(abstract_params(cfg, dense))
   have = _flat(params)
   extra = sorted(set(have) - set(abstract))
@@ -334,6 +336,9 @@ def with_adapter(params, cfg: DecoderConfig, dense) -> dict:
         model, ids = Decoder(cfg, dense), jnp.zeros((1, 1), jnp.int32)
         fresh = _flat(jax.jit(lambda: model.init(jax.random.key(0), ids))()["params"])
       out[path] = fresh[path]
+    if mesh is not None and path not in have:
+      spec = sharding_lib.spec_for(path, leaf.shape, mesh, rules)
+      out[path] = jax.device_put(out[path], NamedSharding(mesh, spec))
   return _unflat(out)
 
 
