@@ -24,7 +24,7 @@ from randlora_jax.models.loading import CheckpointError
 import decoder_tiny
 
 torch = pytest.importorskip("torch")
-LENGTH = 12  # 3 prompts of 12, 9, 11 tokens: 36 prefill tokens take every layer's merged path
+LENGTH = 24  # 3 prompts of 24, 21, 23 tokens: 72 prefill tokens take every layer's merged path
 
 
 @pytest.fixture(scope="session")
