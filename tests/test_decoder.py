@@ -104,6 +104,7 @@ def test_load_errors(checkpoints, tmp_path):
     hf_decoder.load_decoder(bad)
 
 
+@pytest.mark.slow
 def test_padding_eos_beam_and_sampling(checkpoints):
   directory, hf_model = checkpoints["llama"]
   cfg, params = hf_decoder.load_decoder(directory)
@@ -149,6 +150,7 @@ def test_filter_logits_matches_transformers_warpers():
     np.testing.assert_array_equal(np.isinf(got), np.isinf(ref.numpy()))
 
 
+@pytest.mark.slow
 def test_adapted_merged_and_factored_decoding_agree(checkpoints):
   """Prefill (many tokens) takes the merged path and decode steps the factored one under
   'auto'; the factored path everywhere, or the adapter merged into the weights, gives the

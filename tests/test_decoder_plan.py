@@ -58,6 +58,7 @@ def test_collective_bytes_counts_scan_iterations():
   assert sum(counted.values()) == counted["all-reduce"]
 
 
+@pytest.mark.slow
 def test_llama3_8b_plan_fits_v5p8_and_communicates_adapter_sized():
   """RandLoRA-30 on q,k,v,up,down, bf16, batch 16 x 256 (the paper's), compiled for the 4
   devices of a v5p-8 (FSDP over the chips) with abstract parameters. The layer scan keeps the
