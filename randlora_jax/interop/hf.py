@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from randlora_jax import adapter as adapter_lib
+from randlora_jax.models.hf_decoder import export_merged as export_merged_decoder
 from randlora_jax.models.loading import tree_to_hf
 from randlora_jax.models.vit import ViTConfig
 
@@ -131,4 +132,6 @@ def export_merged(params: Mapping, config: ViTConfig,
   return os.fspath(out_dir)
 
 
-__all__ = ["HEAD_FILE", "export_merged", "head_in_model", "hf_config"]
+# Decoders (Llama / Qwen2 / Phi-3 / Gemma): `export_merged_decoder(params, config, adapter_cfg,
+# out_dir, hf_config)` writes the *ForCausalLM checkpoint (see `models.hf_decoder`).
+__all__ = ["HEAD_FILE", "export_merged", "export_merged_decoder", "head_in_model", "hf_config"]

@@ -238,3 +238,14 @@ def import_peft(in_dir: str, params, *,
 
   stored = {"A": np.asarray(a, np.float32), "B": np.asarray(b, np.float32)}
   return walk(params, ""), cfg, stored
+
+
+def decoder_module_map(config=None) -> ModuleMap:
+  """Our `randlora_jax.models.decoder.Decoder` -> transformers' module names
+  (``model.layers.N.self_attn.q_proj``, ``model.layers.N.mlp.gate_up_proj``, ``lm_head``),
+  the same for Llama, Qwen2, Phi-3 and Gemma. `config` is accepted for symmetry with
+  `vit_module_map`; the names do not depend on it."""
+  del config
+  from randlora_jax.models.hf_decoder import torch_module  # local: interop sits above models
+
+  return torch_module
