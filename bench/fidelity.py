@@ -28,6 +28,12 @@ Usage:
 
     .venv/bin/python bench/fidelity.py                # README numbers (~minutes)
     .venv/bin/python bench/fidelity.py --quick        # toy size, seconds
+
+Task ``real``: a ViT pretrained on Fashion-MNIST, fine-tuned on scikit-learn's digits, k-shot
+and full, at two budgets (the protocol is in bench/real_transfer.py):
+
+    .venv/bin/python bench/fidelity.py --task real --json bench/results/fidelity_real.json \
+        --plot bench/results/fidelity_real.png
 """
 
 from __future__ import annotations
@@ -358,7 +364,7 @@ def plot(rows, path: str, title: str) -> None:
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--task", choices=("synthetic", "embedded"), default="synthetic")
+  p.add_argument("--task", choices=("synthetic", "embedded", "real"), default="synthetic")
   p.add_argument("--embedded-steps", type=int, default=0,
                  help="embedded task: fine-tuning steps (0: the demo config's)")
   p.add_argument("--width", type=int, default=64)
@@ -377,25 +383,101 @@ def parse_args(argv=None):
   p.add_argument("--full-lrs", default="3e-5,1e-4,3e-4,1e-3,3e-3",
                  help="grid for full fine-tuning")
   p.add_argument("--methods", default=",".join(METHODS))
+  real = p.add_argument_group("task real (bench/real_transfer.py)")
+  real.add_argument("--budgets", default="8,2",
+                    help="RandLoRA ranks r, one per budget (LoRA's rank is matched to each)")
+  real.add_argument("--kshots", default="1,4,16,0", help="examples per class; 0 = all")
+  real.add_argument("--real-steps", type=int, default=None, help="fine-tuning steps")
+  real.add_argument("--real-batch", type=int, default=None, help="fine-tuning batch")
+  real.add_argument("--real-model", default=None,
+                    help="image,patch,width,depth,heads,mlp of the ViT (default: Setup's)")
+  real.add_argument("--pretrain-steps", type=int, default=None)
+  real.add_argument("--pretrain-max-examples", type=int, default=None)
+  real.add_argument("--fashion-mnist-dir", default=None,
+                    help="directory of the Fashion-MNIST IDX files (default: $FASHION_MNIST_DIR, "
+                         "else Debian's /usr/share/datasets/fashion-mnist)")
+  real.add_argument("--data-dir", default=None, help="tfds data_dir (default: the project's)")
+  real.add_argument("--cache-dir", default=None, help="where the pretrained backbone is cached")
+  real.add_argument("--report-only", action="store_true",
+                    help="train nothing: tables of what --json already holds")
   p.add_argument("--quick", action="store_true", help="toy size: seconds")
   p.add_argument("--json", default=None)
   p.add_argument("--plot", default=None)
   args = p.parse_args(argv)
-  if args.quick:
+  if args.quick and args.task == "real":
+    args.seeds, args.lrs, args.full_lrs, args.budgets, args.kshots = 2, "3e-3", "1e-3", "4", "1,0"
+    args.real_steps, args.real_batch, args.real_model = 10, 8, "8,4,16,1,2,32"
+    args.pretrain_steps, args.pretrain_max_examples = 10, 256
+  elif args.quick:
     args.width, args.depth, args.r, args.steps, args.seeds = 32, 2, 8, 150, 2
     args.train_size, args.val_size, args.test_size = 512, 256, 512
     args.lrs, args.full_lrs = "1e-2", "1e-3"
   args.lrs = [float(v) for v in args.lrs.split(",")]
   args.full_lrs = [float(v) for v in args.full_lrs.split(",")]
   args.methods = [m for m in args.methods.split(",") if m]
+  args.budgets = [int(v) for v in args.budgets.split(",") if v]
+  args.kshots = [int(v) for v in args.kshots.split(",") if v]
   bad = [m for m in args.methods if m not in METHODS]
   if bad:
     p.error(f"--methods: unknown {bad}; choose from {list(METHODS)}")
   return args
 
 
+def real_setup(args):
+  import real_transfer
+
+  kw = {}
+  if args.real_model:
+    names = ("image", "patch", "width", "depth", "heads", "mlp")
+    kw.update(zip(names, (int(v) for v in args.real_model.split(","))))
+  for field, value in (("steps", args.real_steps), ("batch", args.real_batch),
+                       ("pretrain_steps", args.pretrain_steps),
+                       ("pretrain_max_examples", args.pretrain_max_examples)):
+    if value is not None:
+      kw[field] = value
+  return real_transfer.Setup(**kw)
+
+
+def main_real(args) -> int:
+  """`--task real`: the transfer protocol of bench/real_transfer.py, then its tables."""
+  import real_transfer as rt
+
+  t0 = time.time()
+  setup = real_setup(args)
+  result = rt.run(setup, budgets=args.budgets, kshots=args.kshots, seeds=args.seeds,
+                  lrs=args.lrs, full_lrs=args.full_lrs, kinds=args.methods,
+                  data_dir=args.data_dir, source_dir=args.fashion_mnist_dir,
+                  cache_dir=args.cache_dir, json_path=args.json, train=not args.report_only,
+                  log=lambda m: print(m, file=sys.stderr, flush=True))
+  rows = rt.summarise(result)
+  pre = result["pretrain"]
+  title = (f"ViT ({setup.depth} blocks, width {setup.width}, {setup.image}x{setup.image} grey, "
+           f"patch {setup.patch}) pretrained on Fashion-MNIST ({pre['train_examples']} images, "
+           f"{setup.pretrain_steps} steps; test accuracy {100 * pre['test_accuracy']:.1f}%), "
+           f"fine-tuned on sklearn digits: {setup.steps} steps x batch {setup.batch}, "
+           f"{args.seeds} seeds")
+  print(f"## {title}\n")
+  print(rt.tables(rows) + "\n")
+  print("differences in test accuracy (points): mean +- std over seeds of the paired "
+        "difference\n")
+  print(rt.claims_table(rows) + "\n")
+  print(f"total wall time {time.time() - t0:.0f} s; machine: {common.machine()}")
+  if args.json:
+    with open(args.json) as f:
+      saved = json.load(f)
+    saved.update(title=title, rows=rows, claims=rt.claims(rows),
+                 lrs=args.lrs, full_lrs=args.full_lrs, seeds=args.seeds)
+    with open(args.json, "w") as f:
+      json.dump(saved, f, indent=1)
+  if args.plot:
+    rt.plot(rows, args.plot, title)
+  return 0
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.task == "real":
+    return main_real(args)
   t0 = time.time()
   if args.task == "embedded":
     result = run_embedded(args)

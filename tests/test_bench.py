@@ -112,3 +112,63 @@ def test_checkpoint_size_quick_ours_smaller_than_peft():
   # PEFT stores the shared bases too; ours only lambda/gamma (+ a small config file).
   assert kib(peft_rand["on disk"]) > kib(ours["on disk"])
   assert float(peft_rand["vs ours RandLoRA"].rstrip("x")) > 1.0
+
+
+@pytest.mark.slow
+def test_fidelity_real_quick_runs_the_protocol_on_synthetic_idx_files(tmp_path, monkeypatch):
+  """`--task real --quick` end to end without the Debian package: Fashion-MNIST-shaped IDX
+  files written here, scikit-learn's digits; every method at one budget, k = 1 and all."""
+  import numpy as np
+
+  import fidelity
+  import real_transfer
+  from randlora_jax.data import real
+
+  idx = tmp_path / "idx"
+  idx.mkdir()
+  rng = np.random.default_rng(0)
+  for stem, n in (("train", 96), ("t10k", 24)):
+    real.write_idx(str(idx / f"{stem}-images-idx3-ubyte.gz"), rng.integers(0, 256, (n, 28, 28)))
+    real.write_idx(str(idx / f"{stem}-labels-idx1-ubyte.gz"), np.arange(n) % 10)
+  argv = ["--task", "real", "--quick", "--fashion-mnist-dir", str(idx),
+          "--data-dir", str(tmp_path / "tfds"), "--cache-dir", str(tmp_path / "cache"),
+          "--json", str(tmp_path / "real.json"), "--plot", str(tmp_path / "real.png")]
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    assert fidelity.main(argv) == 0
+  overview, one_shot, full_data, claims = common.parse_markdown_tables(buf.getvalue())
+  labels = real_transfer.LABELS
+  assert [r["method"] for r in overview] == [
+      labels["head"], labels["lora"], labels["randlora"], labels["randlora_rank_r"],
+      labels["full"]]
+  assert {r["method"] for r in one_shot} == {r["method"] for r in full_data} == set(labels.values())
+  by = {r["method"]: r for r in overview}
+  for r in overview:
+    for k in ("1-shot", "full data"):
+      assert 0.0 <= float(r[k].split("+-")[0]) <= 100.0
+  # Quick model: width 16 (d = 16 for every adapted layer), r = 4, so N = 4 bases. The update
+  # ranks measured on the trained adapters: RandLoRA's above r, tied gamma's at most r, LoRA's
+  # its rank.
+  setup = fidelity.real_setup(fidelity.parse_args(argv))
+  lora_rank = real_transfer.matched_lora_rank(setup, 4)
+  assert int(by[labels["randlora"]]["update rank per layer"].split("-")[0]) > 4
+  assert int(by[labels["randlora_rank_r"]]["update rank per layer"].split("-")[-1]) <= 4
+  assert by[labels["lora"]]["update rank per layer"] == str(lora_rank)
+  # Trainable counts: adapters (the layer formula) + the head.
+  head = real_transfer.head_count(setup)
+  assert int(by[labels["randlora"]]["trainable (adapters + head)"].replace(",", "")) == (
+      real_transfer.adapter_count(setup, "randlora", 4) + head)
+  assert int(by[labels["lora"]]["trainable (adapters + head)"].replace(",", "")) == (
+      real_transfer.adapter_count(setup, "lora", lora_rank=lora_rank) + head)
+  assert [c["k"] for c in claims] == ["1-shot", "full data"]
+  assert (tmp_path / "real.png").stat().st_size > 0
+
+  # Results are saved per (method, k): a second run with the same JSON trains nothing.
+  def no_training(*a, **k):
+    raise AssertionError("re-trained a (method, k) that the JSON already holds")
+
+  monkeypatch.setattr(real_transfer, "finetune", no_training)
+  again = io.StringIO()
+  with contextlib.redirect_stdout(again):
+    assert fidelity.main(argv) == 0
+  assert common.parse_markdown_tables(again.getvalue())[0] == overview

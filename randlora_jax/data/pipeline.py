@@ -52,9 +52,12 @@ def _file_lock(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def get_builder(name: str, data_dir: str | None = None):
-  """The tfds builder of `name` ('dataset' or 'dataset/config'), prepared if embedded."""
+def get_builder(name: str, data_dir: str | None = None, source_dir: str | None = None):
+  """The tfds builder of `name` ('dataset' or 'dataset/config'), prepared on first use if it
+  is embedded or one of the real datasets of `real` (Fashion-MNIST's IDX files are read
+  from `source_dir`, see `real.source_dir_for`)."""
   import tensorflow_datasets as tfds
+  from randlora_jax.data import real  # registers `sklearn_digits`, `fashion_mnist_idx`
   from randlora_jax.data import synthetic  # noqa: F401  registers `synthetic_shapes`
 
   data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
@@ -62,15 +65,22 @@ def get_builder(name: str, data_dir: str | None = None):
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
   except Exception as e:  # DatasetNotFoundError, unknown config, ...
     raise DataError(f"unknown dataset {name!r}: {e}".split("\n")[0] +
-                    f"\n(embedded datasets: {EMBEDDED}/shapes, {EMBEDDED}/left_shape)") from None
+                    f"\n(embedded datasets: {EMBEDDED}/shapes, {EMBEDDED}/left_shape; "
+                    f"real: {', '.join(real.NAMES)})") from None
   if not _is_prepared(builder):
-    if not name.startswith(EMBEDDED):
+    if not (name.startswith(EMBEDDED) or name in real.NAMES):
       raise DataError(
           f"dataset {name!r} is not prepared in {data_dir} in the array_record format; run "
           f"`tfds build {name} --file_format=array_record --data_dir={data_dir}` first")
     with _file_lock(os.path.join(data_dir, f".{name.replace('/', '_')}.lock")):
       if not _is_prepared(builder):  # another process may have built it while we waited
-        builder.download_and_prepare(file_format="array_record")
+        if name in real.NAMES:
+          try:
+            real.prepare(builder, source_dir)
+          except (OSError, ValueError) as e:
+            raise DataError(f"dataset {name!r}: {e}") from None
+        else:
+          builder.download_and_prepare(file_format="array_record")
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
   return builder
 
