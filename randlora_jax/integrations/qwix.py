@@ -44,6 +44,7 @@ reshaped weight (the chain back to the parameter may only transpose or cast).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Any
@@ -121,20 +122,23 @@ def _candidates() -> dict[str, Any]:
   module = flax_util.get_current_module()
   out = {}
   if isinstance(module, nn.Module):
-    for name, value in module.scope._collection("params").items():  # pylint: disable=protected-access
-      value = flax_util.unbox(value)
-      if isinstance(value, (jax.Array, ptq.WithAux)) and not name.endswith(
-          (LAMBDA_SUFFIX, GAMMA_SUFFIX)):
-        out[name] = value
+    items = module.scope._collection("params").items()  # pylint: disable=protected-access
   else:
-    for name, node in vars(module).items():
-      if isinstance(node, nnx.LoRAParam):
-        continue
-      if isinstance(node, nnx.Param):
-        out[name] = node.get_raw_value()
-      elif isinstance(node, ptq.WithAux):
-        out[name] = node
+    items = [(k, v) for k, v in vars(module).items()
+             if isinstance(v, (nnx.Param, ptq.WithAux)) and not isinstance(v, nnx.LoRAParam)]
+  for name, value in items:
+    if name.endswith((LAMBDA_SUFFIX, GAMMA_SUFFIX)):
+      continue
+    if not isinstance(value, ptq.WithAux):
+      value = flax_util.unbox(value)
+    if isinstance(value, (jax.Array, ptq.WithAux)):
+      out[name] = value
   return out
+
+
+def _qvalue_id(w: ptq.WithAux) -> int:
+  # WithAux / QArray objects are rebuilt by every unbox; their leaf arrays are not.
+  return id(flax_util.unbox(w.array.qvalue))
 
 
 def find_weight(rhs) -> tuple[str, tuple[int, ...]] | None:
@@ -144,14 +148,12 @@ def find_weight(rhs) -> tuple[str, tuple[int, ...]] | None:
   transposes and casts, then (eager) by comparing values over the permutations that fit.
   """
   cands = _candidates()
-  by_id = {}
-  for name, c in cands.items():
-    by_id[id(c)] = name
-    if isinstance(c, ptq.WithAux):
-      by_id[id(c.array)] = name
   if isinstance(rhs, ptq.WithAux):
-    name = by_id.get(id(rhs)) or by_id.get(id(rhs.array))
-    return (name, tuple(range(rhs.ndim))) if name else None
+    for name, c in cands.items():
+      if isinstance(c, ptq.WithAux) and _qvalue_id(c) == _qvalue_id(rhs):
+        return name, tuple(range(rhs.ndim))
+    return None
+  by_id = {id(c): name for name, c in cands.items() if not isinstance(c, ptq.WithAux)}
   perm = list(range(rhs.ndim))
   x = rhs
   while True:
@@ -167,13 +169,12 @@ def find_weight(rhs) -> tuple[str, tuple[int, ...]] | None:
     elif prim not in _PASS_THROUGH:
       break
     x = eqn.in_tracers[0]
-  if isinstance(rhs, jax.core.Tracer):
+  if isinstance(rhs, jax.core.Tracer) or rhs.ndim > 4:
     return None
   rhs_np = np.asarray(rhs)
   for name, c in cands.items():
-    if isinstance(c, ptq.WithAux) or isinstance(c, jax.core.Tracer) or c.ndim != rhs.ndim:
-      continue
-    if sorted(c.shape) != sorted(rhs.shape) or rhs.ndim > 4:
+    if (isinstance(c, (ptq.WithAux, jax.core.Tracer)) or c.ndim != rhs.ndim
+        or sorted(c.shape) != sorted(rhs.shape)):
       continue
     for p in itertools.permutations(range(rhs.ndim)):
       if tuple(c.shape[i] for i in p) == tuple(rhs.shape) and np.array_equal(
@@ -191,6 +192,37 @@ def _adapter_leaves(name: str, spec: ops.LayerSpec, dtype):
                                         lambda: ops.init_gamma(spec, dtype),
                                         nnx_param_type=RandLoraParam)
   return lam, gamma
+
+
+_STATICS = ("spec", "lhs_in", "rhs_in", "rhs_out", "dtype", "precision")
+
+
+@functools.partial(jax.jit, static_argnames=_STATICS)
+def _adapted_dot(lhs, w, lam, gamma, seed, *, spec, lhs_in, rhs_in, rhs_out, dtype, precision):
+  """dot_general(lhs, w + dW) as `ops.apply` on the 2-D view; output in dot_general's order.
+
+  `rhs_in` / `rhs_out`: w's axes in the layer's canonical (stored) order; `lhs_in`: the lhs
+  axes paired with `rhs_in`. Jitted (cached per shape) so that eager callers, e.g. the
+  first NNX call in `qwix.apply_lora_to_model`, do not dispatch op by op.
+  """
+  lhs_free = [i for i in range(lhs.ndim) if i not in lhs_in]
+  free_shape = [lhs.shape[i] for i in lhs_free]
+  fin, fout = spec.in_features, spec.out_features
+  x = jnp.transpose(lhs, lhs_free + list(lhs_in)).reshape(*free_shape, fin)
+  w2 = jnp.transpose(w, rhs_in + rhs_out).reshape(fin, fout)
+  y = ops.apply(x, w2, lam, gamma, seed, spec, dtype=dtype, precision=precision)
+  y = y.reshape(*free_shape, *[w.shape[i] for i in rhs_out])
+  # dot_general's output order: lhs free axes, then rhs free axes in rhs order.
+  nf = len(free_shape)
+  return jnp.transpose(y, list(range(nf)) + [nf + rhs_out.index(i) for i in sorted(rhs_out)])
+
+
+@functools.partial(jax.jit, static_argnames=_STATICS)
+def _adapted_qdot(lhs, quantized, lam, gamma, seed, **statics):
+  """`_adapted_dot` on dequant(Wq), recomputed in the backward: only Wq is kept."""
+  return jax.checkpoint(
+      lambda lhs, q, lam, gamma: _adapted_dot(lhs, qarray.dequantize(q), lam, gamma, seed,
+                                              **statics))(lhs, quantized, lam, gamma)
 
 
 def _float_dtype(*dtypes):
@@ -258,30 +290,17 @@ class RandLoraProvider(ptq.PtqProvider):
 
     # rhs axis holding stored axis a is perm.index(a); lhs axis paired with rhs axis i is
     # lhs_ca[rhs_ca.index(i)].
-    rhs_in = [perm.index(a) for a in in_axes]
-    rhs_out = [perm.index(a) for a in out_axes]
-    lhs_in = [lhs_ca[list(rhs_ca).index(i)] for i in rhs_in]
-    lhs_free = [i for i in range(lhs.ndim) if i not in lhs_ca]
-    free_shape = [lhs.shape[i] for i in lhs_free]
-    fin, fout = layout.in_out
-    x = jnp.transpose(lhs, lhs_free + lhs_in).reshape(*free_shape, fin)
-    dtype = _float_dtype(lhs.dtype, param_dtype)
+    rhs_in = tuple(perm.index(a) for a in in_axes)
+    rhs_out = tuple(perm.index(a) for a in out_axes)
+    lhs_in = tuple(lhs_ca[list(rhs_ca).index(i)] for i in rhs_in)
     seed = bases.traced_seed(cfg.seed)
-
-    def layer(x, w, lam, gamma):
-      w2 = jnp.transpose(w, rhs_in + rhs_out).reshape(fin, fout)
-      return ops.apply(x, w2, lam, gamma, seed, spec, dtype=dtype, precision=precision)
-
+    dtype = jnp.dtype(_float_dtype(lhs.dtype, param_dtype))
+    statics = dict(spec=spec, lhs_in=lhs_in, rhs_in=rhs_in, rhs_out=rhs_out, dtype=dtype,
+                   precision=precision)
     if quantized is None:
-      y = layer(x, rhs, lam, gamma)
-    else:  # recompute dequant(Wq) in the backward: only the quantised weight is kept
-      y = jax.checkpoint(lambda x, q, lam, gamma: layer(x, qarray.dequantize(q), lam, gamma))(
-          x, quantized, lam, gamma)
-    y = y.reshape(*free_shape, *[rhs.shape[i] for i in rhs_out])
-    # dot_general's output order: lhs free axes, then rhs free axes in rhs order.
-    rhs_ra = sorted(rhs_out)
-    nf = len(free_shape)
-    y = jnp.transpose(y, list(range(nf)) + [nf + rhs_out.index(i) for i in rhs_ra])
+      y = _adapted_dot(lhs, rhs, lam, gamma, seed, **statics)
+    else:
+      y = _adapted_qdot(lhs, quantized, lam, gamma, seed, **statics)
     return y.astype(out_dtype or dtype)
 
   def _rule(self, op_name: str):
