@@ -69,18 +69,31 @@ class GemmaEinsum(nn.Module):
     return jnp.einsum(eqn, x, w)
 
 
+class Conv1D(nn.Module):
+  """transformers' Flax GPT-2 projection: kernel stored (out, in), transposed in the call."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.normal(0.3), (self.features, x.shape[-1]))
+    return jax.lax.dot_general(x, kernel.transpose(), (((x.ndim - 1,), (0,)), ((), ())))
+
+
 class GemmaBlock(nn.Module):
-  """q: (N, D, H) contracted on its middle axis; o: (N, H, D); down: stored (out, in)."""
+  """q: (N, D, H) contracted on its middle axis; o: (N, H, D); down: stored (out, in) in an
+  einsum; proj: stored (out, in) and transposed before lax.dot_general."""
 
   def setup(self):
     self.q_einsum = GemmaEinsum((2, 8, 3))
     self.o_einsum = GemmaEinsum((2, 3, 8))
     self.down = GemmaEinsum((5, 8))
+    self.proj = Conv1D(4)
 
   def __call__(self, x):
     h = self.q_einsum("BTD,NDH->BTNH", x)
     x = x + self.o_einsum("BTNH,NHD->BTD", jnp.tanh(h))
-    return self.down("BTD,FD->BTF", x)
+    return self.proj(jnp.tanh(self.down("BTD,FD->BTF", x)))
 
 
 def test_qwix_own_lora_fails_on_gemma_style_module():
@@ -103,10 +116,11 @@ def gemma():
 
 def test_gemma_style_adapts_every_call_time_einsum(gemma):
   x, provider, model, params = gemma
-  assert set(provider.layouts) == {"q_einsum/w", "o_einsum/w", "down/w"}
+  assert set(provider.layouts) == {"q_einsum/w", "o_einsum/w", "down/w", "proj/kernel"}
   assert provider.layouts["q_einsum/w"].in_axes == (1,)  # D of (N, D, H)
   assert provider.layouts["o_einsum/w"].in_axes == (0, 1)  # N, H of (N, H, D)
   assert provider.layouts["down/w"].in_axes == (1,)  # (out, in)
+  assert provider.layouts["proj/kernel"].in_axes == (1,)  # (out, in), found through .T
   # PEFT init shapes: in = 8, out = 6 for q -> d = 6, N = 3
   assert params["q_einsum"]["w" + LAMBDA_SUFFIX].shape == (R, 3)
   assert params["q_einsum"]["w" + GAMMA_SUFFIX].shape == (3, 6)
@@ -151,7 +165,8 @@ def test_gemma_style_optimizer_trains_only_lambda_gamma(gemma):
   assert losses[-1] < losses[0]
   changed = {path for path, a in flax.traverse_util.flatten_dict(p, sep="/").items()
              if not np.array_equal(a, flax.traverse_util.flatten_dict(params, sep="/")[path])}
-  assert changed == {f"{m}/w{s}" for m in ("q_einsum", "o_einsum", "down")
+  # proj/kernel too: under jax.grad its transposed operand is still traced back to it
+  assert changed == {f"{m}{s}" for m in ("q_einsum/w", "o_einsum/w", "down/w", "proj/kernel")
                      for s in (LAMBDA_SUFFIX, GAMMA_SUFFIX)}
 
 

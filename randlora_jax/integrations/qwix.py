@@ -141,11 +141,19 @@ def _qvalue_id(w: ptq.WithAux) -> int:
   return id(flax_util.unbox(w.array.qvalue))
 
 
+def _primal(x):
+  """The value under autodiff tracers (jax.grad wraps arrays; the primal keeps the jit trace)."""
+  while isinstance(x, jax.core.Tracer) and hasattr(x, "primal"):
+    x = x.primal
+  return x
+
+
 def find_weight(rhs) -> tuple[str, tuple[int, ...]] | None:
   """(parameter name, perm) with ``rhs == param.transpose(perm)`` (up to a cast), or None.
 
   By identity, then (under jit) by following the tracer's producing equations through
   transposes and casts, then (eager) by comparing values over the permutations that fit.
+  Autodiff tracers are looked through (`_primal`) on both sides.
   """
   cands = _candidates()
   if isinstance(rhs, ptq.WithAux):
@@ -153,12 +161,16 @@ def find_weight(rhs) -> tuple[str, tuple[int, ...]] | None:
       if isinstance(c, ptq.WithAux) and _qvalue_id(c) == _qvalue_id(rhs):
         return name, tuple(range(rhs.ndim))
     return None
-  by_id = {id(c): name for name, c in cands.items() if not isinstance(c, ptq.WithAux)}
+  by_id = {}
+  for name, c in cands.items():
+    if not isinstance(c, ptq.WithAux):
+      by_id[id(c)] = by_id[id(_primal(c))] = name
   perm = list(range(rhs.ndim))
   x = rhs
   while True:
-    if id(x) in by_id:
-      return by_id[id(x)], tuple(perm)
+    if id(x) in by_id or id(_primal(x)) in by_id:
+      return by_id.get(id(x)) or by_id[id(_primal(x))], tuple(perm)
+    x = _primal(x)
     eqn = getattr(x, "parent", None) if isinstance(x, jax.core.Tracer) else None
     if eqn is None or len(eqn.in_tracers) != 1:
       break
@@ -169,18 +181,37 @@ def find_weight(rhs) -> tuple[str, tuple[int, ...]] | None:
     elif prim not in _PASS_THROUGH:
       break
     x = eqn.in_tracers[0]
-  if isinstance(rhs, jax.core.Tracer) or rhs.ndim > 4:
+  value = _primal(rhs)
+  if isinstance(value, jax.core.Tracer) or rhs.ndim > 4:
     return None
-  rhs_np = np.asarray(rhs)
+  value = np.asarray(value)
   for name, c in cands.items():
+    c = _primal(c)
     if (isinstance(c, (ptq.WithAux, jax.core.Tracer)) or c.ndim != rhs.ndim
         or sorted(c.shape) != sorted(rhs.shape)):
       continue
     for p in itertools.permutations(range(rhs.ndim)):
       if tuple(c.shape[i] for i in p) == tuple(rhs.shape) and np.array_equal(
-          np.asarray(jnp.transpose(c, p).astype(rhs.dtype)), rhs_np):
+          np.asarray(jnp.transpose(c, p).astype(value.dtype)), value):
         return name, tuple(p)
   return None
+
+
+def _check_not_lost(rhs):
+  """Refuse, rather than silently skip, an operand shaped like an adapted weight of this
+  module that could not be traced back to it (e.g. reached through a reshape)."""
+  module = flax_util.get_current_module()
+  if isinstance(module, nn.Module):
+    names = list(module.scope._collection("params"))  # pylint: disable=protected-access
+  else:
+    names = list(vars(module))
+  adapted = [n[: -len(LAMBDA_SUFFIX)] for n in names if n.endswith(LAMBDA_SUFFIX)]
+  for name, c in _candidates().items():
+    if name in adapted and sorted(c.shape) == sorted(rhs.shape):
+      raise NotImplementedError(
+          f"RandLoRA: in {_module_path()!r} an operand shaped like adapted weight {name!r} "
+          f"{tuple(c.shape)} could not be traced back to it (only transposes and casts are "
+          "followed); its update would be silently dropped")
 
 
 def _adapter_leaves(name: str, spec: ops.LayerSpec, dtype):
@@ -320,17 +351,18 @@ class RandLoraProvider(ptq.PtqProvider):
                            preferred_element_type)
         if y is not None:
           return y
+        _check_not_lost(rhs)
     return super().dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
                                out_sharding=out_sharding)
 
   def einsum(self, einsum_str, *operands, precision=None, preferred_element_type=None,
              _dot_general=jax.lax.dot_general, out_sharding=None):  # pylint: disable=invalid-name
     rule = self._rule("einsum")
-    if rule is not None and len(operands) == 2 and find_weight(operands[1]) is not None:
-      y = self._einsum(rule, einsum_str, *operands, precision=precision,
-                       preferred_element_type=preferred_element_type)
-      if y is not None:
-        return y
+    if rule is not None and len(operands) == 2:
+      if find_weight(operands[1]) is not None:
+        return self._einsum(rule, einsum_str, *operands, precision=precision,
+                            preferred_element_type=preferred_element_type)
+      _check_not_lost(operands[1])
     return super().einsum(einsum_str, *operands, precision=precision,
                           preferred_element_type=preferred_element_type,
                           _dot_general=_dot_general, out_sharding=out_sharding)
@@ -355,8 +387,6 @@ class RandLoraProvider(ptq.PtqProvider):
     contracted = [c for c in rs if c in ls]
     y = self._contract(rule, lhs, rhs, tuple(ls.index(c) for c in contracted),
                        tuple(rs.index(c) for c in contracted), precision, preferred_element_type)
-    if y is None:
-      return None
     have = [c for c in ls if c not in contracted] + [c for c in rs if c not in contracted]
     return jnp.transpose(y, [have.index(c) for c in out])
 
