@@ -305,10 +305,10 @@ def test_quantized_base_trains_and_merges_to_float(qtype, max_rel_err):
   x = jax.random.normal(jax.random.key(0), (4, 24))
   plain = TwoDense()
   float_params = plain.init(jax.random.key(1), x)["params"]
-  y_float = plain.apply({"params": float_params}, x)
+  y_float = jax.jit(plain.apply)({"params": float_params}, x)
   provider = RandLoraProvider(module_path="fc.*", r=4, alpha=8.0, seed=SEED, weight_qtype=qtype)
   model = qwix.apply_lora_to_model(plain, provider)
-  params = model.init(jax.random.key(1), x)["params"]  # same key: the same float weights
+  params = jax.jit(model.init)(jax.random.key(1), x)["params"]  # same key: same float weights
   qvalue = params["fc0"]["kernel"].array.qvalue
   assert qvalue.dtype == (jnp.int8 if qtype == "int8" else jnp.uint4)
   apply = jax.jit(model.apply)
@@ -320,10 +320,11 @@ def test_quantized_base_trains_and_merges_to_float(qtype, max_rel_err):
 
   trained = _randomize(params, jax.random.key(2))
   y = apply({"params": trained}, x)
-  merged = provider.merge(trained)  # a float checkpoint for the plain model
+  merged = jax.jit(provider.merge)(trained)  # a float checkpoint for the plain model
   assert merged["fc0"]["kernel"].dtype == jnp.float32 and set(merged["fc0"]) == {"kernel",
                                                                                  "bias"}
-  np.testing.assert_allclose(plain.apply({"params": merged}, x), y, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(jax.jit(plain.apply)({"params": merged}, x), y, rtol=RTOL,
+                             atol=ATOL)
   # Training: differentiate only lambda/gamma and a named extra (the biases); int8 stays put.
   mask = optim.trainable_mask(trained, extra=[r"/bias$"])
   train, frozen = optim.partition(trained, mask)

@@ -256,6 +256,21 @@ def _adapted_qdot(lhs, quantized, lam, gamma, seed, **statics):
                                               **statics))(lhs, quantized, lam, gamma)
 
 
+@functools.partial(jax.jit, static_argnames=("layout", "spec"))
+def _merge_one(weight, lam, gamma, seed, *, layout: Layout, spec: ops.LayerSpec):
+  """W0 + dW in the weight's stored layout (a QArray is dequantised first); lambda/gamma may
+  carry leading stacked-layer axes (nn.scan), then the weight has them too."""
+  if isinstance(weight, qarray.QArray):
+    weight = qarray.dequantize(weight)
+  lead = lam.ndim - 2
+
+  def one(lam, gamma):
+    return layout.from_2d(ops.delta_kernel(lam, gamma, jnp.uint32(seed), spec))
+
+  dw = jax.vmap(one)(lam.reshape(-1, *lam.shape[lead:]), gamma.reshape(-1, *gamma.shape[lead:]))
+  return (weight.astype(jnp.float32) + dw.reshape(weight.shape)).astype(weight.dtype)
+
+
 def _float_dtype(*dtypes):
   dt = jnp.result_type(*dtypes)
   return dt if jnp.issubdtype(dt, jnp.floating) else jnp.float32
@@ -404,19 +419,10 @@ class RandLoraProvider(ptq.PtqProvider):
                        "with this provider before merging")
     layout = self.layouts[key]
     cfg = self._config()
-    spec = cfg.layer_spec(*layout.in_out)
     if isinstance(weight, ptq.WithAux):
-      weight = qarray.dequantize(flax_util.unbox(weight.array))
-    lead = lam.ndim - 2  # stacked layers (nn.scan / nnx.scan)
-    seed = jnp.uint32(bases.seed_from_key(cfg.seed))
-
-    def one(lam, gamma):
-      return layout.from_2d(ops.delta_kernel(lam, gamma, seed, spec))
-
-    lam2 = lam.reshape(-1, *lam.shape[lead:])
-    gamma2 = gamma.reshape(-1, *gamma.shape[lead:])
-    dw = jax.vmap(one)(lam2, gamma2).reshape(weight.shape)
-    return (weight.astype(jnp.float32) + dw).astype(weight.dtype)
+      weight = flax_util.unbox(weight.array)
+    return _merge_one(weight, lam, gamma, bases.seed_from_key(cfg.seed), layout=layout,
+                      spec=cfg.layer_spec(*layout.in_out))
 
   def merge(self, params):
     """Linen: a plain parameter tree for the unadapted model, with W0 + dW in every adapted
