@@ -33,8 +33,8 @@ outside `setup`) work.
 
 **Quantised frozen base (QRandLoRA).** With ``weight_qtype='int8'`` (or ``'nf4'``, ``'int4'``)
 Qwix's PTQ machinery replaces the weight by its quantised form at init; the adapted layer
-then runs ``x @ (dequant(Wq) + dW)`` inside `jax.checkpoint`, so what a backward keeps is the
-quantised weight, never a float copy of it.
+then runs ``x @ (dequant(Wq) + dW)`` under a custom VJP whose residual is the quantised
+weight (re-dequantised in the backward) and which forms no gradient for it.
 
 Not served: weights that share batch axes with the input (per-expert stacks), weights summed
 over an axis that is absent from the input, convolutions (left to Qwix unadapted), and a
@@ -250,10 +250,32 @@ def _adapted_dot(lhs, w, lam, gamma, seed, *, spec, lhs_in, rhs_in, rhs_out, dty
 
 @functools.partial(jax.jit, static_argnames=_STATICS)
 def _adapted_qdot(lhs, quantized, lam, gamma, seed, **statics):
-  """`_adapted_dot` on dequant(Wq), recomputed in the backward: only Wq is kept."""
-  return jax.checkpoint(
-      lambda lhs, q, lam, gamma: _adapted_dot(lhs, qarray.dequantize(q), lam, gamma, seed,
-                                              **statics))(lhs, quantized, lam, gamma)
+  """`_adapted_dot` on dequant(Wq) whose backward re-dequantises: only Wq is kept, and no
+  gradient is formed for it (nor for its float scale)."""
+  return _qdot(lhs, quantized, lam, gamma, seed, tuple(sorted(statics.items())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _qdot(lhs, quantized, lam, gamma, seed, statics):
+  return _adapted_dot(lhs, qarray.dequantize(quantized), lam, gamma, seed, **dict(statics))
+
+
+def _qdot_fwd(lhs, quantized, lam, gamma, seed, statics):
+  return _qdot(lhs, quantized, lam, gamma, seed, statics), (lhs, quantized, lam, gamma, seed)
+
+
+def _qdot_bwd(statics, res, g):
+  lhs, quantized, lam, gamma, seed = res
+  w = qarray.dequantize(quantized)
+  _, vjp = jax.vjp(lambda x, lam, gamma: _adapted_dot(x, w, lam, gamma, seed, **dict(statics)),
+                   lhs, lam, gamma)
+  dx, dlam, dgamma = vjp(g)
+  zero = lambda a: (np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(
+      a.dtype, jnp.inexact) else jnp.zeros_like(a))
+  return dx, jax.tree.map(zero, quantized), dlam, dgamma, np.zeros((), jax.dtypes.float0)
+
+
+_qdot.defvjp(_qdot_fwd, _qdot_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "spec"))
