@@ -22,8 +22,8 @@ module whose right-hand operand is one of that module's parameters:
   `Conv1D` stores `(out, in)` and contracts `kernel.T`): the tracer's producing equations are
   followed back to the parameter; outside `jit` the few permutations of matching shape are
   compared by value;
-* the layer computes ``x @ (W0 + dW)`` with `randlora_jax.ops.apply` (the function every other
-  front-end uses); biases stay the module's own business.
+* the layer computes ``x @ (W0 + dW)`` with `randlora_jax.layers.dense` (the function every
+  other front-end uses); biases stay the module's own business.
 
 The adapter leaves are created in the module's own scope next to the weight, named
 ``<weight>_randlora_lambda`` / ``<weight>_randlora_gamma`` (Linen params; NNX `RandLoraParam`,
@@ -61,7 +61,7 @@ from qwix._src.core import qarray
 from qwix._src.providers import ptq
 from qwix._src.utils import flax_util
 
-from randlora_jax import bases, ops
+from randlora_jax import bases, layers, ops
 from randlora_jax.adapter import AdapterConfig
 from randlora_jax.nnx import RandLoraParam
 
@@ -230,7 +230,8 @@ _STATICS = ("spec", "lhs_in", "rhs_in", "rhs_out", "dtype", "precision")
 
 @functools.partial(jax.jit, static_argnames=_STATICS)
 def _adapted_dot(lhs, w, lam, gamma, seed, *, spec, lhs_in, rhs_in, rhs_out, dtype, precision):
-  """dot_general(lhs, w + dW) as `ops.apply` on the 2-D view; output in dot_general's order.
+  """dot_general(lhs, w + dW) as `layers.dense` (the adapted layer every front-end calls,
+  per-device under a batch-splitting mesh) on the 2-D view; output in dot_general's order.
 
   `rhs_in` / `rhs_out`: w's axes in the layer's canonical (stored) order; `lhs_in`: the lhs
   axes paired with `rhs_in`. Jitted (cached per shape) so that eager callers, e.g. the
@@ -241,7 +242,7 @@ def _adapted_dot(lhs, w, lam, gamma, seed, *, spec, lhs_in, rhs_in, rhs_out, dty
   fin, fout = spec.in_features, spec.out_features
   x = jnp.transpose(lhs, lhs_free + list(lhs_in)).reshape(*free_shape, fin)
   w2 = jnp.transpose(w, rhs_in + rhs_out).reshape(fin, fout)
-  y = ops.apply(x, w2, lam, gamma, seed, spec, dtype=dtype, precision=precision)
+  y = layers.dense(x, w2, None, lam, gamma, seed, spec, dtype=dtype, precision=precision)
   y = y.reshape(*free_shape, *[w.shape[i] for i in rhs_out])
   # dot_general's output order: lhs free axes, then rhs free axes in rhs order.
   nf = len(free_shape)
