@@ -395,3 +395,32 @@ def test_readme_qwix_snippet():
   assert set(merged["q_einsum"]) == {"w"}
   y_plain = namespace["Attention"]().apply({"params": merged}, namespace["x"])
   np.testing.assert_allclose(namespace["y"], y_plain, rtol=1e-5, atol=1e-5)
+
+
+def test_collectives_on_8_devices_are_adapter_sized():
+  """The provider's layers go through `layers.dense`: under a data mesh on 8 (virtual) devices
+  a training step all-reduces dlambda/dgamma only, never a weight-sized cotangent."""
+  from randlora_jax import sharding  # pylint: disable=import-outside-toplevel
+
+  mesh = sharding.make_mesh(data=8, fsdp=1)
+  x = jax.ShapeDtypeStruct((16, 4, 8), jnp.float32)
+  provider = RandLoraProvider(module_path=".*", r=R, alpha=ALPHA, seed=SEED)
+  model = qwix.apply_lora_to_model(GemmaBlock(), provider)
+  params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+  mask = optim.trainable_mask(params)
+  trainable, frozen = optim.partition(params, mask)
+
+  def grads(trainable, frozen, x):
+    return jax.grad(lambda t: jnp.mean(
+        model.apply({"params": optim.combine(t, frozen)}, x) ** 2))(trainable)
+
+  shard = lambda tree: sharding.shardings(tree, mesh)
+  with jax.set_mesh(mesh):
+    text = jax.jit(grads, in_shardings=(shard(trainable), shard(frozen),
+                                        sharding.batch_sharding(mesh))).lower(
+        trainable, frozen, x).compile().as_text()
+  trainable_bytes = sum(a.size * 4 for a in jax.tree.leaves(trainable))
+  reduced = sharding.collective_bytes(text, "all-reduce")
+  # exactly the adapter gradients (+ the loss's scalar mean): no weight-sized all-reduce
+  assert 0 < reduced <= trainable_bytes + 16, (reduced, trainable_bytes)
+  assert all(c["elements"] < 40 for c in sharding.collectives(text) if c["op"] == "all-reduce")
