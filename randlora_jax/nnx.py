@@ -2,7 +2,7 @@
 
 The math is `randlora_jax.ops.apply`, exactly as in the Linen `RandLoraDense`; this module only
 holds the parameters the NNX way. `randlora_lambda` / `randlora_gamma` are `RandLoraParam`
-variables (a subclass of `nnx.Param`), so the trainable set is a type filter:
+variables (a subclass of `nnx.LoRAParam`), so the trainable set is a type filter:
 
     inject_nnx(model, targets=["q_proj", "v_proj"], config=AdapterConfig(r=8))
     opt = nnx.Optimizer(model, optax.adamw(1e-3), wrt=RandLoraParam)
@@ -26,8 +26,13 @@ from randlora_jax import adapter, layers, ops
 from randlora_jax.adapter import AdapterConfig
 
 
-class RandLoraParam(nnx.Param):
-  """The trainable RandLoRA leaves (lambda, gamma): `wrt=RandLoraParam` selects them."""
+class RandLoraParam(nnx.LoRAParam):
+  """The trainable RandLoRA leaves (lambda, gamma): `wrt=RandLoraParam` selects them.
+
+  A subclass of `nnx.LoRAParam` (itself an `nnx.Param`): code that finds adapters by that type
+  (Tunix's `PeftTrainer`: optimizer `wrt=nnx.LoRAParam`, adapter-only checkpoints) trains and
+  saves exactly these leaves.
+  """
 
 
 class RandLoraLinear(nnx.Module):

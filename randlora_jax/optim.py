@@ -13,7 +13,8 @@ from typing import Iterable
 import jax
 import optax
 
-DEFAULT_TRAINABLE: tuple[str, ...] = (r"(^|/)randlora_lambda$", r"(^|/)randlora_gamma$")
+# 'randlora_lambda' beside a kernel (our layers), '<weight>_randlora_lambda' (the Qwix provider).
+DEFAULT_TRAINABLE: tuple[str, ...] = (r"(^|/|_)randlora_lambda$", r"(^|/|_)randlora_gamma$")
 
 
 def path_str(path) -> str:

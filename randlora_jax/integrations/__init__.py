@@ -1,0 +1,1 @@
+"""RandLoRA inside other libraries' model code (Qwix providers for MaxText, Tunix, gemma, ...)."""

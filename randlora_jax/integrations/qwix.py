@@ -1,0 +1,494 @@
+"""RandLoRA as a Qwix provider: adapt any contraction whose right operand is a parameter.
+
+    import qwix
+    from randlora_jax.integrations.qwix import RandLoraProvider
+
+    provider = RandLoraProvider(module_path=".*attn.*", r=8, alpha=160.0, seed=0)
+    model = qwix.apply_lora_to_model(model, provider, *example_inputs)   # the one-line switch
+
+This is how MaxText and Tunix already get LoRA (`qwix.LoraProvider`), so swapping the provider
+is the whole change for their users. Qwix patches `jax.lax.dot_general`, `jnp.einsum` and
+`jnp.dot` while a model's method runs, in Linen and NNX alike, and hands each call to the
+provider together with the module it happens in (`module_path` is matched with
+`re.fullmatch`, as Qwix does). Here an adapted layer is any such contraction inside a matching
+module whose right-hand operand is one of that module's parameters:
+
+* the equation / dimension numbers are only known at call time (gemma's
+  `jnp.einsum('BTD,NDH->BTNH', x, self.param('w'))`), and the kernel's axes may come in any
+  order: contracted axes of the STORED parameter form the layer's input, the others its
+  output (so a `(out, in)` kernel, or `(heads, in, head_dim)`, is the 2-D map
+  `kernel.transpose(in_axes + out_axes).reshape(in, out)`);
+* under `jit` the operand may be the parameter after a transpose or a dtype cast (GPT-2's
+  `Conv1D` stores `(out, in)` and contracts `kernel.T`): the tracer's producing equations are
+  followed back to the parameter; outside `jit` the few permutations of matching shape are
+  compared by value;
+* the layer computes ``x @ (W0 + dW)`` with `randlora_jax.layers.dense` (the function every
+  other front-end uses); biases stay the module's own business.
+
+The adapter leaves are created in the module's own scope next to the weight, named
+``<weight>_randlora_lambda`` / ``<weight>_randlora_gamma`` (Linen params; NNX `RandLoraParam`,
+a subclass of `nnx.LoRAParam`, so Tunix's `PeftTrainer` trains exactly them). Unlike
+`qwix.LoraProvider`, nothing is stored as a module attribute, so compact Linen modules (frozen
+outside `setup`) work.
+
+**Quantised frozen base (QRandLoRA).** With ``weight_qtype='int8'`` (or ``'nf4'``, ``'int4'``)
+Qwix's PTQ machinery replaces the weight by its quantised form at init; the adapted layer
+then runs ``x @ (dequant(Wq) + dW)`` under a custom VJP whose residual is the quantised
+weight (re-dequantised in the backward) and which forms no gradient for it.
+
+Not served: weights that share batch axes with the input (per-expert stacks), weights summed
+over an axis that is absent from the input, convolutions (left to Qwix unadapted), and a
+reshaped weight (the chain back to the parameter may only transpose or cast).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import opt_einsum
+from flax import nnx
+from qwix._src import qconfig
+from qwix._src.core import dot_general as qwix_dot_general
+from qwix._src.core import qarray
+from qwix._src.providers import ptq
+from qwix._src.utils import flax_util
+
+from randlora_jax import bases, layers, ops
+from randlora_jax.adapter import AdapterConfig
+from randlora_jax.nnx import RandLoraParam
+
+LAMBDA_SUFFIX, GAMMA_SUFFIX = "_randlora_lambda", "_randlora_gamma"
+# Primitives that leave a weight the same linear map (followed back from operand to parameter).
+_PASS_THROUGH = ("convert_element_type", "copy", "copy_p", "sharding_constraint",
+                 "optimization_barrier")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RandLoraRule(qconfig.QuantizationRule):
+  """Where (module_path regex, from Qwix) and how (the RandLoRA config) to adapt.
+
+  `r`, `alpha`, `seed`, `distribution`, `sparse_dim` mean what they mean in `AdapterConfig`;
+  the inherited `weight_qtype` ('int8', 'nf4', ...) quantises the frozen weight.
+  """
+
+  r: int = 32
+  alpha: float = 640.0
+  seed: int = 0
+  distribution: str = "uniform"
+  sparse_dim: int | None = None
+
+  @property
+  def config(self) -> AdapterConfig:
+    return AdapterConfig(r=self.r, alpha=self.alpha, seed=self.seed,
+                         distribution=self.distribution, sparse_dim=self.sparse_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a stored weight is seen as a 2-D (in, out) layer: its contracted and output axes."""
+
+  shape: tuple[int, ...]  # the stored parameter's shape (one layer; no scan axes)
+  in_axes: tuple[int, ...]
+  out_axes: tuple[int, ...]
+
+  @property
+  def in_out(self) -> tuple[int, int]:
+    return (math.prod(self.shape[a] for a in self.in_axes),
+            math.prod(self.shape[a] for a in self.out_axes))
+
+  def to_2d(self, w: jax.Array) -> jax.Array:
+    return jnp.transpose(w, self.in_axes + self.out_axes).reshape(self.in_out)
+
+  def from_2d(self, w2: jax.Array) -> jax.Array:
+    order = self.in_axes + self.out_axes
+    w = w2.reshape([self.shape[a] for a in order])
+    return jnp.transpose(w, np.argsort(order))
+
+
+def _module_path() -> str:
+  return "/".join(map(str, flax_util.get_current_module_path()))
+
+
+def _candidates() -> dict[str, Any]:
+  """The current module's frozen parameters: name -> array or `ptq.WithAux`."""
+  module = flax_util.get_current_module()
+  out = {}
+  if isinstance(module, nn.Module):
+    items = module.scope._collection("params").items()  # pylint: disable=protected-access
+  else:
+    items = [(k, v) for k, v in vars(module).items()
+             if isinstance(v, (nnx.Param, ptq.WithAux)) and not isinstance(v, nnx.LoRAParam)]
+  for name, value in items:
+    if name.endswith((LAMBDA_SUFFIX, GAMMA_SUFFIX)):
+      continue
+    if not isinstance(value, ptq.WithAux):
+      value = flax_util.unbox(value)
+    if isinstance(value, (jax.Array, ptq.WithAux)):
+      out[name] = value
+  return out
+
+
+def _qvalue_id(w: ptq.WithAux) -> int:
+  # WithAux / QArray objects are rebuilt by every unbox; their leaf arrays are not.
+  return id(flax_util.unbox(w.array.qvalue))
+
+
+def _primal(x):
+  """The value under autodiff tracers (jax.grad wraps arrays; the primal keeps the jit trace)."""
+  while isinstance(x, jax.core.Tracer) and hasattr(x, "primal"):
+    x = x.primal
+  return x
+
+
+def find_weight(rhs) -> tuple[str, tuple[int, ...]] | None:
+  """(parameter name, perm) with ``rhs == param.transpose(perm)`` (up to a cast), or None.
+
+  By identity, then (under jit) by following the tracer's producing equations through
+  transposes and casts, then (eager) by comparing values over the permutations that fit.
+  Autodiff tracers are looked through (`_primal`) on both sides.
+  """
+  cands = _candidates()
+  if isinstance(rhs, ptq.WithAux):
+    for name, c in cands.items():
+      if isinstance(c, ptq.WithAux) and _qvalue_id(c) == _qvalue_id(rhs):
+        return name, tuple(range(rhs.ndim))
+    return None
+  by_id = {}
+  for name, c in cands.items():
+    if not isinstance(c, ptq.WithAux):
+      by_id[id(c)] = by_id[id(_primal(c))] = name
+  perm = list(range(rhs.ndim))
+  x = rhs
+  while True:
+    if id(x) in by_id or id(_primal(x)) in by_id:
+      return by_id.get(id(x)) or by_id[id(_primal(x))], tuple(perm)
+    x = _primal(x)
+    eqn = getattr(x, "parent", None) if isinstance(x, jax.core.Tracer) else None
+    if eqn is None or len(eqn.in_tracers) != 1:
+      break
+    prim = eqn.primitive.name
+    if prim == "transpose":  # x = transpose(y, p): x axis i is y axis p[i]
+      p = eqn.params["permutation"]
+      perm = [p[i] for i in perm]
+    elif prim not in _PASS_THROUGH:
+      break
+    x = eqn.in_tracers[0]
+  value = _primal(rhs)
+  if isinstance(value, jax.core.Tracer) or rhs.ndim > 4:
+    return None
+  value = np.asarray(value)
+  for name, c in cands.items():
+    c = _primal(c)
+    if (isinstance(c, (ptq.WithAux, jax.core.Tracer)) or c.ndim != rhs.ndim
+        or sorted(c.shape) != sorted(rhs.shape)):
+      continue
+    for p in itertools.permutations(range(rhs.ndim)):
+      if tuple(c.shape[i] for i in p) == tuple(rhs.shape) and np.array_equal(
+          np.asarray(jnp.transpose(c, p).astype(value.dtype)), value):
+        return name, tuple(p)
+  return None
+
+
+def _check_not_lost(rhs):
+  """Refuse, rather than silently skip, an operand shaped like an adapted weight of this
+  module that could not be traced back to it (e.g. reached through a reshape)."""
+  module = flax_util.get_current_module()
+  if isinstance(module, nn.Module):
+    names = list(module.scope._collection("params"))  # pylint: disable=protected-access
+  else:
+    names = list(vars(module))
+  adapted = [n[: -len(LAMBDA_SUFFIX)] for n in names if n.endswith(LAMBDA_SUFFIX)]
+  for name, c in _candidates().items():
+    if name in adapted and sorted(c.shape) == sorted(rhs.shape):
+      raise NotImplementedError(
+          f"RandLoRA: in {_module_path()!r} an operand shaped like adapted weight {name!r} "
+          f"{tuple(c.shape)} could not be traced back to it (only transposes and casts are "
+          "followed); its update would be silently dropped")
+
+
+def _adapter_leaves(name: str, spec: ops.LayerSpec, dtype):
+  """lambda/gamma for weight `name` in the current module, created on first use (PEFT init)."""
+  lam = flax_util.get_or_create_param(name + LAMBDA_SUFFIX,
+                                      lambda: ops.init_lambda(spec, dtype),
+                                      nnx_param_type=RandLoraParam)
+  gamma = flax_util.get_or_create_param(name + GAMMA_SUFFIX,
+                                        lambda: ops.init_gamma(spec, dtype),
+                                        nnx_param_type=RandLoraParam)
+  return lam, gamma
+
+
+_STATICS = ("spec", "lhs_in", "rhs_in", "rhs_out", "dtype", "precision")
+
+
+@functools.partial(jax.jit, static_argnames=_STATICS)
+def _adapted_dot(lhs, w, lam, gamma, seed, *, spec, lhs_in, rhs_in, rhs_out, dtype, precision):
+  """dot_general(lhs, w + dW) as `layers.dense` (the adapted layer every front-end calls,
+  per-device under a batch-splitting mesh) on the 2-D view; output in dot_general's order.
+
+  `rhs_in` / `rhs_out`: w's axes in the layer's canonical (stored) order; `lhs_in`: the lhs
+  axes paired with `rhs_in`. Jitted (cached per shape) so that eager callers, e.g. the
+  first NNX call in `qwix.apply_lora_to_model`, do not dispatch op by op.
+  """
+  lhs_free = [i for i in range(lhs.ndim) if i not in lhs_in]
+  free_shape = [lhs.shape[i] for i in lhs_free]
+  fin, fout = spec.in_features, spec.out_features
+  x = jnp.transpose(lhs, lhs_free + list(lhs_in)).reshape(*free_shape, fin)
+  w2 = jnp.transpose(w, rhs_in + rhs_out).reshape(fin, fout)
+  y = layers.dense(x, w2, None, lam, gamma, seed, spec, dtype=dtype, precision=precision)
+  y = y.reshape(*free_shape, *[w.shape[i] for i in rhs_out])
+  # dot_general's output order: lhs free axes, then rhs free axes in rhs order.
+  nf = len(free_shape)
+  return jnp.transpose(y, list(range(nf)) + [nf + rhs_out.index(i) for i in sorted(rhs_out)])
+
+
+@functools.partial(jax.jit, static_argnames=_STATICS)
+def _adapted_qdot(lhs, quantized, lam, gamma, seed, **statics):
+  """`_adapted_dot` on dequant(Wq) whose backward re-dequantises: only Wq is kept, and no
+  gradient is formed for it (nor for its float scale)."""
+  return _qdot(lhs, quantized, lam, gamma, seed, tuple(sorted(statics.items())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _qdot(lhs, quantized, lam, gamma, seed, statics):
+  return _adapted_dot(lhs, qarray.dequantize(quantized), lam, gamma, seed, **dict(statics))
+
+
+def _qdot_fwd(lhs, quantized, lam, gamma, seed, statics):
+  return _qdot(lhs, quantized, lam, gamma, seed, statics), (lhs, quantized, lam, gamma, seed)
+
+
+def _qdot_bwd(statics, res, g):
+  lhs, quantized, lam, gamma, seed = res
+  w = qarray.dequantize(quantized)
+  _, vjp = jax.vjp(lambda x, lam, gamma: _adapted_dot(x, w, lam, gamma, seed, **dict(statics)),
+                   lhs, lam, gamma)
+  dx, dlam, dgamma = vjp(g)
+  zero = lambda a: (np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(
+      a.dtype, jnp.inexact) else jnp.zeros_like(a))
+  return dx, jax.tree.map(zero, quantized), dlam, dgamma, np.zeros((), jax.dtypes.float0)
+
+
+_qdot.defvjp(_qdot_fwd, _qdot_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "spec"))
+def _merge_one(weight, lam, gamma, seed, *, layout: Layout, spec: ops.LayerSpec):
+  """W0 + dW in the weight's stored layout (a QArray is dequantised first); lambda/gamma may
+  carry leading stacked-layer axes (nn.scan), then the weight has them too."""
+  if isinstance(weight, qarray.QArray):
+    weight = qarray.dequantize(weight)
+  lead = lam.ndim - 2
+
+  def one(lam, gamma):
+    return layout.from_2d(ops.delta_kernel(lam, gamma, jnp.uint32(seed), spec))
+
+  dw = jax.vmap(one)(lam.reshape(-1, *lam.shape[lead:]), gamma.reshape(-1, *gamma.shape[lead:]))
+  return (weight.astype(jnp.float32) + dw.reshape(weight.shape)).astype(weight.dtype)
+
+
+def _float_dtype(*dtypes):
+  dt = jnp.result_type(*dtypes)
+  return dt if jnp.issubdtype(dt, jnp.floating) else jnp.float32
+
+
+class RandLoraProvider(ptq.PtqProvider):
+  """Qwix provider for RandLoRA (and QRandLoRA with ``weight_qtype``); see module docstring.
+
+  Usage: ``RandLoraProvider(module_path=..., r=..., alpha=..., seed=...)`` or
+  ``RandLoraProvider([RandLoraRule(...), ...])``. After the model ran once (init), `layouts`
+  maps 'module/path/weight' to the `Layout` of every adapted weight; `merge` / `merge_nnx`
+  use it.
+  """
+
+  def __init__(self, rules=None, *, disable_jit: bool = False, **kwargs):
+    if rules is None:
+      rules = [RandLoraRule(**kwargs)]
+    elif kwargs:
+      raise ValueError("give either rules or the keyword arguments of one RandLoraRule")
+    super().__init__(rules=rules, disable_jit=disable_jit)
+    self.layouts: dict[str, Layout] = {}
+
+  # -- the adapted contraction -------------------------------------------------------------
+
+  def _record(self, key: str, layout: Layout):
+    old = self.layouts.setdefault(key, layout)
+    if old != layout:
+      raise ValueError(f"weight {key!r} is contracted two different ways ({old} and {layout}); "
+                       "one RandLoRA adapter cannot serve both")
+
+  def _contract(self, rule: RandLoraRule, lhs, rhs, lhs_ca, rhs_ca, precision, out_dtype):
+    """dot_general(lhs, rhs) without batch axes, rhs adapted; None when rhs is no weight."""
+    found = find_weight(rhs)
+    if found is None:
+      return None
+    name, perm = found
+    key = "/".join(filter(None, (_module_path(), name)))
+    stored_shape = tuple(rhs.shape[perm.index(a)] for a in range(rhs.ndim))
+    in_axes = tuple(sorted(perm[i] for i in rhs_ca))
+    out_axes = tuple(a for a in range(rhs.ndim) if a not in in_axes)
+    if not in_axes or not out_axes:
+      raise ValueError(f"RandLoRA: weight {key!r} {stored_shape} is contracted over "
+                       f"{'all' if in_axes else 'none'} of its axes: not a linear layer")
+    layout = Layout(stored_shape, in_axes, out_axes)
+    self._record(key, layout)
+    cfg = rule.config
+    spec = cfg.layer_spec(*layout.in_out)
+
+    quantized = None
+    if isinstance(rhs, ptq.WithAux):
+      quantized = rhs.array
+    elif rule.weight_qtype is not None:
+      if perm != tuple(range(rhs.ndim)):
+        raise NotImplementedError(f"RandLoRA: quantising {key!r}, used transposed, is not "
+                                  "supported")
+      how = qwix_dot_general.get_how_to_quantize(
+          dimension_numbers=((tuple(lhs_ca), tuple(rhs_ca)), ((), ())),
+          ndims=(lhs.ndim, rhs.ndim), for_lhs=False, qtype=rule.weight_qtype,
+          calibration_method=rule.weight_calibration_method, tile_size=rule.tile_size)
+      quantized = ptq.create_quantized_param(name, rhs, how).array
+    param_dtype = (quantized.scale.dtype if quantized is not None else rhs.dtype)
+    lam, gamma = _adapter_leaves(name, spec, _float_dtype(param_dtype))
+
+    # rhs axis holding stored axis a is perm.index(a); lhs axis paired with rhs axis i is
+    # lhs_ca[rhs_ca.index(i)].
+    rhs_in = tuple(perm.index(a) for a in in_axes)
+    rhs_out = tuple(perm.index(a) for a in out_axes)
+    lhs_in = tuple(lhs_ca[list(rhs_ca).index(i)] for i in rhs_in)
+    seed = bases.traced_seed(cfg.seed)
+    dtype = jnp.dtype(_float_dtype(lhs.dtype, param_dtype))
+    statics = dict(spec=spec, lhs_in=lhs_in, rhs_in=rhs_in, rhs_out=rhs_out, dtype=dtype,
+                   precision=precision)
+    if quantized is None:
+      y = _adapted_dot(lhs, rhs, lam, gamma, seed, **statics)
+    else:
+      y = _adapted_qdot(lhs, quantized, lam, gamma, seed, **statics)
+    return y.astype(out_dtype or dtype)
+
+  def _rule(self, op_name: str):
+    rule, _ = self._get_current_rule_and_op_id(op_name, only_rule=True)
+    return rule if isinstance(rule, RandLoraRule) else None
+
+  def dot_general(self, lhs, rhs, dimension_numbers, precision=None,
+                  preferred_element_type=None, out_sharding=None):
+    rule = self._rule("dot_general")
+    if rule is not None:
+      (lhs_ca, rhs_ca), (lhs_ba, rhs_ba) = dimension_numbers
+      if rhs_ba and find_weight(rhs) is not None:
+        raise NotImplementedError(f"RandLoRA: {_module_path()} contracts a weight with batch "
+                                  f"axes {tuple(rhs_ba)} (per-expert weights) ; not supported")
+      if not rhs_ba:
+        y = self._contract(rule, lhs, rhs, tuple(lhs_ca), tuple(rhs_ca), precision,
+                           preferred_element_type)
+        if y is not None:
+          return y
+        _check_not_lost(rhs)
+    return super().dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                               out_sharding=out_sharding)
+
+  def einsum(self, einsum_str, *operands, precision=None, preferred_element_type=None,
+             _dot_general=jax.lax.dot_general, out_sharding=None):  # pylint: disable=invalid-name
+    rule = self._rule("einsum")
+    if rule is not None and len(operands) == 2:
+      if find_weight(operands[1]) is not None:
+        return self._einsum(rule, einsum_str, *operands, precision=precision,
+                            preferred_element_type=preferred_element_type)
+      _check_not_lost(operands[1])
+    return super().einsum(einsum_str, *operands, precision=precision,
+                          preferred_element_type=preferred_element_type,
+                          _dot_general=_dot_general, out_sharding=out_sharding)
+
+  def _einsum(self, rule, einsum_str, lhs, rhs, *, precision, preferred_element_type):
+    (subs, out, _) = opt_einsum.parser.parse_einsum_input(
+        (einsum_str.replace(" ", ""), jax.ShapeDtypeStruct(lhs.shape, jnp.float32),
+         jax.ShapeDtypeStruct(rhs.shape, jnp.float32)))
+    ls, rs = subs.split(",")
+    where = f"{_module_path()}: einsum {einsum_str!r}"
+    if len(set(ls)) != len(ls) or len(set(rs)) != len(rs):
+      raise NotImplementedError(f"RandLoRA: {where} repeats an index (a trace); not supported")
+    if any(c in ls and c in out for c in rs):
+      raise NotImplementedError(f"RandLoRA: {where} shares batch axes with the weight; "
+                                "not supported")
+    if any(c not in ls and c not in out for c in rs):
+      raise NotImplementedError(f"RandLoRA: {where} sums a weight axis away; not supported")
+    summed = [i for i, c in enumerate(ls) if c not in rs and c not in out]
+    if summed:  # input-only axes absent from the output: sum them first
+      lhs = jnp.sum(lhs, axis=tuple(summed))
+      ls = "".join(c for i, c in enumerate(ls) if i not in summed)
+    contracted = [c for c in rs if c in ls]
+    y = self._contract(rule, lhs, rhs, tuple(ls.index(c) for c in contracted),
+                       tuple(rs.index(c) for c in contracted), precision, preferred_element_type)
+    have = [c for c in ls if c not in contracted] + [c for c in rs if c not in contracted]
+    return jnp.transpose(y, [have.index(c) for c in out])
+
+  # -- merging -----------------------------------------------------------------------------
+
+  def _config(self) -> AdapterConfig:
+    configs = {r.config for r in self._rules if isinstance(r, RandLoraRule)}
+    if len(configs) != 1:
+      raise NotImplementedError("merging needs one RandLoraRule config for all layers")
+    return configs.pop()
+
+  def _merged_weight(self, key: str, weight, lam, gamma):
+    if key not in self.layouts:
+      raise ValueError(f"no layout recorded for {key!r}: run the adapted model once (init) "
+                       "with this provider before merging")
+    layout = self.layouts[key]
+    cfg = self._config()
+    if isinstance(weight, ptq.WithAux):
+      weight = flax_util.unbox(weight.array)
+    return _merge_one(weight, lam, gamma, bases.seed_from_key(cfg.seed), layout=layout,
+                      spec=cfg.layer_spec(*layout.in_out))
+
+  def merge(self, params):
+    """Linen: a plain parameter tree for the unadapted model, with W0 + dW in every adapted
+    weight (quantised weights are dequantised: a float checkpoint)."""
+
+    def walk(tree, prefix):
+      if not hasattr(tree, "items"):
+        return tree
+      tree = {k: flax_util.unbox(v) for k, v in tree.items()}
+      out = {}
+      for k, v in tree.items():
+        if k.endswith((LAMBDA_SUFFIX, GAMMA_SUFFIX)):
+          continue
+        path = f"{prefix}/{k}" if prefix else k
+        if k + LAMBDA_SUFFIX in tree:
+          out[k] = self._merged_weight(path, v, tree[k + LAMBDA_SUFFIX], tree[k + GAMMA_SUFFIX])
+        elif isinstance(v, ptq.WithAux):
+          out[k] = qarray.dequantize(flax_util.unbox(v.array))
+        else:
+          out[k] = walk(v, path)
+      return out
+
+    return walk(params, "")
+
+  def merge_nnx(self, model: nnx.Module) -> nnx.Module:
+    """NNX: a copy of `model` as the plain (un-intercepted) model class, W0 + dW in every
+    adapted weight, adapter leaves removed, quantised weights dequantised."""
+    model = nnx.clone(model)
+    if hasattr(type(model), "_unquantized_type"):
+      model.__class__ = type(model)._unquantized_type  # pylint: disable=protected-access
+    for path, module in list(nnx.iter_modules(model)):
+      prefix = "/".join(map(str, path))
+      attrs = dict(vars(module))
+      for name, node in attrs.items():
+        if name.endswith((LAMBDA_SUFFIX, GAMMA_SUFFIX)):
+          continue
+        key = f"{prefix}/{name}" if prefix else name
+        if name + LAMBDA_SUFFIX in attrs:
+          lam, gamma = attrs[name + LAMBDA_SUFFIX][...], attrs[name + GAMMA_SUFFIX][...]
+          w = node if isinstance(node, ptq.WithAux) else node[...]
+          setattr(module, name, nnx.Param(self._merged_weight(key, w, lam, gamma)))
+          delattr(module, name + LAMBDA_SUFFIX)
+          delattr(module, name + GAMMA_SUFFIX)
+        elif isinstance(node, ptq.WithAux):
+          setattr(module, name, nnx.Param(qarray.dequantize(flax_util.unbox(node.array))))
+    return model
