@@ -9,6 +9,7 @@ Overrides: any field, e.g. `--config.method=lora --config.batch_size=64`. See
 """
 
 import json
+import shlex
 import sys
 
 from absl import app, flags, logging
@@ -19,10 +20,20 @@ config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config 
 flags.DEFINE_string("workdir", "/tmp/randlora_jax", "Checkpoints, metrics, exports, summary.")
 
 
+def fail(e: Exception) -> None:
+  print(f"error: {e}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   del argv
   config = FLAGS.config
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  from randlora_jax.train import validate
+  try:
+    validate.check_config(config)  # every field, before any process touches a device
+  except validate.ConfigError as e:
+    fail(e)
 
   # ---- parse: multi-host set-up has to happen before JAX touches a device.
   from randlora_jax import sharding
@@ -30,9 +41,8 @@ def main(argv):
     d = config.distributed
     sharding.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
 
-  from randlora_jax.checkpoint import CheckpointMismatch
+  from randlora_jax import checkpoint as ckpt_lib
   from randlora_jax.train import demo, loop
-  from randlora_jax.train.setup import ConfigError
 
   # ---- build and run
   try:
@@ -42,11 +52,25 @@ def main(argv):
       load = demo.pretrained_loader(config) if config.pretrain.enabled else None
       summary = loop.train(config, FLAGS.workdir, load_pretrained=load)
       print(json.dumps(summary, indent=2))
-  except (ConfigError, CheckpointMismatch, loop.TrainingDiverged) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except loop.Preempted as e:
+    # Not a failure: the state is saved; the scheduler restarts the same command.
+    print(f"{e}: {shlex.join(['python', *sys.argv])}", file=sys.stderr)
+    sys.exit(0)
+  except (validate.ConfigError, ckpt_lib.CheckpointMismatch, ckpt_lib.CheckpointUnrestorable,
+          ckpt_lib.CheckpointSaveError, loop.ExportError, loop.TrainingDiverged) as e:
+    fail(e)
+
+
+def parse_flags(argv):
+  """absl's parsing, after refusing `--config.<field>` overrides of unknown fields (the
+  config flag would otherwise end in a traceback)."""
+  from randlora_jax.train import validate
+  try:
+    validate.check_overrides(argv[1:])
+  except validate.ConfigError as e:
+    fail(e)
+  return app.parse_flags_with_usage(argv)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -9,16 +9,21 @@ A training checkpoint holds three items:
 * ``config``: the run's config and a fingerprint of what fixes the parameter shapes, checked
   on resume (a checkpoint of another model stops the run with the differences listed).
 
-Saves are asynchronous (training continues while the arrays are written); keep-N.
+Saves are asynchronous (training continues while the arrays are written); keep-N. Orbax
+writes a step into a temporary directory and renames it when complete, so a save that fails
+(a full disk) leaves the older steps as they were: `CheckpointSaveError` says which.
 Restoring takes target ShapeDtypeStructs carrying shardings, so a run can resume on another
-mesh than the one that saved.
+mesh than the one that saved. `restore_newest` falls back past steps that cannot be restored
+(truncated or missing files), moving each aside with a one-line report.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -29,6 +34,38 @@ from randlora_jax import adapter as adapter_lib
 
 class CheckpointMismatch(ValueError):
   """The checkpoint in the workdir was written by a different model/method/adapter."""
+
+
+class CheckpointUnrestorable(RuntimeError):
+  """No step of the checkpoint directory can be restored."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (full disk, no permission); older steps are intact."""
+
+
+class _DropOrbaxErrors(logging.Filter):
+  """Orbax logs the traceback of a failed save or restore before raising it; the trainer
+  reports those errors itself in one line, so the logged copy is dropped."""
+
+  def filter(self, record):
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+logging.getLogger("absl").addFilter(_DropOrbaxErrors())
+
+
+def _everywhere(ok: bool) -> bool:
+  """True iff `ok` on every process (a collective on multi-process runs)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def one_line(e: BaseException) -> str:
+  first = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {first[:200]}"
 
 
 def abstract(tree, shardings=None):
@@ -48,15 +85,39 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=async_save))
+    self._pending = None  # (step of the last save started, the steps committed before it)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict | None, config: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state or {}),
-        config=ocp.args.JsonSave(config)))
+    """Starts an asynchronous save of `step` (an error of an earlier one surfaces here)."""
+    committed = self._committed_steps()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state or {}),
+          config=ocp.args.JsonSave(config)))
+    except Exception as e:  # noqa: BLE001  (any failure of the write is the same to the user)
+      # An earlier asynchronous save's error surfaces here too: name the step that failed.
+      if self._pending is not None and self._pending[0] not in committed:
+        step, committed = self._pending
+      raise self._save_error(step, e, committed) from None
+    self._pending = (step, committed)
+
+  def _committed_steps(self) -> list[int]:
+    try:
+      return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+    except OSError:
+      return []
+
+  def _save_error(self, step, e: Exception, committed: list[int]) -> CheckpointSaveError:
+    then = (f"checkpoint step {committed[-1]} is intact: free space or make the directory "
+            f"writable, then rerun the same command to resume from it" if committed else
+            "no checkpoint was complete yet: free space or make the directory writable and "
+            "rerun")
+    return CheckpointSaveError(f"saving checkpoint step {step} in {self.directory} failed "
+                               f"({one_line(e)}); the run stopped; {then}")
 
   def saved_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
@@ -70,8 +131,72 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
 
+  def restore_newest(self, target, check_config: Callable[[dict], None],
+                     report: Callable[[str], None] | None = None) -> tuple[int, Any, dict] | None:
+    """(step, state, data-iterator state) of the newest step that restores; None if there
+    are no checkpoints. A step that fails (unreadable config, missing or truncated arrays) is
+    reported in one line and moved aside into `<directory>.unrestorable/`, so that the run
+    can later save that step number again. `check_config(saved config)` may raise (another
+    model's checkpoint): that is not a damaged step and stops the search. Raises
+    CheckpointUnrestorable when steps exist and none restores. Multi-process: a step counts
+    as restored only if it restored on every process."""
+    report = report or (lambda line: print(line, file=sys.stderr))
+    failures = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      why = None
+      try:
+        saved = self.saved_config(step)
+        if not isinstance(saved, dict) or "fingerprint" not in saved:
+          raise ValueError("its config holds no model fingerprint")
+      except Exception as e:  # noqa: BLE001  (any unreadable config is a damaged step)
+        why = one_line(e)
+      if _everywhere(why is None):
+        check_config(saved)  # CheckpointMismatch propagates: not a damaged step
+        try:
+          state, data_state = self.restore(step, target)
+        except Exception as e:  # noqa: BLE001
+          why = one_line(e)
+        if _everywhere(why is None):
+          return step, state, data_state
+      why = why or "it failed to restore on another process"
+      failures.append(step)
+      moved = self._move_aside(step)
+      if jax.process_index() == 0:
+        report(f"checkpoint step {step} in {self.directory} cannot be restored ({why}); "
+               f"moved to {moved}, trying the previous step")
+    if not failures:
+      return None
+    raise CheckpointUnrestorable(
+        f"no checkpoint in {self.directory} can be restored (steps "
+        f"{', '.join(map(str, failures))}, moved to {self._aside_dir()}); to start afresh, "
+        f"use another --workdir or delete {os.path.dirname(self.directory)}")
+
+  def _aside_dir(self) -> str:
+    return self.directory + ".unrestorable"
+
+  def _move_aside(self, step: int) -> str:
+    """Renames step `step`'s directory out of the manager's sight (process 0; all wait)."""
+    dest = os.path.join(self._aside_dir(), str(step))
+    if jax.process_index() == 0:
+      os.makedirs(self._aside_dir(), exist_ok=True)
+      n = 1
+      while os.path.exists(dest):
+        dest, n = os.path.join(self._aside_dir(), f"{step}.{n}"), n + 1
+      os.rename(os.path.join(self.directory, str(step)), dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"checkpoint_moved_aside_{step}")
+    self.manager.reload()
+    return dest
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the pending save is committed; CheckpointSaveError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+      step, committed = self._pending or (None, self._committed_steps())
+      raise self._save_error(step, e, committed) from None
 
   def close(self) -> None:
     self.manager.close()

@@ -28,8 +28,10 @@ ROOT = trainer_configs.ROOT
     ({"method": "lora", "adapter.lora_rank": 40}, r"adapter.lora_rank=40 is larger than d"),
     ({"adapter.targets": ("q_proj", "query")}, "adapter target 'query' matches no layer"),
     ({"batch_size": 12}, "batch_size=12 is not divisible by the data-parallel size 8"),
-    ({"method": "dora"}, "unknown method 'dora'"),
-    ({"model.preset": "vit_xxl"}, "unknown model.preset 'vit_xxl'"),
+    ({"method": "dora"}, r"method='dora' is not allowed: must be one of \['randlora'"),
+    ({"model.preset": "vit_xxl"}, r"model.preset='vit_xxl' is not allowed: must be one of "),
+    ({"data.kshot": 1}, r"data.kshot=1 x 8 classes = 8 training examples, fewer than one batch"),
+    ({"mesh.fsdp": 3}, r"mesh.data=-1 x mesh.fsdp=3 does not use the 8 devices exactly"),
 ])
 def test_bad_config_stops_at_start_with_a_clear_message(overrides, message):
   config = trainer_configs.load("tiny", **overrides)

@@ -6,13 +6,14 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load(name: str, **overrides):
-  """`configs/<name>.py`'s get_config(), with dotted-key overrides ('adapter.r': 2)."""
+def load(name: str, preset: str | None = None, **overrides):
+  """`configs/<name>.py`'s get_config() (or get_config(preset)), with dotted-key overrides
+  ('adapter.r': 2)."""
   spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs",
                                                                             f"{name}.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = mod.get_config() if preset is None else mod.get_config(preset)
   for k, v in overrides.items():
     node = c
     *parents, leaf = k.split(".")

@@ -83,6 +83,7 @@ class ViTConfig:
   num_register_tokens: int = 0  # DINOv2 with registers
   projection_dim: int = 0  # CLIP visual projection (0: none)
   pooling: str | None = None
+  normalize_features: bool = False  # L2-normalise what the head sees (CLIP's zero-shot head)
   dropout_rate: float = 0.0
   remat: bool = False
   dtype: Any = jnp.float32
@@ -105,6 +106,11 @@ class ViTConfig:
       raise ValueError("projection_dim (visual projection) exists only in the clip family")
 
   # Family switches, derived so that a config cannot describe an impossible mix.
+  @property
+  def causal(self) -> bool:
+    """Image tokens attend to every token (the CLIP text tower's config says True)."""
+    return False
+
   @property
   def layerscale(self) -> bool:
     return self.family == "dinov2"
@@ -197,7 +203,8 @@ class ViTConfig:
 class Block(nn.Module):
   """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)), optional layer scale.
 
-  Written as a scan body: ``(carry, _) -> (carry, None)``.
+  Written as a scan body: ``(carry, _) -> (carry, None)``. `config` is a `ViTConfig` or the
+  text tower's `CLIPTextConfig` (same fields; `causal` masks attention to earlier tokens).
   """
 
   config: ViTConfig
@@ -233,7 +240,7 @@ class Block(nn.Module):
     q, k, v = (self._dense(n, width, cfg.qkv_bias)(y).reshape(batch, tokens, heads, head_dim)
                for n in ("q_proj", "k_proj", "v_proj"))
     # Softmax in float32 whatever the compute dtype (as HF does), scale 1/sqrt(head_dim).
-    attn = jax.nn.dot_product_attention(q, k, v)
+    attn = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal)
     y = self._dense("o_proj", width)(attn.reshape(batch, tokens, width))
     x = x + drop(self._layerscale("layerscale1", y))
 
@@ -326,6 +333,9 @@ class ViT(nn.Module):
         pooled = dense("visual_projection")(cfg.projection_dim, use_bias=False, dtype=cfg.dtype,
                                             param_dtype=cfg.param_dtype,
                                             name="visual_projection")(pooled)
+    if cfg.normalize_features:
+      pooled = pooled / jnp.linalg.norm(pooled.astype(jnp.float32), axis=-1, keepdims=True
+                                        ).astype(pooled.dtype)
     self.sow("intermediates", "pooled", pooled)
     if not cfg.num_classes:
       return pooled

@@ -14,6 +14,7 @@ METHODS = ("randlora", "lora", "full", "head")
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.task = "classification"   # classification | clip_vl (randlora_jax.tasks.TASKS)
   c.method = "randlora"       # randlora | lora | full | head (linear probe)
   c.methods = ()              # non-empty: train each of these in turn, then print a table
   c.seed = 0
@@ -33,6 +34,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"   # compute dtype; parameters stay float32
   c.model.remat = False
   c.model.normalization = "clip"  # clip | imagenet | half: the backbone's pixel mean/std
+  # Vision-only CLIP (classification): a FROZEN head built from a CLIPModel checkpoint's text
+  # tower: per class the mean of the normalised template embeddings, renormalised, x100.
+  c.model.zero_shot_head = False
+  c.model.zero_shot_templates = ("a photo of a {}.", "an image of a {}.", "a picture of a {}.",
+                                 "a rendering of a {}.")
 
   # Adapters. targets: regexes on layer names (q_proj k_proj v_proj o_proj fc1 fc2).
   c.adapter = ml_collections.ConfigDict()
@@ -70,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 10
   c.log_every = 10
   c.eval_every = 0            # 0: evaluate at the end only
+  c.eval_at_start = False     # also evaluate before the first step (summary: initial_test_accuracy)
   c.checkpoint_every = 0      # 0: no periodic checkpoints (one at the end)
   c.keep_checkpoints = 3
   c.progress = True           # tqdm bar
@@ -81,6 +88,17 @@ def base_config() -> ml_collections.ConfigDict:
   # Demo only: pretrain the backbone once on an embedded task (cached), then fine-tune.
   c.pretrain = ml_collections.ConfigDict(dict(
       enabled=False, dataset="synthetic_shapes/shapes", steps=400, batch_size=64, lr=2e-3,
+      cache_dir=""))
+
+  # Task clip_vl (randlora_jax/tasks/clip_vl.py): both CLIP towers, one prompt per class.
+  c.clip = ml_collections.ConfigDict()
+  c.clip.preset = "tiny"      # tiny | b32 | l14 | h14: the towers' shapes without a checkpoint
+  c.clip.prompt = "An image of {}"
+  c.clip.logit_scale = "raw"  # raw: x the log-space parameter (~4.6, the paper's code) | exp: x100
+  c.clip.context_length = 0   # 0: the tokenizer's / text tower's own
+  # Demo only: a tiny CLIP pretrained once on embedded captioned images (cached).
+  c.clip.pretrain = ml_collections.ConfigDict(dict(
+      enabled=False, steps=600, batch_size=128, lr=2e-3, text_width=64, text_layers=2,
       cache_dir=""))
 
   c.export = ml_collections.ConfigDict(dict(adapter=True, merged=False))

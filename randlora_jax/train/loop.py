@@ -1,4 +1,5 @@
-"""The training loop: resume, step, log, evaluate, checkpoint, stop on divergence, summarise."""
+"""The training loop: resume, step, log, evaluate, checkpoint, stop on divergence or
+preemption, summarise."""
 
 from __future__ import annotations
 
@@ -14,15 +15,28 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from randlora_jax import checkpoint as ckpt_lib
-from randlora_jax import data, optim, sharding
-from randlora_jax.train import evaluate as eval_lib
+from randlora_jax import data, optim, sharding, tasks
 from randlora_jax.train import metrics as metrics_lib
+from randlora_jax.train import preemption
 from randlora_jax.train import setup as setup_lib
-from randlora_jax.train import step as step_lib
 
 
 class TrainingDiverged(RuntimeError):
   """A non-finite loss/gradient/parameter: the run stopped, the last good checkpoint kept."""
+
+
+class Preempted(Exception):
+  """A preemption notice (SIGTERM/SIGINT) stopped the run after a step, with its checkpoint
+  committed; the message says where, and how to resume."""
+
+  def __init__(self, step: int, total_steps: int, directory: str):
+    self.step, self.directory = step, directory
+    super().__init__(f"preempted after step {step} of {total_steps}: checkpoint saved in "
+                     f"{directory}; rerun the same command (same --workdir) to resume")
+
+
+class ExportError(RuntimeError):
+  """An export could not be written; the final checkpoint is committed, a rerun retries."""
 
 
 def _train_iterator(exp: setup_lib.Experiment):
@@ -38,35 +52,37 @@ def _train_iterator(exp: setup_lib.Experiment):
 def train(config, workdir: str, *, load_pretrained: Callable | None = None,
           mesh=None) -> dict[str, Any]:
   """Trains `config.method` as configured; returns (and writes) the run's summary."""
-  # ---- build
-  exp = setup_lib.build(config, load_pretrained=load_pretrained, mesh=mesh)
+  # ---- build (the task decides model, loss and scoring; classification by default)
+  task = tasks.get(config.task)
+  exp = task.build(config, load_pretrained=load_pretrained, mesh=mesh)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.keep_checkpoints)
   batch_sh = sharding.batch_sharding(exp.mesh)
-  train_step = jax.jit(step_lib.make_train_step(exp.model, exp.tx, config.model.normalization,
-                                                config.seed),
+  train_step = jax.jit(task.make_train_step(exp),
                        in_shardings=(exp.state_shardings, exp.frozen_shardings, batch_sh),
                        out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
                        donate_argnums=(0,))
-  evaluator = eval_lib.Evaluator(exp)
+  evaluator = task.make_evaluator(exp)
 
   # ---- resume
   state = exp.state
   iterator = _train_iterator(exp)
   run_config = {"fingerprint": exp.fingerprint, "config": config.to_dict()}
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    saved = checkpointer.saved_config(latest)
-    ckpt_lib.check_fingerprint(saved.get("fingerprint", {}), json.loads(json.dumps(
-        exp.fingerprint)), checkpointer.directory)
-    target = ckpt_lib.abstract(state, exp.state_shardings)
-    state, data_state = checkpointer.restore(latest, target)
+  current = json.loads(json.dumps(exp.fingerprint))  # as it reads back from JSON
+  restored = checkpointer.restore_newest(
+      ckpt_lib.abstract(state, exp.state_shardings),
+      lambda saved: ckpt_lib.check_fingerprint(saved["fingerprint"], current,
+                                               checkpointer.directory))
+  if restored is not None:
+    _, state, data_state = restored
     if data_state:
       iterator.set_state(data_state)
   start = int(state.step)
+  if config.eval_at_start and start == 0:  # e.g. CLIP's zero-shot accuracy, before any step
+    writer.write(0, "test", evaluator(state))
 
   # ---- loop
   step_times, history = [], []
@@ -77,6 +93,8 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
                     dynamic_ncols=True)
   batch = sharding.shard_batch(next(iterator), exp.mesh) if start < exp.total_steps else None
   window = []
+  preempted_after = None
+  watch = preemption.PreemptionWatch()
   try:
     for step in range(start + 1, exp.total_steps + 1):
       t0 = time.perf_counter()
@@ -108,10 +126,23 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
         checkpointer.save(step, state, data_state, run_config)
       if progress is not None:
         progress.update(1)
+      if step < exp.total_steps and watch.should_stop(step):
+        preempted_after = step
+        break
+    if preempted_after is not None:
+      # A second notice during this save is ignored (the handlers are still installed).
+      if checkpointer.latest_step() != preempted_after:
+        checkpointer.save(preempted_after, state, data_state, run_config)
+      checkpointer.wait()  # committed before the process may be killed
   finally:
+    watch.close()
     if progress is not None:
       progress.close()
     checkpointer.wait()
+  if preempted_after is not None:
+    checkpointer.close()
+    writer.close()
+    raise Preempted(preempted_after, exp.total_steps, checkpointer.directory)
 
   # ---- end: evaluate, checkpoint, export, summarise
   final_step = int(state.step)
@@ -127,6 +158,7 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
       "method": config.method, "dataset": config.data.name, "steps": final_step,
       "trainable_params": exp.trainable_count, "total_params": exp.total_count,
       "test_accuracy": res["accuracy"], "test_loss": res["loss"],
+      **initial_accuracy(writer.path),
       # The first step of a process compiles: excluded from the median when there are others.
       "median_step_time_s": metrics_lib.median(step_times[1:] or step_times),
       "devices": jax.device_count(), "processes": jax.process_count(),
@@ -137,19 +169,33 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
   summary["trainable_sha256"] = checksum(host_trainable)
   # Orbax saves are collective (every process enters them; process 0 writes host arrays).
   exports = os.path.join(workdir, "export")
-  if config.export.adapter and config.method in ("randlora", "lora", "head"):
-    summary["adapter_bytes"] = ckpt_lib.export_adapter(
-        os.path.join(exports, "adapter"), host_trainable, exp.adapter_config)
-  if config.export.merged:
-    params = optim.combine(host_trainable, to_host(exp.frozen))
-    summary["merged_bytes"] = ckpt_lib.export_merged(
-        os.path.join(exports, "merged"), params, config.method, exp.adapter_config)
+  try:
+    if config.export.adapter and config.method in ("randlora", "lora", "head"):
+      summary["adapter_bytes"] = ckpt_lib.export_adapter(
+          os.path.join(exports, "adapter"), host_trainable, exp.adapter_config)
+    if config.export.merged:
+      params = optim.combine(host_trainable, to_host(exp.frozen))
+      summary["merged_bytes"] = ckpt_lib.export_merged(
+          os.path.join(exports, "merged"), params, config.method, exp.adapter_config)
+  except Exception as e:  # noqa: BLE001  (a full disk, a read-only directory, ...)
+    raise ExportError(
+        f"exporting to {exports} failed ({ckpt_lib.one_line(e)}); the trained state is "
+        f"committed as checkpoint step {final_step} in {checkpointer.directory}: free space "
+        f"or make the directory writable, then rerun the same command to export again"
+    ) from None
   if is_main:
     metrics_lib.plot_curves(writer.path, os.path.join(workdir, "curves.png"),
                             title=f"{config.method} on {config.data.name}")
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
   return summary
+
+
+def initial_accuracy(metrics_path: str) -> dict[str, float]:
+  """{'initial_test_accuracy': ...} from the step-0 evaluation (`eval_at_start`), if any
+  (read back from metrics.jsonl, so a resumed run reports it too)."""
+  rows = [r for r in metrics_lib.read_jsonl(metrics_path) if r["step"] == 0 and r["split"] == "test"]
+  return {"initial_test_accuracy": rows[0]["accuracy"]} if rows else {}
 
 
 def to_host(tree):

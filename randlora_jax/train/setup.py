@@ -1,7 +1,8 @@
 """From a config to everything a run needs: mesh, data, model, parameters, optimizer.
 
 Every check that can fail on a bad config runs here, before anything is compiled, and
-raises `ConfigError` with what is wrong and what would fix it.
+raises `ConfigError` with what is wrong and what would fix it; the rules themselves are in
+`validate` (one table).
 """
 
 from __future__ import annotations
@@ -21,14 +22,8 @@ import optax
 from randlora_jax import data, lora, optim, sharding
 from randlora_jax.models import ViT, ViTConfig
 from randlora_jax.train import step as step_lib
-from randlora_jax.train.config import METHODS
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message says which and why."""
-
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from randlora_jax.train import validate
+from randlora_jax.train.validate import ConfigError  # noqa: F401  (raised by build)
 
 
 @dataclasses.dataclass
@@ -76,13 +71,8 @@ def fingerprint(config, vit_config: ViTConfig) -> dict:
 def vit_config(config, num_classes: int, loaded: ViTConfig | None = None) -> ViTConfig:
   """The ViTConfig: a checkpoint's own, or a preset; then the config's overrides."""
   m = config.model
-  if m.dtype not in DTYPES:
-    raise ConfigError(f"model.dtype {m.dtype!r} is not one of {sorted(DTYPES)}")
   if loaded is None:
-    preset = getattr(ViTConfig, m.preset, None)
-    if preset is None or not isinstance(ViTConfig.__dict__.get(m.preset), classmethod):
-      known = sorted(k for k, v in ViTConfig.__dict__.items() if isinstance(v, classmethod))
-      raise ConfigError(f"unknown model.preset {m.preset!r}; known presets: {known}")
+    preset = getattr(ViTConfig, m.preset)  # a known preset: validate.check_config
     kw = {"family": m.family} if m.family else {}
     vcfg = preset(num_classes=num_classes, **kw) if m.preset == "tiny" else preset(
         num_classes=num_classes, image_size=m.image_size, **kw)
@@ -91,7 +81,7 @@ def vit_config(config, num_classes: int, loaded: ViTConfig | None = None) -> ViT
   overrides = {k: m[k] for k in ("patch_size", "hidden_size", "num_layers", "num_heads",
                                  "mlp_dim") if m[k] is not None}
   try:
-    return vcfg.replace(image_size=m.image_size, dtype=DTYPES[m.dtype], remat=m.remat,
+    return vcfg.replace(image_size=m.image_size, dtype=getattr(jnp, m.dtype), remat=m.remat,
                         num_classes=num_classes, **overrides)
   except ValueError as e:
     raise ConfigError(f"model: {e}") from None
@@ -143,6 +133,28 @@ def check_targets(config, plain_abstract) -> None:
                             f"of layer {n!r} {shape}; use a rank <= {min(shape)}")
 
 
+def zero_shot_kernel(config, vcfg: ViTConfig):
+  """The frozen zero-shot head of a vision-only CLIP run (`model.zero_shot_head`), from the
+  text tower of the CLIPModel checkpoint and the dataset's class names."""
+  from randlora_jax.models import clip as clip_lib, tokenizer as tok_lib
+  if config.method == "head":
+    raise ConfigError("method 'head' with model.zero_shot_head: the head is frozen, nothing "
+                      "would train")
+  if not config.model.checkpoint or not vcfg.projection_dim:
+    raise ConfigError("model.zero_shot_head needs model.checkpoint = a CLIPModel directory "
+                      "(both towers and the projections)")
+  names = data.get_builder(config.data.name, config.data.data_dir or None).info.features[
+      config.data.label_key].names
+  try:
+    ccfg, loaded = clip_lib.load_clip(config.model.checkpoint)
+    tokenize = tok_lib.load_tokenizer(config.model.checkpoint)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"model.zero_shot_head: {e}") from None
+  return clip_lib.zero_shot_head(ccfg, loaded["params"], tokenize,
+                                 [n.replace("_", " ") for n in names],
+                                 tuple(config.model.zero_shot_templates))
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -158,6 +170,7 @@ def load_data(config, process_index: int, process_count: int):
     raise ConfigError(f"dataset {d.name!r} has no class label {d.label_key!r}") from None
   if d.kshot > 0:
     labels = data.labels_of(train_src, d.label_key)
+    validate.check_kshot(config, labels, num_classes)
     train_src = data.Subset(train_src, data.kshot_indices(labels, d.kshot, d.kshot_seed))
   if d.max_test_examples > 0:
     test_src = data.Subset(test_src, np.arange(min(d.max_test_examples, len(test_src))))
@@ -167,24 +180,14 @@ def load_data(config, process_index: int, process_count: int):
 # ----------------------------------------------------------------------------- build
 
 
-def check_batch(config, mesh) -> int:
-  """Per-process batch size; the global batch must split evenly over devices and processes."""
-  dp = sharding.data_parallel_size(mesh)
-  for name in ("batch_size", "eval_batch_size"):
-    b = config[name]
-    if b < 1 or b % dp:
-      raise ConfigError(f"{name}={b} is not divisible by the data-parallel size {dp} "
-                        f"(mesh data x fsdp = {dict(mesh.shape)}); use a multiple of {dp}")
-  return config.batch_size // jax.process_count()
-
-
 def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Experiment:
   """Builds a run. `load_pretrained(init_params, vit_config) -> params` supplies the backbone
   weights (None: the random init, or `config.model.checkpoint` when set)."""
-  if config.method not in METHODS:
-    raise ConfigError(f"unknown method {config.method!r}; expected one of {METHODS}")
-  mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  local_batch = check_batch(config, mesh)
+  validate.check_config(config)
+  if mesh is None:
+    mesh = sharding.make_mesh(*validate.resolve_mesh(config, jax.device_count()))
+  local_batch = validate.check_batch(config, sharding.data_parallel_size(mesh),
+                                     jax.process_count())
 
   try:
     train_src, test_src, num_classes = load_data(config, jax.process_index(), jax.process_count())
@@ -201,6 +204,9 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
       raise ConfigError(f"model.checkpoint {config.model.checkpoint!r}: {e}") from None
     loaded_params = loaded_params["params"]
   vcfg = vit_config(config, num_classes, loaded_cfg)
+  zero_shot = zero_shot_kernel(config, vcfg) if config.model.zero_shot_head else None
+  if zero_shot is not None:
+    vcfg = vcfg.replace(normalize_features=True)
   dummy = jnp.zeros((1, vcfg.image_size, vcfg.image_size, vcfg.num_channels), jnp.float32)
   plain_abstract = jax.eval_shape(
       lambda: ViT(vcfg, lora.dense_factory("full")).init(jax.random.key(0), dummy))["params"]
@@ -218,9 +224,14 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
       raise ConfigError(str(e)) from None
   if load_pretrained is not None:
     params = load_pretrained(params, vcfg)
+  patterns = trainable_patterns(config.method)
+  if zero_shot is not None:  # the head is CLIP's text tower's: installed, frozen
+    params = dict(params, head={"kernel": jnp.asarray(zero_shot),
+                                "bias": jnp.zeros((num_classes,), jnp.float32)})
+    patterns = tuple(p for p in patterns if p != r"^head/")
   params = jax.device_put(params, param_sh)
 
-  mask = optim.trainable_mask(params, trainable_patterns(config.method), defaults=False)
+  mask = optim.trainable_mask(params, patterns, defaults=False)
   trainable, frozen = optim.partition(params, mask)
   frozen_sh = jax.tree.map(lambda p, m: None if m else p, param_sh, mask)
   trainable_sh = jax.tree.map(lambda p, m: p if m else None, param_sh, mask)

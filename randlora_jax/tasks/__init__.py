@@ -1,0 +1,29 @@
+"""The task registry: what a run trains on and how it is scored (`config.task`).
+
+A task module provides
+* ``build(config, *, load_pretrained=None, mesh=None) -> setup.Experiment``,
+* ``make_train_step(exp) -> (state, frozen, batch) -> (state, metrics)`` (not jitted),
+* ``make_evaluator(exp) -> evaluator(state) -> {'accuracy', 'loss', 'count'}``;
+the training loop (`randlora_jax.train.loop`) does the rest the same way for every task.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# name -> module: the one table of tasks.
+TASKS = {
+    "classification": "randlora_jax.tasks.classification",  # a ViT and a linear head
+    "clip_vl": "randlora_jax.tasks.clip_vl",  # both CLIP towers, image -> class-prompt loss
+}
+
+
+def get(name: str) -> ModuleType:
+  if name not in TASKS:
+    from randlora_jax.train.setup import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
+  return importlib.import_module(TASKS[name])
+
+
+__all__ = ["TASKS", "get"]

@@ -1,0 +1,18 @@
+"""Image classification with a ViT and a linear head: the trainer's original task."""
+
+from __future__ import annotations
+
+from randlora_jax.train import evaluate as eval_lib
+from randlora_jax.train import setup as setup_lib
+from randlora_jax.train import step as step_lib
+
+build = setup_lib.build
+
+
+def make_train_step(exp):
+  c = exp.config
+  return step_lib.make_train_step(exp.model, exp.tx, c.model.normalization, c.seed)
+
+
+def make_evaluator(exp):
+  return eval_lib.Evaluator(exp)

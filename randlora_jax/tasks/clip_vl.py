@@ -1,0 +1,320 @@
+"""Task ``clip_vl``: fine-tune BOTH CLIP towers on an image-classification dataset, the way
+the paper's vision-language runs did (shared/reference/llm-and-vl.md, section 2).
+
+* Text: one prompt per class, ``config.clip.prompt`` ("An image of {}"), tokenised once.
+* Training loss: the batch's images against the prompts of THEIR OWN labels (B texts through
+  the text tower, duplicates included), features L2-normalised,
+  ``logits = scale * img @ txt.T`` (B x B), and image->text cross-entropy whose target for
+  row i is the FIRST batch index holding the same class (so duplicates of a class are not
+  pushed apart; only the first copy is the positive).
+* ``scale``: ``config.clip.logit_scale = 'raw'`` multiplies by the stored log-space
+  parameter (ln 100 ~ 4.6 for a trained CLIP), as the paper's code did; ``'exp'`` by its
+  exponential (100), as CLIP was pretrained. bench/RESULTS.md ("CLIP vision-language")
+  measures both.
+* Evaluation: each test image against all classes' prompt embeddings, top-1; with
+  ``config.eval_at_start`` the loop also scores the model before the first step (zero-shot).
+* k-shot: the subset is repeated until an epoch holds at least ``MIN_BATCHES`` batches.
+* Methods: ``randlora`` / ``lora`` (adapters on ``config.adapter.targets`` in both towers),
+  ``full`` (everything, logit_scale included), ``head`` (the two projections only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from randlora_jax import data, lora, optim, sharding
+from randlora_jax.models import clip as clip_lib
+from randlora_jax.models import loading
+from randlora_jax.models import tokenizer as tok_lib
+from randlora_jax.train import setup as setup_lib
+from randlora_jax.train import step as step_lib
+from randlora_jax.train import validate
+from randlora_jax.train.validate import ConfigError
+
+MIN_BATCHES = 10  # a k-shot epoch is at least this many batches (the paper's repetition)
+
+
+@dataclasses.dataclass
+class CLIPExperiment(setup_lib.Experiment):
+  clip_config: clip_lib.CLIPConfig
+  class_tokens: np.ndarray  # (num_classes, L): the prompt of each class
+
+  @property
+  def fingerprint(self) -> dict:
+    fp = setup_lib.fingerprint(self.config, self.vit_config)
+    fp.update(task="clip_vl", text=repr(self.clip_config.text.replace(dtype=None, remat=False)),
+              prompt=self.config.clip.prompt, logit_scale=self.config.clip.logit_scale)
+    return fp
+
+
+def trainable_patterns(method: str) -> tuple[str, ...]:
+  return {"randlora": (r"randlora_lambda$", r"randlora_gamma$"),
+          "lora": (r"lora_a$", r"lora_b$"),
+          "full": (r".*",),
+          "head": (r"(^|/)(visual_projection|text_projection)/",)}[method]
+
+
+def class_names(config) -> list[str]:
+  builder = data.get_builder(config.data.name, config.data.data_dir or None)
+  names = getattr(builder.info.features[config.data.label_key], "names", None)
+  if not names:
+    raise ConfigError(f"dataset {config.data.name!r}: label {config.data.label_key!r} has no "
+                      "class names to write prompts with")
+  return [n.replace("_", " ") for n in names]
+
+
+def repeat_to_batches(source, batch_size: int, min_batches: int = MIN_BATCHES):
+  """`source` repeated (whole copies) until it holds at least `min_batches` batches."""
+  reps = math.ceil(min_batches * batch_size / len(source))
+  return source if reps <= 1 else data.Subset(source, np.tile(np.arange(len(source)), reps))
+
+
+def _with(config, overrides: dict):
+  """A copy of `config` with dotted-key overrides."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  for k, v in overrides.items():
+    *parents, leaf = k.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def kshot_subset(config, train_src, num_classes: int):
+  """k examples per class (fixed seed), repeated to at least `MIN_BATCHES` batches. Unlike
+  the classification task's k-shot, fewer examples than one batch is fine: they repeat."""
+  d = config.data
+  labels = data.labels_of(train_src, d.label_key)
+  counts = np.bincount(labels, minlength=num_classes)
+  if counts.min() < d.kshot:
+    raise ConfigError(f"data.kshot={d.kshot} but class {int(counts.argmin())} of {d.name!r} "
+                      f"({d.train_split}) has {int(counts.min())} examples; use data.kshot <= "
+                      f"{int(counts.min())}")
+  subset = data.Subset(train_src, data.kshot_indices(labels, d.kshot, d.kshot_seed))
+  return repeat_to_batches(subset, config.batch_size)
+
+
+def clip_config(config, loaded: clip_lib.CLIPConfig | None) -> clip_lib.CLIPConfig:
+  """A checkpoint's own config, or a preset; then the run's dtype / remat / image size."""
+  m = config.model
+  if m.dtype not in setup_lib.DTYPES:
+    raise ConfigError(f"model.dtype {m.dtype!r} is not one of {sorted(setup_lib.DTYPES)}")
+  if loaded is None:
+    loaded = getattr(clip_lib.CLIPConfig, config.clip.preset)()  # known: validate.check_config
+    overrides = {k: m[k] for k in ("patch_size", "hidden_size", "num_layers", "num_heads",
+                                   "mlp_dim") if m[k] is not None}
+    try:
+      loaded = loaded.replace(vision=loaded.vision.replace(**overrides))
+    except ValueError as e:
+      raise ConfigError(f"model: {e}") from None
+  dtype = setup_lib.DTYPES[m.dtype]
+  try:
+    return loaded.replace(vision=loaded.vision.replace(image_size=m.image_size, dtype=dtype,
+                                                       remat=m.remat),
+                          text=loaded.text.replace(dtype=dtype, remat=m.remat))
+  except ValueError as e:
+    raise ConfigError(f"model: {e}") from None
+
+
+def scale_of(raw_logit_scale: jax.Array, mode: str) -> jax.Array:
+  """What multiplies the cosine similarities: the raw parameter (paper) or its exp (CLIP)."""
+  return raw_logit_scale if mode == "raw" else jnp.exp(raw_logit_scale)
+
+
+def first_same_class(labels: jax.Array) -> jax.Array:
+  """(B,) target of each row: the first batch index whose label equals this row's."""
+  return jnp.argmax(labels[:, None] == labels[None, :], axis=1)
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
+  """As `setup.build`, for the two-tower model. `load_pretrained(init_params, clip_config)`
+  may replace the parameters (None: `config.model.checkpoint`, the embedded pretrained
+  tiny CLIP when `config.clip.pretrain.enabled`, or the random init)."""
+  validate.check_config(config)
+  if mesh is None:
+    mesh = sharding.make_mesh(*validate.resolve_mesh(config, jax.device_count()))
+  local_batch = validate.check_batch(config, sharding.data_parallel_size(mesh),
+                                     jax.process_count())
+  try:
+    train_src, test_src, num_classes = setup_lib.load_data(
+        _with(config, {"data.kshot": 0}), jax.process_index(), jax.process_count())
+    names = class_names(config)
+  except data.DataError as e:
+    raise ConfigError(str(e)) from None
+  if config.data.kshot > 0:
+    train_src = kshot_subset(config, train_src, num_classes)
+
+  checkpoint = config.model.checkpoint
+  if not checkpoint and config.clip.pretrain.enabled:
+    from randlora_jax.tasks import clip_demo  # pylint: disable=g-import-not-at-top
+    checkpoint = clip_demo.pretrained_checkpoint(config)
+  prompts = [config.clip.prompt.format(n) for n in names]
+  loaded_cfg = loaded = None
+  if checkpoint:
+    try:
+      loaded_cfg, loaded = clip_lib.load_clip(checkpoint, image_size=config.model.image_size)
+      tokenize = tok_lib.load_tokenizer(checkpoint, config.clip.context_length or None)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"model.checkpoint {checkpoint!r}: {e}") from None
+    loaded = loaded["params"]
+  ccfg = clip_config(config, loaded_cfg)
+  if not checkpoint:  # random init: a word vocabulary over the prompts
+    words = [w for p in prompts for w in tok_lib.WordTokenizer([], 1).split(p)]
+    tokenize = tok_lib.WordTokenizer(words, config.clip.context_length or ccfg.text.max_length)
+  class_tokens = np.asarray(tokenize(prompts), np.int32)
+  if class_tokens.shape[1] > ccfg.text.max_length or class_tokens.max() >= ccfg.text.vocab_size:
+    raise ConfigError(f"prompts tokenise to {class_tokens.shape} ids up to {class_tokens.max()}; "
+                      f"the text tower takes {ccfg.text.max_length} tokens from a vocabulary of "
+                      f"{ccfg.text.vocab_size}")
+
+  images = jnp.zeros((1, ccfg.vision.image_size, ccfg.vision.image_size,
+                      ccfg.vision.num_channels), jnp.float32)
+  ids = jnp.asarray(class_tokens[:1])
+  plain_abstract = jax.eval_shape(lambda: clip_lib.CLIP(ccfg, lora.dense_factory("full")).init(
+      jax.random.key(0), images, ids))["params"]
+  setup_lib.check_targets(config, plain_abstract)
+
+  model = clip_lib.CLIP(ccfg, setup_lib.dense_factory(config))
+  init = lambda key: model.init(key, images, ids)["params"]
+  param_sh = sharding.shardings(jax.eval_shape(init, jax.random.key(config.seed)), mesh)
+  params = jax.jit(init, out_shardings=param_sh)(jax.random.key(config.seed))
+  if loaded is not None:
+    try:
+      params = loading.merge_pretrained(params, loaded)
+    except loading.CheckpointError as e:
+      raise ConfigError(str(e)) from None
+  if load_pretrained is not None:
+    params = load_pretrained(params, ccfg)
+  params = jax.device_put(params, param_sh)
+
+  mask = optim.trainable_mask(params, trainable_patterns(config.method), defaults=False)
+  trainable, frozen = optim.partition(params, mask)
+  frozen_sh = jax.tree.map(lambda p, m: None if m else p, param_sh, mask)
+  trainable_sh = jax.tree.map(lambda p, m: p if m else None, param_sh, mask)
+
+  steps = config.total_steps or math.ceil(config.num_epochs * len(train_src) / config.batch_size)
+  schedule = step_lib.make_schedule(config.optim.lr[config.method], steps,
+                                    config.optim.warmup_steps, config.optim.end_lr_fraction)
+  tx = step_lib.make_optimizer(schedule, weight_decay=config.optim.weight_decay,
+                               grad_clip=config.optim.grad_clip)
+  opt_sh = sharding.shardings(jax.eval_shape(tx.init, trainable), mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                              opt_state=opt_state)
+  state_sh = step_lib.TrainState(step=sharding.replicated(mesh), trainable=trainable_sh,
+                                 opt_state=opt_sh)
+
+  a = config.adapter
+  strip = lambda cfg: dataclasses.asdict(cfg.replace(dtype=None, param_dtype=None))
+  adapter_config = {"method": config.method, "targets": list(a.targets), "task": "clip_vl",
+                    "model": {"vision": strip(ccfg.vision), "text": strip(ccfg.text)},
+                    "dataset": config.data.name, "num_classes": num_classes,
+                    "prompts": prompts}
+  if config.method == "randlora":
+    adapter_config.update(r=a.r, alpha=a.alpha, seed=a.seed, distribution=a.distribution,
+                          sparse_dim=None)
+  elif config.method == "lora":
+    adapter_config.update(rank=a.lora_rank, alpha=a.lora_alpha)
+
+  return CLIPExperiment(
+      config=config, mesh=mesh, model=model, vit_config=ccfg.vision, frozen=frozen, state=state,
+      state_shardings=state_sh, frozen_shardings=frozen_sh, tx=tx, schedule=schedule,
+      train_source=train_src, test_source=test_src, num_classes=num_classes,
+      total_steps=steps, local_batch_size=local_batch,
+      trainable_count=optim.count(params, mask), total_count=optim.count(params),
+      adapter_config=adapter_config, clip_config=ccfg, class_tokens=class_tokens)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_train_step(exp: CLIPExperiment):
+  """(state, frozen, batch) -> (state, metrics); the paper's image->text loss."""
+  c = exp.config
+  model, tx, tokens = exp.model, exp.tx, jnp.asarray(exp.class_tokens)
+
+  def loss_fn(trainable, frozen, batch, step):
+    params = optim.combine(trainable, frozen)
+    labels = batch["label"]
+    rngs = {"dropout": jax.random.fold_in(jax.random.key(c.seed), step)}
+    img, txt, raw = model.apply({"params": params}, data.normalize(batch["image"],
+                                                                   c.model.normalization),
+                                tokens[labels], train=True, rngs=rngs)
+    logits = scale_of(raw, c.clip.logit_scale) * img @ txt.T
+    loss = step_lib.cross_entropy(logits, first_same_class(labels)).mean()
+    # Right when the best-matching prompt in the batch names the image's own class.
+    accuracy = (labels[jnp.argmax(logits, -1)] == labels).mean()
+    return loss, accuracy
+
+  def train_step(state, frozen, batch):
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.trainable, frozen, batch, state.step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(trainable)}
+    return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+  return train_step
+
+
+class Evaluator:
+  """`evaluator(state)`: top-1 of every test image against all classes' prompts. The class
+  embeddings are computed once per evaluation, then every batch of images is scored."""
+
+  def __init__(self, exp: CLIPExperiment):
+    self.exp = exp
+    c = exp.config
+    model, tokens, mode = exp.model, jnp.asarray(exp.class_tokens), c.clip.logit_scale
+    self.transform = data.eval_transform(exp.vit_config.image_size, c.data.image_key,
+                                         c.data.label_key)
+    self.local_batch = c.eval_batch_size // jax.process_count()
+    rep = sharding.replicated(exp.mesh)
+    shardings = (exp.state_shardings.trainable, exp.frozen_shardings)
+
+    def class_embeddings(trainable, frozen):
+      params = optim.combine(trainable, frozen)
+      return model.apply({"params": params}, tokens, method=clip_lib.CLIP.encode_text)
+
+    def eval_step(trainable, frozen, class_embeds, batch):
+      params = optim.combine(trainable, frozen)
+      img = model.apply({"params": params}, data.normalize(batch["image"], c.model.normalization),
+                        method=clip_lib.CLIP.encode_image)
+      logits = scale_of(params["logit_scale"], mode) * img @ class_embeds.T
+      mask = batch["mask"]
+      correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+      loss = step_lib.cross_entropy(logits, batch["label"])
+      return {"correct": (correct * mask).sum(), "loss": (loss * mask).sum(), "count": mask.sum()}
+
+    self.class_embeddings = jax.jit(class_embeddings, in_shardings=shardings, out_shardings=rep)
+    self.step = jax.jit(eval_step, in_shardings=shardings + (rep, sharding.batch_sharding(
+        exp.mesh)), out_shardings=rep)
+
+  def __call__(self, state) -> dict[str, float]:
+    class_embeds = self.class_embeddings(state.trainable, self.exp.frozen)
+    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    for batch in data.eval_batches(self.exp.test_source, batch_size=self.local_batch,
+                                   transform=self.transform, process_index=jax.process_index(),
+                                   process_count=jax.process_count()):
+      out = self.step(state.trainable, self.exp.frozen, class_embeds,
+                      sharding.shard_batch(batch, self.exp.mesh))
+      for k, v in jax.device_get(out).items():
+        totals[k] += float(v)
+    n = max(totals["count"], 1.0)
+    return {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n,
+            "count": totals["count"]}
+
+
+def make_evaluator(exp: CLIPExperiment) -> Evaluator:
+  return Evaluator(exp)
