@@ -69,7 +69,9 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
 
   # ---- resume
   state = exp.state
-  iterator = _train_iterator(exp)
+  # A task may read its own data (e.g. token rows); images go through the shared pipeline.
+  iterator = (task.train_iterator(exp) if hasattr(task, "train_iterator")
+              else _train_iterator(exp))
   run_config = {"fingerprint": exp.fingerprint, "config": config.to_dict()}
   current = json.loads(json.dumps(exp.fingerprint))  # as it reads back from JSON
   restored = checkpointer.restore_newest(
