@@ -26,12 +26,13 @@ import json
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from randlora_jax import adapter as adapter_lib
+from randlora_jax import adapter_dropout
 from randlora_jax import optim, sharding
 from randlora_jax.data import commonsense as data_lib
 from randlora_jax.evaluation import commonsense as eval_lib
@@ -91,9 +92,28 @@ def linear_schedule(peak: float, total: int, warmup: int, end_fraction: float) -
   return optax.join_schedules(parts, [warmup]) if warmup else parts[0]
 
 
-def _tokenizer(config, train_records):
+def dense_factory(config):
+  """The trainer's layer choice, with adapter dropout (``adapter.dropout``) on the adapted
+  layers when set (active only in training steps: adapter_dropout.py)."""
+  base = setup_lib.dense_factory(config)
+  rate = config.adapter.get("dropout", 0.0)
+  if not rate or config.method not in ("randlora", "lora"):
+    return base
+
+  def pick(name):
+    cls = base(name)
+    if cls is nn.Dense:
+      return cls
+    inner = cls.func if isinstance(cls, functools.partial) else cls
+    kwargs = cls.keywords if isinstance(cls, functools.partial) else {}
+    return functools.partial(adapter_dropout.with_adapter_dropout(inner), dropout=rate, **kwargs)
+
+  return pick
+
+
+def _tokenizer(config, train_records, checkpoint: str):
   lm = config.lm
-  directory = lm.tokenizer or config.model.checkpoint
+  directory = lm.tokenizer or checkpoint
   if directory:
     try:
       return lm_tokenizer.load(directory)
@@ -108,14 +128,14 @@ def _tokenizer(config, train_records):
   return lm_tokenizer.train_bpe(texts, lm.vocab_size, cached)
 
 
-def read_eval_tasks(config) -> dict[str, list[dict]]:
+def read_eval_tasks(config, eval_dir: str) -> dict[str, list[dict]]:
   lm = config.lm
   out = {}
   for task in lm.eval_tasks:
     if task not in eval_lib.TASK_PATTERNS:
       raise ConfigError(f"lm.eval_tasks: unknown task {task!r}; known: "
                         f"{list(eval_lib.TASK_PATTERNS)}")
-    path = os.path.join(lm.eval_dir, task, "test.json")
+    path = os.path.join(eval_dir, task, "test.json")
     try:
       records = data_lib.read_records(path)
     except data_lib.DataFormatError as e:
@@ -135,26 +155,30 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   local_batch = validate.check_batch(config, sharding.data_parallel_size(mesh),
                                      jax.process_count())
   lm = config.lm
-  if not lm.train_file:
+  checkpoint, train_file, eval_dir = config.model.checkpoint, lm.train_file, lm.eval_dir
+  if not checkpoint and lm.pretrain.enabled:  # the embedded demo's pretrained decoder and data
+    from randlora_jax.tasks import lm_demo  # pylint: disable=g-import-not-at-top
+    checkpoint, demo_train, demo_eval = lm_demo.prepare(config)
+    train_file, eval_dir = train_file or demo_train, eval_dir or demo_eval
+  if not train_file:
     raise ConfigError("lm.train_file is empty: give a JSON / JSONL file in the commonsense format")
   try:
-    records = data_lib.read_records(lm.train_file)
+    records = data_lib.read_records(train_file)
     train_records, val_records = data_lib.split_validation(records, lm.val_size)
   except data_lib.DataFormatError as e:
     raise ConfigError(f"lm.train_file: {e}") from None
-  eval_tasks = read_eval_tasks(config)
-  tok = _tokenizer(config, train_records)
+  eval_tasks = read_eval_tasks(config, eval_dir)
+  tok = _tokenizer(config, train_records, checkpoint)
 
   dtype = jnp.dtype(config.model.dtype)
   remat = "full" if config.model.remat else "none"
-  dense = setup_lib.dense_factory(config)
+  dense = dense_factory(config)
   loaded = None
-  if config.model.checkpoint:
+  if checkpoint:
     try:
-      dcfg, loaded = hf_decoder.load_decoder(config.model.checkpoint, mesh=mesh, dtype=dtype,
-                                             remat=remat)
+      dcfg, loaded = hf_decoder.load_decoder(checkpoint, mesh=mesh, dtype=dtype, remat=remat)
     except (OSError, ValueError) as e:
-      raise ConfigError(f"model.checkpoint {config.model.checkpoint!r}: {e}") from None
+      raise ConfigError(f"model.checkpoint {checkpoint!r}: {e}") from None
   else:
     dcfg = PRESETS[lm.preset](tok.vocab_size)
     m = config.model
@@ -209,12 +233,12 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   a = config.adapter
   adapter_config = {"method": config.method, "targets": list(a.targets), "task": "causal_lm",
                     "model": dataclasses.asdict(dcfg.replace(dtype=None, param_dtype=None)),
-                    "dataset": lm.train_file}
+                    "dataset": train_file}
   if config.method == "randlora":
     adapter_config.update(r=a.r, alpha=a.alpha, seed=a.seed, distribution=a.distribution,
-                          sparse_dim=None)
+                          sparse_dim=None, dropout=a.dropout)
   elif config.method == "lora":
-    adapter_config.update(rank=a.lora_rank, alpha=a.lora_alpha)
+    adapter_config.update(rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.dropout)
 
   return LMExperiment(
       config=config, mesh=mesh, model=model, vit_config=None, frozen=frozen, state=state,
@@ -248,15 +272,19 @@ def _weights(batch):
 def make_train_step(exp: LMExperiment):
   model, tx = exp.model, exp.tx
 
-  def loss_fn(trainable, frozen, batch):
+  seed = exp.config.seed
+
+  def loss_fn(trainable, frozen, batch, step):
     params = optim.combine(trainable, frozen)
+    rngs = {"dropout": jax.random.fold_in(jax.random.key(seed), step)}  # adapter dropout
     logits = model.apply({"params": params}, batch["input_ids"],
-                         attention_mask=batch["attention_mask"])
+                         attention_mask=batch["attention_mask"], rngs=rngs)
     loss, acc, _ = weighted_lm_loss(logits, batch["input_ids"], _weights(batch))
     return loss, acc
 
   def train_step(state, frozen, batch):
-    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, frozen, batch)
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, frozen, batch,
+                                                                   state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads),

@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.adapter.distribution = "uniform"
   c.adapter.lora_rank = 32
   c.adapter.lora_alpha = 64.0
+  c.adapter.dropout = 0.0     # on the adapter branch's input (PEFT randlora_/lora_dropout); causal_lm
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic_shapes/left_shape"

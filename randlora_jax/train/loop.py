@@ -160,6 +160,7 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
       "method": config.method, "dataset": config.data.name, "steps": final_step,
       "trainable_params": exp.trainable_count, "total_params": exp.total_count,
       "test_accuracy": res["accuracy"], "test_loss": res["loss"],
+      **{k: v for k, v in res.items() if k.startswith("acc/")},  # per-task scores (causal_lm)
       **initial_accuracy(writer.path),
       # The first step of a process compiles: excluded from the median when there are others.
       "median_step_time_s": metrics_lib.median(step_times[1:] or step_times),

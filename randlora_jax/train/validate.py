@@ -251,6 +251,7 @@ LM_PRESETS = ("tiny", "qwen2_0_5b", "phi3_mini", "llama3_8b")
 LM_EVAL_TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy",
                  "ARC-Challenge", "openbookqa")
 register(
+    Field("adapter.dropout", "a number in [0, 1)", lambda v, c: _is_num(v) and 0 <= v < 1),
     _field("lm.preset", one_of(LM_PRESETS)),
     _field("lm.tokenizer", text()),
     _field("lm.vocab_size", integer(260)),  # a byte-level BPE holds 256 bytes + specials
