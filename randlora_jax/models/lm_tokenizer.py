@@ -8,6 +8,7 @@ tokenizer's own BOS when it adds one), ``decode(ids) -> text``, ``eos_id``, ``pa
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterable, Sequence
 
@@ -42,7 +43,13 @@ def load(directory: str | os.PathLike) -> LMTokenizer:
   if not os.path.exists(os.path.join(directory, "tokenizer.json")):
     raise FileNotFoundError(f"no tokenizer.json in {directory}")
   try:
-    tok = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    cfg_path = os.path.join(directory, "tokenizer_config.json")
+    own = os.path.exists(cfg_path) and json.load(open(cfg_path)).get(
+        "tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    # A BPE trained here stays as saved (AutoTokenizer would follow config.json's model_type
+    # and add that family's special tokens).
+    cls = transformers.PreTrainedTokenizerFast if own else transformers.AutoTokenizer
+    tok = cls.from_pretrained(directory, local_files_only=True)
   except (ValueError, OSError, KeyError):  # no tokenizer_config.json: the bare file
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_file=os.path.join(directory, "tokenizer.json"), eos_token="<eos>",
