@@ -1,0 +1,1 @@
+"""Adapters to third-party tools (lm_eval: the lm-evaluation-harness)."""
