@@ -1,1 +1,2 @@
-"""RandLoRA inside other libraries' model code (Qwix providers for MaxText, Tunix, gemma, ...)."""
+"""RandLoRA inside other libraries: Qwix providers (MaxText, Tunix, gemma-style code) and the
+lm-evaluation-harness adapter."""

@@ -316,7 +316,9 @@ class Decoder(nn.Module):
     block = Block
     if cfg.remat != "none":
       block = nn.remat(Block, prevent_cse=False, policy=_POLICIES[cfg.remat])
-    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    # each layer its own dropout key (adapter dropout in training; no key otherwise)
+    stack = nn.scan(block, variable_axes={"params": 0},
+                    split_rngs={"params": True, "dropout": True},
                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=cfg.num_layers)
     x, new_cache = stack(cfg, dense, name="layers")(x, cache, positions, kv_valid, cache_index)

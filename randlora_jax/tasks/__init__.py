@@ -3,7 +3,8 @@
 A task module provides
 * ``build(config, *, load_pretrained=None, mesh=None) -> setup.Experiment``,
 * ``make_train_step(exp) -> (state, frozen, batch) -> (state, metrics)`` (not jitted),
-* ``make_evaluator(exp) -> evaluator(state) -> {'accuracy', 'loss', 'count'}``;
+* ``make_evaluator(exp) -> evaluator(state) -> {'accuracy', 'loss', 'count'}``,
+* optionally ``train_iterator(exp)``: its own resumable batch iterator (default: images);
 the training loop (`randlora_jax.train.loop`) does the rest the same way for every task.
 """
 
@@ -16,6 +17,7 @@ from types import ModuleType
 TASKS = {
     "classification": "randlora_jax.tasks.classification",  # a ViT and a linear head
     "clip_vl": "randlora_jax.tasks.clip_vl",  # both CLIP towers, image -> class-prompt loss
+    "causal_lm": "randlora_jax.tasks.causal_lm",  # decoder LLM instruction tuning (commonsense)
 }
 
 

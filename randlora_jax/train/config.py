@@ -14,7 +14,7 @@ METHODS = ("randlora", "lora", "full", "head")
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = "classification"   # classification | clip_vl (randlora_jax.tasks.TASKS)
+  c.task = "classification"   # classification | clip_vl | causal_lm (randlora_jax.tasks.TASKS)
   c.method = "randlora"       # randlora | lora | full | head (linear probe)
   c.methods = ()              # non-empty: train each of these in turn, then print a table
   c.seed = 0
@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.adapter.distribution = "uniform"
   c.adapter.lora_rank = 32
   c.adapter.lora_alpha = 64.0
+  c.adapter.dropout = 0.0     # on the adapter branch's input (PEFT randlora_/lora_dropout); causal_lm
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic_shapes/left_shape"
@@ -100,6 +101,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.clip.pretrain = ml_collections.ConfigDict(dict(
       enabled=False, steps=600, batch_size=128, lr=2e-3, text_width=64, text_layers=2,
       cache_dir=""))
+
+  # Task causal_lm (randlora_jax/tasks/causal_lm.py): instruction tuning of a decoder LLM on
+  # commonsense-format JSON / JSONL, scored by the paper's protocol (configs/commonsense.py).
+  c.lm = ml_collections.ConfigDict()
+  c.lm.preset = "tiny"        # shapes without model.checkpoint: tiny | qwen2_0_5b | phi3_mini | llama3_8b
+  c.lm.tokenizer = ""         # directory with tokenizer.json ("": model.checkpoint's, or a BPE)
+  c.lm.vocab_size = 512       # the BPE trained on the training file when there is no tokenizer
+  c.lm.train_file = ""        # JSON list or JSONL: instruction, input, output, answer
+  c.lm.val_size = 120         # records held out for the validation loss (best state kept)
+  c.lm.cutoff = 256           # tokens per example (EOS appended when it fits)
+  c.lm.mask_prompt = False    # True: loss on the response only (the paper trains on both)
+  c.lm.packing = False        # True: examples concatenated into full rows of `cutoff`
+  c.lm.eval_dir = ""          # <eval_dir>/<task>/test.json for each of eval_tasks
+  c.lm.eval_tasks = ()        # boolq piqa social_i_qa hellaswag winogrande ARC-Easy ...
+  c.lm.max_eval_examples = 0  # >0: the first n records of each task only
+  c.lm.eval_mode = "generate"  # generate (4-beam, regex: the paper's) | loglik (option scoring)
+  c.lm.eval_batch_size = 8
+  c.lm.num_beams = 4
+  c.lm.max_new_tokens = 32
+  # Demo only: a tiny decoder pretrained once on an embedded corpus (cached).
+  c.lm.pretrain = ml_collections.ConfigDict(dict(enabled=False, steps=300, batch_size=32,
+                                                 lr=3e-3, cache_dir=""))
 
   c.export = ml_collections.ConfigDict(dict(adapter=True, merged=False))
   return c

@@ -69,7 +69,9 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
 
   # ---- resume
   state = exp.state
-  iterator = _train_iterator(exp)
+  # A task may read its own data (e.g. token rows); images go through the shared pipeline.
+  iterator = (task.train_iterator(exp) if hasattr(task, "train_iterator")
+              else _train_iterator(exp))
   run_config = {"fingerprint": exp.fingerprint, "config": config.to_dict()}
   current = json.loads(json.dumps(exp.fingerprint))  # as it reads back from JSON
   restored = checkpointer.restore_newest(
@@ -158,6 +160,7 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
       "method": config.method, "dataset": config.data.name, "steps": final_step,
       "trainable_params": exp.trainable_count, "total_params": exp.total_count,
       "test_accuracy": res["accuracy"], "test_loss": res["loss"],
+      **{k: v for k, v in res.items() if k.startswith("acc/")},  # per-task scores (causal_lm)
       **initial_accuracy(writer.path),
       # The first step of a process compiles: excluded from the median when there are others.
       "median_step_time_s": metrics_lib.median(step_times[1:] or step_times),

@@ -246,6 +246,36 @@ register(
     _field("clip.pretrain.cache_dir", text()),
 )
 
+# The causal-LM fields (task causal_lm, randlora_jax/tasks/causal_lm.py).
+LM_PRESETS = ("tiny", "qwen2_0_5b", "phi3_mini", "llama3_8b")
+LM_EVAL_TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy",
+                 "ARC-Challenge", "openbookqa")
+register(
+    Field("adapter.dropout", "a number in [0, 1)", lambda v, c: _is_num(v) and 0 <= v < 1),
+    _field("lm.preset", one_of(LM_PRESETS)),
+    _field("lm.tokenizer", text()),
+    _field("lm.vocab_size", integer(260)),  # a byte-level BPE holds 256 bytes + specials
+    _field("lm.train_file", text()),
+    _field("lm.val_size", integer(0)),
+    _field("lm.cutoff", integer(8)),
+    _field("lm.mask_prompt", boolean()),
+    _field("lm.packing", boolean()),
+    _field("lm.eval_dir", text()),
+    _field("lm.eval_tasks", ("a tuple of tasks from " + str(list(LM_EVAL_TASKS)),
+                             lambda v, c: isinstance(v, (tuple, list))
+                             and all(t in LM_EVAL_TASKS for t in v))),
+    _field("lm.max_eval_examples", integer(0)),
+    _field("lm.eval_mode", one_of(("generate", "loglik"))),
+    _field("lm.eval_batch_size", integer(1)),
+    _field("lm.num_beams", integer(1)),
+    _field("lm.max_new_tokens", integer(1)),
+    _field("lm.pretrain.enabled", boolean()),
+    _field("lm.pretrain.steps", integer(1)),
+    _field("lm.pretrain.batch_size", integer(1)),
+    _field("lm.pretrain.lr", number(gt=0)),
+    _field("lm.pretrain.cache_dir", text()),
+)
+
 # ----------------------------------------------------------------------------- checks
 
 

@@ -1,0 +1,126 @@
+"""Instruction fine-tuning of decoder LLMs on commonsense reasoning (task causal_lm), the
+paper's s.4.4 (shared/reference/llm-and-vl.md s.1).
+
+Presets (`configs/commonsense.py:<preset>`):
+  qwen2_0_5b  Qwen2-0.5B, RandLoRA-10, one host
+  phi3_mini   Phi-3-mini-4k-instruct, FUSED targets qkv_proj / gate_up_proj / down_proj
+  llama3_8b   Meta-Llama-3-8B, RandLoRA-30, pod: FSDP over the chips, bf16, remat
+  gemma       a Gemma checkpoint (model.checkpoint gives the size), RandLoRA-30
+  demo        a tiny decoder pretrained once on an embedded corpus (cached), fine-tuned by each
+              method on an embedded generated commonsense-style set, scored by the paper's
+              protocol: `python train.py --config=configs/commonsense.py:demo --workdir=runs/llm_demo`
+  tiny        test size, random init, a few steps (lm.train_file must be given)
+
+Recipe (the paper's scripts): adapters on q_proj, k_proj, v_proj, up_proj, down_proj; alpha = 2r;
+basis seed 63098; lr 1e-4; batch 16; 100 warm-up steps then linear decay to 0; AdamW, weight
+decay 0; cutoff 256 tokens, EOS appended; loss on prompt + response; 120 examples held out for
+validation (every 200 steps, best state scored); evaluation: merged weights, 4-beam, 32 tokens.
+Adapter dropout 0.05 on the adapter branch's input (`adapter.dropout`, training steps only).
+`--config.method=lora` (rank 32, alpha 64) or `--config.method=full` switch the method.
+
+One host:
+  python train.py --config=configs/commonsense.py:qwen2_0_5b \
+      --config.model.checkpoint=/ckpt/Qwen2-0.5B \
+      --config.lm.train_file=/data/commonsense_170k.json \
+      --config.lm.eval_dir=/data/commonsense_eval --workdir=/tmp/qwen2_cs170k
+
+TPU pod (one process per host, the same command on every host; frozen weights FSDP-sharded
+over all chips, data parallel over the same axis):
+  python train.py --config=configs/commonsense.py:llama3_8b \
+      --config.model.checkpoint=/ckpt/Meta-Llama-3-8B \
+      --config.lm.train_file=/data/commonsense_170k.json \
+      --config.lm.eval_dir=/data/commonsense_eval \
+      --config.mesh.data=1 --config.mesh.fsdp=-1 --config.distributed.enabled=True \
+      --workdir=gs://bucket/runs/llama3_8b_cs170k
+"""
+
+from randlora_jax.train.config import base_config
+
+EVAL_TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy",
+              "ARC-Challenge", "openbookqa")
+UNFUSED = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+FUSED = ("qkv_proj", "gate_up_proj", "down_proj")  # Phi-3: the paper's counts match these
+# preset -> (lm.preset, RandLoRA r, targets)
+PRESETS = {"qwen2_0_5b": ("qwen2_0_5b", 10, UNFUSED), "phi3_mini": ("phi3_mini", 30, FUSED),
+           "llama3_8b": ("llama3_8b", 30, UNFUSED), "gemma": ("tiny", 30, UNFUSED)}
+
+
+def paper_recipe(c):
+  c.task = "causal_lm"
+  c.method = "randlora"
+  c.adapter.seed = 63098
+  c.adapter.targets = UNFUSED
+  c.adapter.lora_rank, c.adapter.lora_alpha = 32, 64.0
+  c.adapter.dropout = 0.05   # on the adapter branch's input only
+  c.optim.lr.update(dict(randlora=1e-4, lora=1e-4, full=1e-5, head=1e-4))
+  c.optim.weight_decay = 0.0
+  c.optim.warmup_steps = 100
+  c.optim.end_lr_fraction = 0.0
+  c.optim.grad_clip = 1.0
+  c.batch_size = 16
+  c.num_epochs = 1
+  c.lm.cutoff = 256
+  c.lm.val_size = 120
+  c.lm.mask_prompt = False
+  c.lm.eval_tasks = EVAL_TASKS
+  c.lm.eval_mode = "generate"
+  c.lm.num_beams, c.lm.max_new_tokens = 4, 32
+  c.eval_every = 200
+  c.checkpoint_every = 200
+  c.model.dtype = "bfloat16"
+  return c
+
+
+def get_config(preset: str = "qwen2_0_5b"):
+  c = paper_recipe(base_config())
+  if preset in PRESETS:
+    c.lm.preset, c.adapter.r, c.adapter.targets = PRESETS[preset]
+    c.adapter.alpha = 2.0 * c.adapter.r
+    if preset == "llama3_8b":
+      c.model.remat = True
+      c.mesh.data, c.mesh.fsdp = 1, -1
+    return c
+  if preset == "tiny":
+    c.lm.preset = "tiny"
+    c.model.dtype = "float32"
+    c.adapter.r, c.adapter.alpha = 8, 16.0
+    c.adapter.lora_rank, c.adapter.lora_alpha = 4, 8.0
+    c.lm.cutoff, c.lm.val_size, c.lm.vocab_size = 96, 8, 320
+    c.lm.eval_tasks, c.lm.max_eval_examples = (), 4
+    c.lm.num_beams, c.lm.max_new_tokens, c.lm.eval_batch_size = 2, 6, 4
+    c.optim.warmup_steps = 1
+    c.optim.lr.update(dict(randlora=1e-2, lora=1e-2, full=1e-3))
+    c.batch_size, c.eval_batch_size = 8, 8  # the tests' 8 virtual devices
+    c.total_steps, c.log_every = 3, 1
+    c.eval_every, c.checkpoint_every = 0, 0
+    c.progress = False
+    return c
+  if preset == "demo":
+    return demo(c)
+  raise ValueError(f"configs/commonsense.py:<preset> with preset in "
+                   f"{sorted(PRESETS) + ['demo', 'tiny']}")
+
+
+def demo(c):
+  """The embedded LLM demo (randlora_jax/tasks/lm_demo.py writes its data and pretrains)."""
+  c.methods = ("lora", "randlora", "full")
+  c.data.name = "embedded commonsense-style set"  # the table's title
+  c.lm.preset = "tiny"
+  c.lm.pretrain.enabled = True
+  c.model.dtype = "float32"
+  c.model.hidden_size, c.model.num_layers, c.model.mlp_dim = 64, 2, 128
+  c.lm.vocab_size = 512
+  c.lm.cutoff = 96
+  c.lm.val_size = 60
+  c.lm.eval_tasks = ("boolq", "piqa", "ARC-Easy")
+  c.lm.max_eval_examples = 60
+  c.lm.eval_batch_size = 60
+  # RandLoRA r = 16 (N = 4 bases on the 64-wide layers) vs LoRA rank 4: comparable budgets.
+  c.adapter.r, c.adapter.alpha = 16, 32.0
+  c.adapter.lora_rank, c.adapter.lora_alpha = 4, 8.0
+  c.optim.lr.update(dict(randlora=3e-3, lora=3e-3, full=1e-3))
+  c.optim.warmup_steps = 10
+  c.batch_size, c.eval_batch_size = 16, 60
+  c.total_steps, c.log_every = 150, 25
+  c.eval_every, c.checkpoint_every = 50, 0
+  return c

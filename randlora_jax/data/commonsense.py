@@ -1,0 +1,185 @@
+"""Instruction data in the commonsense format (LLM-Adapters / DoRA, the paper's s.4.4):
+records ``{"instruction", "input", "output", "answer"}`` in a JSON list or JSONL file.
+
+* Prompts: the paper's Alpaca template with its exact whitespace. Training and evaluation
+  differ (two spaces vs one after "request.", and the blank line before "### Response:").
+* Tokenisation as the paper's script: the full prompt truncated to `cutoff` tokens, EOS
+  appended when it fits; the loss covers prompt AND response unless `mask_prompt` (then the
+  prompt's tokens get weight 0).
+* Packing (option): examples (each with its EOS) concatenated and cut into rows of `cutoff`;
+  attention then crosses example boundaries (the plain causal mask), as naive packing does.
+* The held-out validation split: `val_size` (120) records drawn with a fixed seed.
+* Per-process reading: `TokenizedSource` tokenises lazily, so a process tokenises only the
+  records of its own shard (the grain pipeline slices ``[process_index::process_count]``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Protocol, Sequence
+
+import numpy as np
+
+TRAIN_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.  \n\n"
+    "                ### Instruction:\n                {instruction}\n                \n"
+    "                ### Response:\n                {output}")
+
+EVAL_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request. \n\n"
+    "                ### Instruction:\n                {instruction}\n\n"
+    "                ### Response:\n                ")
+
+RESPONSE_MARK = "### Response:"
+FIELDS = ("instruction", "output")
+
+
+class DataFormatError(ValueError):
+  """A data file that is not in the commonsense format."""
+
+
+class TextTokenizer(Protocol):
+  eos_id: int
+  pad_id: int
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def train_prompt(record: dict) -> str:
+  """The training text: prompt and response (the paper's `generate_prompt` with output)."""
+  return TRAIN_TEMPLATE.format(instruction=record["instruction"], output=record.get("output", ""))
+
+
+def eval_prompt(record: dict) -> str:
+  """The evaluation prompt (ends where the model's response starts)."""
+  return EVAL_TEMPLATE.format(instruction=record["instruction"])
+
+
+def read_records(path: str) -> list[dict]:
+  """Records of a JSON list or a JSONL file; every record needs `instruction` and `output`."""
+  if not os.path.exists(path):
+    raise DataFormatError(f"{path}: no such file")
+  with open(path) as f:
+    text = f.read()
+  try:
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+      records = json.loads(text)
+    else:
+      records = [json.loads(line) for line in text.splitlines() if line.strip()]
+  except json.JSONDecodeError as e:
+    raise DataFormatError(f"{path}: not JSON or JSONL ({e})") from None
+  for i, r in enumerate(records):
+    missing = [k for k in FIELDS if not isinstance(r, dict) or k not in r]
+    if missing:
+      raise DataFormatError(f"{path}: record {i} lacks {missing} (the commonsense format has "
+                            "instruction, input, output, answer)")
+    if r.get("input"):
+      # The paper's data never fills `input`; its template for a filled one is not this one.
+      raise DataFormatError(f"{path}: record {i} has a non-empty 'input'; the commonsense "
+                            "prompt has no input section (put it in the instruction)")
+  return records
+
+
+def split_validation(records: list[dict], val_size: int, seed: int = 42
+                     ) -> tuple[list[dict], list[dict]]:
+  """(train, validation): `val_size` records held out by a fixed-seed shuffle."""
+  if val_size <= 0:
+    return list(records), []
+  if val_size >= len(records):
+    raise DataFormatError(f"{len(records)} records cannot give {val_size} for validation and "
+                          "still train on some")
+  order = np.random.default_rng(seed).permutation(len(records))
+  val = set(order[:val_size].tolist())
+  return ([r for i, r in enumerate(records) if i not in val],
+          [r for i, r in enumerate(records) if i in val])
+
+
+def tokenize_example(tok: TextTokenizer, record: dict, cutoff: int, mask_prompt: bool = False
+                     ) -> tuple[list[int], list[float]]:
+  """(ids, loss weights) of one record, as the paper's script: the full text truncated to
+  `cutoff`, EOS appended when there is room and it is not already last."""
+  ids = tok.encode(train_prompt(record))[:cutoff]
+  if len(ids) < cutoff and (not ids or ids[-1] != tok.eos_id):
+    ids.append(tok.eos_id)
+  weights = [1.0] * len(ids)
+  if mask_prompt:
+    prompt_len = len(tok.encode(train_prompt(dict(record, output=""))))
+    weights[:prompt_len] = [0.0] * min(prompt_len, len(ids))
+  return ids, weights
+
+
+def pad_row(ids: list[int], weights: list[float], length: int, pad_id: int) -> dict:
+  n = len(ids)
+  out_ids = np.full((length,), pad_id, np.int32)
+  out_ids[:n] = ids
+  mask = np.zeros((length,), np.int32)
+  mask[:n] = 1
+  w = np.zeros((length,), np.float32)
+  w[:n] = weights
+  return {"input_ids": out_ids, "attention_mask": mask, "loss_weights": w}
+
+
+class TokenizedSource:
+  """Random-access source of padded rows (`input_ids`, `attention_mask`, `loss_weights`),
+  tokenising each record when first read (so a process tokenises its own shard only)."""
+
+  def __init__(self, records: list[dict], tok: TextTokenizer, cutoff: int,
+               mask_prompt: bool = False):
+    self.records, self.tok, self.cutoff, self.mask_prompt = records, tok, cutoff, mask_prompt
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, i) -> dict:
+    ids, w = tokenize_example(self.tok, self.records[int(i)], self.cutoff, self.mask_prompt)
+    return pad_row(ids, w, self.cutoff, self.tok.pad_id)
+
+
+class PackedSource:
+  """Rows of exactly `cutoff` tokens cut from the concatenation of the examples (each with
+  its EOS); the last partial row is dropped."""
+
+  def __init__(self, records: list[dict], tok: TextTokenizer, cutoff: int,
+               mask_prompt: bool = False):
+    ids, weights = [], []
+    for r in records:
+      i, w = tokenize_example(tok, r, cutoff, mask_prompt)
+      if i[-1] != tok.eos_id:
+        i, w = i + [tok.eos_id], w + [1.0]
+      ids += i
+      weights += w
+    n = len(ids) // cutoff
+    if n == 0:
+      raise DataFormatError(f"packing {len(records)} records gives {len(ids)} tokens, fewer "
+                            f"than one row of {cutoff}")
+    self.ids = np.asarray(ids[:n * cutoff], np.int32).reshape(n, cutoff)
+    self.weights = np.asarray(weights[:n * cutoff], np.float32).reshape(n, cutoff)
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  def __getitem__(self, i) -> dict:
+    return {"input_ids": self.ids[i], "attention_mask": np.ones_like(self.ids[i]),
+            "loss_weights": self.weights[i]}
+
+
+def batches(source, batch_size: int, process_index: int = 0, process_count: int = 1):
+  """Padded per-process evaluation batches of `source` with a `row_mask`; every process
+  yields the same number of batches."""
+  shard = list(range(process_index, len(source), process_count))
+  per_process = -(-len(source) // process_count)
+  for b in range(-(-per_process // batch_size)):
+    idx = shard[b * batch_size:(b + 1) * batch_size]
+    rows = [source[i] for i in idx]
+    template = source[0]
+    while len(rows) < batch_size:
+      rows.append({k: np.zeros_like(v) for k, v in template.items()})
+    out = {k: np.stack([r[k] for r in rows]) for k in template}
+    out["row_mask"] = np.asarray([1.0] * len(idx) + [0.0] * (batch_size - len(idx)), np.float32)
+    yield out

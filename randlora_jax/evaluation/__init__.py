@@ -1,0 +1,1 @@
+"""Evaluation protocols for fine-tuned LLMs (`commonsense`: the paper's)."""

@@ -1,0 +1,82 @@
+"""Text <-> ids for decoder LLMs, read offline from a checkpoint directory.
+
+An HF checkpoint's ``tokenizer.json`` (any fast tokenizer: Llama 3, Qwen2, Phi-3, Gemma) via
+transformers, or a byte-level BPE trained here with `tokenizers` (the embedded demo and the
+tests, which have no downloaded tokenizer). Either way: ``encode(text) -> ids`` (with the
+tokenizer's own BOS when it adds one), ``decode(ids) -> text``, ``eos_id``, ``pad_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Sequence
+
+SPECIALS = ("<pad>", "<eos>")  # ids 0, 1 of a BPE trained here
+
+
+class LMTokenizer:
+  def __init__(self, hf_tokenizer):
+    self.hf = hf_tokenizer
+    eos = hf_tokenizer.eos_token_id
+    if eos is None:
+      raise ValueError("the tokenizer has no EOS token (eos_token in tokenizer_config.json)")
+    self.eos_id = int(eos)
+    # The paper's script pads with id 0 (unk for Llama); a tokenizer's own pad is preferred.
+    pad = hf_tokenizer.pad_token_id
+    self.pad_id = int(pad) if pad is not None else 0
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.hf)
+
+  def encode(self, text: str) -> list[int]:
+    return list(self.hf(text, add_special_tokens=True)["input_ids"])
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.hf.decode(list(ids), skip_special_tokens=True)
+
+
+def load(directory: str | os.PathLike) -> LMTokenizer:
+  import transformers  # pylint: disable=g-import-not-at-top
+  directory = os.fspath(directory)
+  if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+    raise FileNotFoundError(f"no tokenizer.json in {directory}")
+  try:
+    cfg_path = os.path.join(directory, "tokenizer_config.json")
+    own = os.path.exists(cfg_path) and json.load(open(cfg_path)).get(
+        "tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    # A BPE trained here stays as saved (AutoTokenizer would follow config.json's model_type
+    # and add that family's special tokens).
+    cls = transformers.PreTrainedTokenizerFast if own else transformers.AutoTokenizer
+    tok = cls.from_pretrained(directory, local_files_only=True)
+  except (ValueError, OSError, KeyError):  # no tokenizer_config.json: the bare file
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=os.path.join(directory, "tokenizer.json"), eos_token="<eos>",
+        pad_token="<pad>")
+  return LMTokenizer(tok)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, directory: str | os.PathLike
+              ) -> LMTokenizer:
+  """A byte-level BPE over `texts` (exact round trip of any text), saved as tokenizer.json
+  and tokenizer_config.json in `directory`; returns it loaded."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(list(texts), trainer)
+  directory = os.fspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>",
+                                              pad_token="<pad>")
+  fast.save_pretrained(directory)
+  return load(directory)
+
+
+__all__ = ["LMTokenizer", "load", "train_bpe"]

@@ -1,0 +1,397 @@
+"""Task ``causal_lm``: instruction fine-tuning of a decoder LLM, the paper's commonsense setup
+(shared/reference/llm-and-vl.md s.1).
+
+* Model: `models.decoder.Decoder`, from a local HF checkpoint (``model.checkpoint``: weights,
+  config and tokenizer.json read offline) or, without one, a random ``lm.preset`` shape with a
+  BPE trained on the training file (tests) or the embedded demo's pretrained one.
+* Data: ``lm.train_file`` (JSON / JSONL, commonsense format); ``lm.val_size`` records held out
+  (the paper's 120); the paper's prompts, cutoff, EOS, loss on prompt + response
+  (``lm.mask_prompt`` masks the prompt), ``lm.packing`` (data/commonsense.py).
+* Training loss: mean next-token cross-entropy over the weighted tokens.
+* Evaluation: during training (``eval_every``) the validation loss; the best state (lowest
+  validation loss, kept on the host) is what the final evaluation scores: the adapter merged
+  into the weights, then ``lm.eval_mode`` 'generate' (4-beam, 32 tokens, regex, the paper's
+  protocol) or 'loglik' (option log-likelihood) over ``lm.eval_dir/<task>/test.json`` for
+  each of ``lm.eval_tasks`` (evaluation/commonsense.py). The summary's ``test_accuracy`` is
+  the mean over the tasks; ``acc/<task>`` each.
+* Methods: randlora / lora (adapters on ``adapter.targets``), full.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from randlora_jax import adapter as adapter_lib
+from randlora_jax import adapter_dropout
+from randlora_jax import optim, sharding
+from randlora_jax.data import commonsense as data_lib
+from randlora_jax.evaluation import commonsense as eval_lib
+from randlora_jax.models import hf_decoder, lm_tokenizer
+from randlora_jax.models.decoder import Decoder, DecoderConfig
+from randlora_jax.train import setup as setup_lib
+from randlora_jax.train import step as step_lib
+from randlora_jax.train import validate
+from randlora_jax.train.validate import ConfigError
+
+import grain
+
+TOKENIZER_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "randlora_jax", "lm_tokenizers")
+
+# Shapes without a checkpoint (the tests' and the demo's: a Qwen2-shaped tiny decoder).
+PRESETS = {
+    "tiny": lambda vocab: DecoderConfig(
+        family="qwen2", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, rope_theta=10000.0, tie_word_embeddings=True,
+        qkv_bias=True),
+    "qwen2_0_5b": lambda vocab: DecoderConfig.qwen2_0_5b(),
+    "phi3_mini": lambda vocab: DecoderConfig.phi3_mini(),
+    "llama3_8b": lambda vocab: DecoderConfig.llama3_8b(),
+}
+METHODS = ("randlora", "lora", "full")
+
+
+@dataclasses.dataclass
+class LMExperiment(setup_lib.Experiment):
+  decoder_config: DecoderConfig
+  tokenizer: lm_tokenizer.LMTokenizer
+  val_source: object
+  eval_tasks: dict
+
+  @property
+  def fingerprint(self) -> dict:
+    c = self.config
+    fp = {"task": "causal_lm", "method": c.method,
+          "model": repr(self.decoder_config.replace(dtype=None, param_dtype=None))}
+    if c.method in ("randlora", "lora"):
+      fp["adapter"] = c.adapter.to_dict()
+    return fp
+
+
+def trainable_patterns(method: str) -> tuple[str, ...]:
+  return {"randlora": (r"randlora_lambda$", r"randlora_gamma$"),
+          "lora": (r"lora_a$", r"lora_b$"),
+          "full": (r".*",)}[method]
+
+
+def linear_schedule(peak: float, total: int, warmup: int, end_fraction: float) -> optax.Schedule:
+  """Linear warm-up then linear decay to `end_fraction` of the peak (the paper's HF
+  `get_linear_schedule_with_warmup` with end_fraction = 0)."""
+  warmup = min(warmup, max(total - 1, 0))
+  parts = [optax.linear_schedule(0.0, peak, warmup)] if warmup else []
+  parts.append(optax.linear_schedule(peak, peak * end_fraction, max(total - warmup, 1)))
+  return optax.join_schedules(parts, [warmup]) if warmup else parts[0]
+
+
+def dense_factory(config):
+  """The trainer's layer choice, with adapter dropout (``adapter.dropout``) on the adapted
+  layers when set (active only in training steps: adapter_dropout.py)."""
+  base = setup_lib.dense_factory(config)
+  rate = config.adapter.get("dropout", 0.0)
+  if not rate or config.method not in ("randlora", "lora"):
+    return base
+
+  def pick(name):
+    cls = base(name)
+    if cls is nn.Dense:
+      return cls
+    inner = cls.func if isinstance(cls, functools.partial) else cls
+    kwargs = cls.keywords if isinstance(cls, functools.partial) else {}
+    return functools.partial(adapter_dropout.with_adapter_dropout(inner), dropout=rate, **kwargs)
+
+  return pick
+
+
+def _tokenizer(config, train_records, checkpoint: str):
+  lm = config.lm
+  directory = lm.tokenizer or checkpoint
+  if directory:
+    try:
+      return lm_tokenizer.load(directory)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"lm.tokenizer / model.checkpoint {directory!r}: {e}") from None
+  # No checkpoint: a BPE over the training texts, cached by content.
+  texts = [data_lib.train_prompt(r) for r in train_records]
+  key = hashlib.sha256(json.dumps([lm.vocab_size, texts]).encode()).hexdigest()[:16]
+  cached = os.path.join(TOKENIZER_CACHE, key)
+  if os.path.exists(os.path.join(cached, "tokenizer.json")):
+    return lm_tokenizer.load(cached)
+  return lm_tokenizer.train_bpe(texts, lm.vocab_size, cached)
+
+
+def read_eval_tasks(config, eval_dir: str) -> dict[str, list[dict]]:
+  lm = config.lm
+  out = {}
+  for task in lm.eval_tasks:
+    if task not in eval_lib.TASK_PATTERNS:
+      raise ConfigError(f"lm.eval_tasks: unknown task {task!r}; known: "
+                        f"{list(eval_lib.TASK_PATTERNS)}")
+    path = os.path.join(eval_dir, task, "test.json")
+    try:
+      records = data_lib.read_records(path)
+    except data_lib.DataFormatError as e:
+      raise ConfigError(f"lm.eval_dir: {e}") from None
+    out[task] = records[:lm.max_eval_examples] if lm.max_eval_examples else records
+  return out
+
+
+def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
+  """As `setup.build`, for a decoder LM. `load_pretrained(init_params, decoder_config)` may
+  replace the parameters (the embedded demo's pretrained decoder)."""
+  validate.check_config(config)
+  if config.method not in METHODS:
+    raise ConfigError(f"method={config.method!r} is not one of {list(METHODS)} for task causal_lm")
+  if mesh is None:
+    mesh = sharding.make_mesh(*validate.resolve_mesh(config, jax.device_count()))
+  local_batch = validate.check_batch(config, sharding.data_parallel_size(mesh),
+                                     jax.process_count())
+  lm = config.lm
+  checkpoint, train_file, eval_dir = config.model.checkpoint, lm.train_file, lm.eval_dir
+  if not checkpoint and lm.pretrain.enabled:  # the embedded demo's pretrained decoder and data
+    from randlora_jax.tasks import lm_demo  # pylint: disable=g-import-not-at-top
+    checkpoint, demo_train, demo_eval = lm_demo.prepare(config)
+    train_file, eval_dir = train_file or demo_train, eval_dir or demo_eval
+  if not train_file:
+    raise ConfigError("lm.train_file is empty: give a JSON / JSONL file in the commonsense format")
+  try:
+    records = data_lib.read_records(train_file)
+    train_records, val_records = data_lib.split_validation(records, lm.val_size)
+  except data_lib.DataFormatError as e:
+    raise ConfigError(f"lm.train_file: {e}") from None
+  eval_tasks = read_eval_tasks(config, eval_dir)
+  tok = _tokenizer(config, train_records, checkpoint)
+
+  dtype = jnp.dtype(config.model.dtype)
+  remat = "full" if config.model.remat else "none"
+  dense = dense_factory(config)
+  loaded = None
+  if checkpoint:
+    try:
+      dcfg, loaded = hf_decoder.load_decoder(checkpoint, mesh=mesh, dtype=dtype, remat=remat)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"model.checkpoint {checkpoint!r}: {e}") from None
+  else:
+    dcfg = PRESETS[lm.preset](tok.vocab_size)
+    m = config.model
+    overrides = {k: v for k, v in (("hidden_size", m.hidden_size), ("num_layers", m.num_layers),
+                                   ("num_heads", m.num_heads), ("intermediate_size", m.mlp_dim))
+                 if v is not None}
+    try:
+      dcfg = dcfg.replace(**overrides, dtype=dtype, remat=remat)
+    except ValueError as e:
+      raise ConfigError(f"model: {e}") from None
+  if tok.vocab_size > dcfg.vocab_size:
+    raise ConfigError(f"the tokenizer has {tok.vocab_size} ids, the model's vocabulary "
+                      f"{dcfg.vocab_size}")
+
+  plain = hf_decoder.abstract_params(dcfg)
+  setup_lib.check_targets(config, plain)
+  model = Decoder(dcfg, dense)
+  ids = jnp.zeros((1, 8), jnp.int32)
+  rules = hf_decoder.DECODER_RULES
+  if loaded is not None:
+    params = hf_decoder.with_adapter(loaded, dcfg, dense, mesh=mesh, rules=rules)
+  else:
+    init = lambda key: model.init(key, ids)["params"]
+    param_sh = sharding.shardings(jax.eval_shape(init, jax.random.key(config.seed)), mesh, rules)
+    params = jax.jit(init, out_shardings=param_sh)(jax.random.key(config.seed))
+  param_sh = sharding.shardings(params, mesh, rules)
+  if load_pretrained is not None:
+    params = jax.device_put(load_pretrained(params, dcfg), param_sh)
+
+  mask = optim.trainable_mask(params, trainable_patterns(config.method), defaults=False)
+  trainable, frozen = optim.partition(params, mask)
+  frozen_sh = jax.tree.map(lambda p, mk: None if mk else p, param_sh, mask)
+  trainable_sh = jax.tree.map(lambda p, mk: p if mk else None, param_sh, mask)
+
+  source_cls = data_lib.PackedSource if lm.packing else data_lib.TokenizedSource
+  try:
+    train_src = source_cls(train_records, tok, lm.cutoff, lm.mask_prompt)
+  except data_lib.DataFormatError as e:
+    raise ConfigError(f"lm.packing: {e}") from None
+  val_src = data_lib.TokenizedSource(val_records, tok, lm.cutoff, lm.mask_prompt)
+  steps = config.total_steps or math.ceil(config.num_epochs * len(train_src) / config.batch_size)
+  o = config.optim
+  schedule = linear_schedule(o.lr[config.method], steps, o.warmup_steps, o.end_lr_fraction)
+  tx = step_lib.make_optimizer(schedule, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
+  opt_sh = sharding.shardings(jax.eval_shape(tx.init, trainable), mesh, rules)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                              opt_state=opt_state)
+  state_sh = step_lib.TrainState(step=sharding.replicated(mesh), trainable=trainable_sh,
+                                 opt_state=opt_sh)
+
+  a = config.adapter
+  adapter_config = {"method": config.method, "targets": list(a.targets), "task": "causal_lm",
+                    "model": dataclasses.asdict(dcfg.replace(dtype=None, param_dtype=None)),
+                    "dataset": train_file}
+  if config.method == "randlora":
+    adapter_config.update(r=a.r, alpha=a.alpha, seed=a.seed, distribution=a.distribution,
+                          sparse_dim=None, dropout=a.dropout)
+  elif config.method == "lora":
+    adapter_config.update(rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.dropout)
+
+  return LMExperiment(
+      config=config, mesh=mesh, model=model, vit_config=None, frozen=frozen, state=state,
+      state_shardings=state_sh, frozen_shardings=frozen_sh, tx=tx, schedule=schedule,
+      train_source=train_src, test_source=None, num_classes=0, total_steps=steps,
+      local_batch_size=local_batch, trainable_count=optim.count(params, mask),
+      total_count=optim.count(params), adapter_config=adapter_config, decoder_config=dcfg,
+      tokenizer=tok, val_source=val_src, eval_tasks=eval_tasks)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def weighted_lm_loss(logits, input_ids, weights):
+  """(mean cross-entropy, next-token accuracy, count) over tokens t+1 with weight > 0 that
+  follow a real token: position t predicts token t + 1."""
+  w = weights[:, 1:]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32),
+                                                       input_ids[:, 1:])
+  hit = (jnp.argmax(logits[:, :-1], -1) == input_ids[:, 1:]).astype(jnp.float32)
+  n = w.sum()
+  return (ce * w).sum() / jnp.maximum(n, 1.0), (hit * w).sum() / jnp.maximum(n, 1.0), n
+
+
+def _weights(batch):
+  # a padded target never counts; nor one whose predecessor is padding
+  m = batch["attention_mask"].astype(jnp.float32)
+  return batch["loss_weights"] * m * jnp.concatenate([m[:, :1], m[:, :-1]], axis=1)
+
+
+def make_train_step(exp: LMExperiment):
+  model, tx = exp.model, exp.tx
+
+  seed = exp.config.seed
+
+  def loss_fn(trainable, frozen, batch, step):
+    params = optim.combine(trainable, frozen)
+    rngs = {"dropout": jax.random.fold_in(jax.random.key(seed), step)}  # adapter dropout
+    logits = model.apply({"params": params}, batch["input_ids"],
+                         attention_mask=batch["attention_mask"], rngs=rngs)
+    loss, acc, _ = weighted_lm_loss(logits, batch["input_ids"], _weights(batch))
+    return loss, acc
+
+  def train_step(state, frozen, batch):
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, frozen, batch,
+                                                                   state.step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(trainable)}
+    return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def train_iterator(exp: LMExperiment):
+  """Infinite shuffled batches of this process's shard (grain: resumable state)."""
+  src, b = exp.train_source, exp.local_batch_size
+  n, p = jax.process_count(), jax.process_index()
+  if len(src) < n * b:
+    raise ConfigError(f"the training set has {len(src)} rows, fewer than one global batch "
+                      f"({n} x {b})")
+  ds = grain.MapDataset.source(src)[p::n].shuffle(seed=exp.config.seed).repeat()
+  return iter(ds.batch(b, drop_remainder=True).to_iter_dataset())
+
+
+def merged_params(params, method: str, adapter_config: dict):
+  """The plain decoder's parameters with the adapter folded in (on device, jitted)."""
+  if method == "randlora":
+    cfg = adapter_lib.AdapterConfig.from_dict(adapter_config)
+    return jax.jit(functools.partial(adapter_lib.merge, cfg=cfg, drop_adapter=True))(params)
+  if method == "lora":
+    scale = adapter_config["alpha"] / adapter_config["rank"]
+
+    def fold(tree):
+      if not hasattr(tree, "items"):
+        return tree
+      if "lora_a" in tree:
+        out = {k: v for k, v in tree.items() if k not in ("lora_a", "lora_b")}
+        out["kernel"] = tree["kernel"] + scale * jnp.matmul(tree["lora_a"], tree["lora_b"])
+        return out
+      return {k: fold(v) for k, v in tree.items()}
+
+    return jax.jit(fold)(params)
+  return params
+
+
+class Evaluator:
+  """`evaluator(state)`: validation loss at every call; at the last step, the commonsense
+  evaluation of the best (lowest validation loss) state seen."""
+
+  def __init__(self, exp: LMExperiment):
+    self.exp = exp
+    c = exp.config
+    model = exp.model
+    rep = sharding.replicated(exp.mesh)
+    self.best = None  # (val loss, step, host copy of the trainable partition)
+
+    def val_step(trainable, frozen, batch):
+      params = optim.combine(trainable, frozen)
+      logits = model.apply({"params": params}, batch["input_ids"],
+                           attention_mask=batch["attention_mask"])
+      w = _weights(batch) * batch["row_mask"][:, None]
+      loss, acc, n = weighted_lm_loss(logits, batch["input_ids"], w)
+      return {"loss": loss * n, "correct": acc * n, "count": n}
+
+    self.val_step = jax.jit(val_step, in_shardings=(exp.state_shardings.trainable,
+                                                    exp.frozen_shardings,
+                                                    sharding.batch_sharding(exp.mesh)),
+                            out_shardings=rep)
+    self.eval_batch = max(c.eval_batch_size // jax.process_count(), 1)
+
+  def validation(self, state) -> dict[str, float]:
+    tot = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    if len(self.exp.val_source) == 0:
+      return {"val_loss": float("nan"), "val_token_accuracy": float("nan")}
+    for batch in data_lib.batches(self.exp.val_source, self.eval_batch, jax.process_index(),
+                                  jax.process_count()):
+      out = self.val_step(state.trainable, self.exp.frozen,
+                          sharding.shard_batch(batch, self.exp.mesh))
+      for k, v in jax.device_get(out).items():
+        tot[k] += float(v)
+    n = max(tot["count"], 1.0)
+    return {"val_loss": tot["loss"] / n, "val_token_accuracy": tot["correct"] / n}
+
+  def __call__(self, state) -> dict[str, float]:
+    val = self.validation(state)
+    step = int(state.step)
+    loss = val["val_loss"]
+    if self.best is None or (math.isfinite(loss) and not loss >= self.best[0]):
+      self.best = (loss, step, jax.device_get(state.trainable))
+    if step < self.exp.total_steps:
+      return {**val, "accuracy": val["val_token_accuracy"], "loss": loss, "count": 0.0}
+    return {**val, **self.final(), "best_step": float(self.best[1]), "loss": loss}
+
+  def final(self) -> dict[str, float]:
+    """The commonsense scores of the best state: merged weights, the configured protocol."""
+    exp, c = self.exp, self.exp.config
+    if not exp.eval_tasks:
+      return {"accuracy": float("nan"), "count": 0.0}
+    trainable = jax.device_put(self.best[2], exp.state_shardings.trainable)
+    params = merged_params(optim.combine(trainable, exp.frozen), c.method, exp.adapter_config)
+    plain = Decoder(exp.decoder_config)
+    res = eval_lib.evaluate(plain, params, exp.tokenizer, exp.eval_tasks, mode=c.lm.eval_mode,
+                            batch_size=c.lm.eval_batch_size, num_beams=c.lm.num_beams,
+                            max_new_tokens=c.lm.max_new_tokens)
+    res["count"] = float(sum(len(v) for v in exp.eval_tasks.values()))
+    return res
+
+
+def make_evaluator(exp: LMExperiment):
+  return Evaluator(exp)
+
+
+__all__ = ["LMExperiment", "build", "make_evaluator", "make_train_step", "train_iterator",
+           "merged_params", "weighted_lm_loss"]

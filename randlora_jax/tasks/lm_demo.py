@@ -1,0 +1,92 @@
+"""The embedded LLM demo's base model: a tiny Qwen2-shaped decoder pretrained once on the
+embedded fact corpus (data/commonsense_synth.py), saved as an HF checkpoint (config.json,
+model.safetensors, tokenizer.json) in a cache directory, so the fine-tuning runs load it the
+way they load a real checkpoint. The generated commonsense-style set is written beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from randlora_jax.data import commonsense as data_lib
+from randlora_jax.data import commonsense_synth as synth
+from randlora_jax.models import hf_decoder, lm_tokenizer
+from randlora_jax.models.decoder import Decoder
+
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "randlora_jax", "llm_demo")
+SEQ = 64  # pretraining rows (packed corpus sentences)
+
+
+def _hf_config(cfg) -> dict:
+  return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+          "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+          "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+          "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+          "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+          "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu",
+          "max_position_embeddings": 512, "eos_token_id": 1, "pad_token_id": 0}
+
+
+def prepare(config) -> tuple[str, str, str]:
+  """(checkpoint dir, train file, eval dir), pretraining on first use (cached by shape)."""
+  from randlora_jax.tasks import causal_lm  # pylint: disable=g-import-not-at-top
+  p, m, lm = config.lm.pretrain, config.model, config.lm
+  key = json.dumps([p.steps, p.batch_size, p.lr, m.hidden_size, m.num_layers, m.mlp_dim,
+                    m.num_heads, lm.vocab_size, config.seed], sort_keys=True)
+  root = os.path.join(p.cache_dir or DEFAULT_CACHE, hashlib.sha256(key.encode()).hexdigest()[:16])
+  ckpt, data_dir = os.path.join(root, "checkpoint"), os.path.join(root, "data")
+  train_file = os.path.join(data_dir, "train.json")
+  if os.path.exists(os.path.join(ckpt, "model.safetensors")):
+    return ckpt, train_file, data_dir
+
+  synth.write(data_dir, seed=config.seed)
+  corpus = synth.corpus(config.seed)
+  prompts = [data_lib.train_prompt(r) for r in data_lib.read_records(train_file)]
+  tok = lm_tokenizer.train_bpe(corpus + prompts, lm.vocab_size, ckpt)
+  cfg = causal_lm.PRESETS["tiny"](tok.vocab_size)
+  over = {k: v for k, v in (("hidden_size", m.hidden_size), ("num_layers", m.num_layers),
+                            ("num_heads", m.num_heads), ("intermediate_size", m.mlp_dim))
+          if v is not None}
+  cfg = cfg.replace(**over)
+  print(f"Pretraining the demo decoder on the embedded corpus ({p.steps} steps), cached in {root}")
+  params = pretrain(cfg, tok, corpus, p.steps, p.batch_size, p.lr, config.seed)
+  hf_decoder.export_merged(params, cfg, None, ckpt, _hf_config(cfg))
+  return ckpt, train_file, data_dir
+
+
+def pretrain(cfg, tok, corpus, steps: int, batch: int, lr: float, seed: int):
+  """Full training of `Decoder(cfg)` on the packed corpus (next-token loss, AdamW, cosine)."""
+  from randlora_jax.tasks.causal_lm import weighted_lm_loss  # pylint: disable=g-import-not-at-top
+  ids = []
+  for s in corpus:
+    ids += tok.encode(s + "\n") + [tok.eos_id]
+  n = len(ids) // SEQ
+  rows = np.asarray(ids[:n * SEQ], np.int32).reshape(n, SEQ)
+  model = Decoder(cfg)
+  params = model.init(jax.random.key(seed), jnp.asarray(rows[:1]))["params"]
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(30, steps // 10), steps),
+                   weight_decay=0.0)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt, batch_ids):
+    def loss_fn(p):
+      logits = model.apply({"params": p}, batch_ids)
+      return weighted_lm_loss(logits, batch_ids, jnp.ones(batch_ids.shape, jnp.float32))[0]
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, loss
+
+  rng = np.random.default_rng(seed)
+  for i in range(steps):
+    params, opt, loss = step(params, opt, jnp.asarray(rows[rng.integers(0, n, batch)]))
+    if (i + 1) % max(steps // 4, 1) == 0:
+      print(f"  pretrain step {i + 1}: loss {float(loss):.3f}")
+  return jax.device_get(params)
