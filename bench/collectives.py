@@ -101,10 +101,17 @@ def vit_row(method: str, mesh_kw: dict, mode: str) -> dict:
 
 
 def main():
+  import argparse
+
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--meshes", default=",".join(MESHES), help="comma list of " + ", ".join(MESHES))
+  p.add_argument("--models", default="mlp,vit", help="comma list of mlp, vit")
+  args = p.parse_args()
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "tests"))
   rows = []
-  for mesh_name, mesh_kw in MESHES.items():
+  for mesh_name in args.meshes.split(","):
+    mesh_kw = MESHES[mesh_name]
     runs = [("MLP", "randlora, GSPMD (no boundary)", lambda: mlp_row("randlora", mesh_kw,
                                                                       "xla", False))]
     runs += [("MLP", f"randlora, {m}", lambda m=m: mlp_row("randlora", mesh_kw, m))
@@ -113,6 +120,8 @@ def main():
     runs += [("ViT tiny step", m, lambda m=m: vit_row(m, mesh_kw, "xla"))
              for m in ("randlora", "lora", "full")]
     for model, method, run in runs:
+      if model.split()[0].lower() not in args.models.split(","):
+        continue
       r = run()
       rows.append((mesh_name, model, method, r))
       print(f"# {mesh_name} {model} {method}: {r}", file=sys.stderr, flush=True)
