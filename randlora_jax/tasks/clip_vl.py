@@ -212,6 +212,9 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
                               opt_state=opt_state)
   state_sh = step_lib.TrainState(step=sharding.replicated(mesh), trainable=trainable_sh,
                                  opt_state=opt_sh)
+  # Placed as the train step returns it: the first step's input then has the shardings of
+  # every later one, and the step is compiled once, not twice.
+  state = jax.device_put(state, state_sh)
 
   a = config.adapter
   strip = lambda cfg: dataclasses.asdict(cfg.replace(dtype=None, param_dtype=None))
