@@ -52,14 +52,16 @@ def _check_plan(lowered, trainable_bytes: int, weight_elems: int, compute_dtype:
 
 
 class MLP(nn.Module):
-  """Two RandLoraDense layers 256 -> 1024 -> 256 (the issue's measurement)."""
+  """Two RandLoraDense layers 256 -> 1024 -> 256, r = 16, merged path: the issue's
+  measurement (60x before the per-device boundary)."""
 
   dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x):
-    x = linen.RandLoraDense(1024, r=8, dtype=self.dtype, name="up")(x)
-    return linen.RandLoraDense(256, r=8, dtype=self.dtype, name="down")(jax.nn.gelu(x))
+    dense = lambda n, name: linen.RandLoraDense(n, r=16, path="merged", dtype=self.dtype,
+                                                name=name)
+    return dense(256, "down")(jax.nn.gelu(dense(1024, "up")(x)))
 
 
 def _mlp_step_text(mesh_kw, mode, dtype):

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from randlora_jax import inject, layers, linen, sharding
 from randlora_jax.adapter import AdapterConfig
