@@ -55,9 +55,9 @@ def main(argv=None):
     cfg = DecoderConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                         num_heads=4, num_kv_heads=2)
     args.repeats, args.new_tokens = 2, 8
-  else:  # a ~0.1B Llama-3-shaped model (GQA 4:1), small enough for this CPU
-    cfg = DecoderConfig(vocab_size=8192, hidden_size=768, intermediate_size=2048, num_layers=8,
-                        num_heads=12, num_kv_heads=4, rope_theta=500000.0)
+  else:  # a ~20M-parameter Llama-3-shaped model (GQA 4:1), small enough for this shared CPU
+    cfg = DecoderConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_layers=4,
+                        num_heads=8, num_kv_heads=2, rope_theta=500000.0)
   acfg = adapter.AdapterConfig(r=16, alpha=32.0, seed=63098)
   kw = dict(r=acfg.r, alpha=acfg.alpha, basis_seed=acfg.seed)
   ids0 = jnp.zeros((1, 1), jnp.int32)

@@ -4,7 +4,8 @@ trainable-parameter counts beside the paper's Table 15.
 The step (`randlora_jax.train.lm`, AdamW on lambda/gamma only) is compiled with ABSTRACT bf16
 parameters (`jax.ShapeDtypeStruct` + mesh sharding: nothing of the model's size exists) on
 virtual CPU devices: v5p-8 is 4 chips (one JAX device each, megacore), v5e-8 is 8 chips; the
-mesh is (data=1, fsdp=chips), frozen matrices split over `fsdp`. Memory per device is XLA:CPU's
+mesh is (data=1, fsdp=chips), frozen matrices split over `fsdp`, or for v5p-8 also pure data
+parallelism (data=chips: every chip holds the 16 GB of bf16 weights, nothing is gathered). Memory per device is XLA:CPU's
 `memory_analysis` of that partitioned program (arguments + outputs - aliased + temporaries);
 the TPU compiler's buffer assignment will differ (it was not run: no TPU here). Collective
 bytes are per device per step, read from the partitioned HLO with the layer scan's trip count.
@@ -61,18 +62,21 @@ def main(argv=None):
   cfg = DecoderConfig.llama3_8b(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat="full")
   dense = lora.dense_factory("randlora", QKVUD, r=30, alpha=60.0, basis_seed=63098)
   plan_rows = []
-  for chip, (n, hbm) in pod_plan.CHIPS.items():
-    mesh = sharding.make_mesh(data=1, fsdp=n, devices=jax.devices()[:n])
+  layouts = [("v5p-8", "fsdp"), ("v5p-8", "data"), ("v5e-8", "fsdp")]
+  for chip, layout in layouts:
+    n, hbm = pod_plan.CHIPS[chip]
+    axes = dict(data=1, fsdp=n) if layout == "fsdp" else dict(data=n, fsdp=1)
+    mesh = sharding.make_mesh(**axes, devices=jax.devices()[:n])
     plan = pod_plan.compile_plan(cfg, dense, mesh, batch=args.batch, seq_len=args.seq_len)
     m, c = plan.memory, plan.collectives
     gb = lambda b: f"{b / 1e9:.2f}"
-    plan_rows.append([chip, n, gb(m["argument_size_in_bytes"]), gb(m["temp_size_in_bytes"]),
+    plan_rows.append([chip, f"{n} ({layout})", gb(m["argument_size_in_bytes"]), gb(m["temp_size_in_bytes"]),
                       gb(plan.peak_bytes), f"{hbm / 1e9:.0f}", "yes" if plan.fits(hbm) else "NO",
                       gb(c["all-reduce"]), f"{c['all-reduce'] / plan.trainable_bytes:.2f}",
                       gb(c["all-gather"]), gb(c["reduce-scatter"] + c["all-to-all"]
                                               + c["collective-permute"])])
   plans = common.markdown_table(
-      ["chip", "devices", "arguments GB", "temporaries GB", "peak GB / device", "HBM GB",
+      ["chip", "devices (mesh)", "arguments GB", "temporaries GB", "peak GB / device", "HBM GB",
        "fits", "all-reduce GB", "all-reduce / trainable bytes", "all-gather GB",
        "other collectives GB"], plan_rows)
   text = (f"# Llama-3-8B RandLoRA-30 pod plan (CPU-compiled) and Table 15 counts\n\n"

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import opt_einsum
 
-from randlora_jax import adapter, bases, ops
+from randlora_jax import adapter, layers, ops
 from randlora_jax.adapter import GAMMA, LAMBDA, AdapterConfig
 
 SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum)
@@ -112,7 +112,7 @@ def _check_supported(module):
 
 
 def _adapted_call(module, args, kwargs, next_fun, cfg: AdapterConfig, path_choice: str,
-                  explicit):
+                  explicit, backend=None, mesh=None):
   """The adapted forward of one matched layer."""
   _check_supported(module)
   x = args[0]
@@ -126,24 +126,20 @@ def _adapted_call(module, args, kwargs, next_fun, cfg: AdapterConfig, path_choic
                      spec.lambda_shape, module.param_dtype)
   gamma = module.param(GAMMA, lambda _, shape, dtype: ops.init_gamma(spec, dtype),
                        spec.gamma_shape, module.param_dtype)
-  x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
-  seed = bases.traced_seed(cfg.seed)
+  compute = layers.compute_dtype(module.dtype, x, kernel, bias)
+  route = dict(backend=backend, explicit=explicit, mesh=mesh)
   if isinstance(module, nn.Einsum):
     einsum_str = (kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
                   or module.einsum_str).replace(" ", "")
     *_, equation = _einsum_geometry(module, x, kernel.shape, einsum_str)
-    if explicit is None:
-      dw = ops.delta_kernel(lam, gamma, seed, spec)
-    else:
-      dw = ops.delta_kernel_reference(lam, gamma, seed, spec, explicit)
-    w = (kernel.astype(jnp.float32) + dw.reshape(kernel.shape)).astype(x.dtype)
-    y = jnp.einsum(equation, x, w, precision=module.precision,
-                   preferred_element_type=module.preferred_element_type)
+    y = layers.einsum(equation, x, kernel, lam, gamma, cfg.seed, spec, compute=compute,
+                      precision=module.precision,
+                      preferred_element_type=module.preferred_element_type, **route)
     if bias is not None:
       result = equation.split("->")[1]
       rhs = equation.split("->")[0].split(",")[1]
       bshape = [kernel.shape[rhs.index(c)] if c in rhs else 1 for c in result]
-      y = y + jnp.reshape(bias, bshape)
+      y = y + jnp.reshape(bias, bshape).astype(compute)
     return y
   if isinstance(module, nn.DenseGeneral):
     axis = _normalize_axes(module.axis, x.ndim)
@@ -153,8 +149,8 @@ def _adapted_call(module, args, kwargs, next_fun, cfg: AdapterConfig, path_choic
     x = x.reshape(*lead, fin)
   else:
     lead, out_shape = x.shape[:-1], (fout,)
-  y = ops.apply(x, kernel.reshape(fin, fout), lam, gamma, seed, spec, path=path_choice,
-                dtype=x.dtype, precision=module.precision, explicit=explicit)
+  y = layers.dense(x, kernel.reshape(fin, fout), None, lam, gamma, cfg.seed, spec,
+                   dtype=compute, precision=module.precision, path=path_choice, **route)
   y = y.reshape(*lead, *out_shape)
   if bias is not None:
     y = y + jnp.asarray(bias, y.dtype)
@@ -169,11 +165,13 @@ class RandLoraModel:
     targets: regexes searched in each layer's module path.
     config: the model-wide `AdapterConfig` (r, alpha, seed, distribution, sparse_dim).
     path: 'auto' | 'merged' | 'factored' (see `ops.choose_path`).
+    backend: kernel mode for every adapted layer (None: `kernels.dispatch`'s default).
+    mesh: device mesh of the per-device boundary (`layers`); None: the ambient mesh.
     in_outs: path -> (in, out) of every adapted layer, known after `init`/`init_adapter`.
   """
 
   def __init__(self, model: nn.Module, targets: Sequence[str], config: AdapterConfig,
-               path: str = "auto"):
+               path: str = "auto", backend: str | None = None, mesh=None):
     if isinstance(targets, str):
       targets = [targets]
     if not targets:
@@ -183,6 +181,7 @@ class RandLoraModel:
     self._rules = [re.compile(t) for t in self.targets]
     self.config = config
     self.path = path
+    self.backend, self.mesh = backend, mesh
     self.in_outs: dict[str, tuple[int, int]] | None = None
 
   def matches(self, path: str) -> bool:
@@ -199,7 +198,8 @@ class RandLoraModel:
         seen[path] = (_geometry(module, args, kwargs) if matched else None, matched)
       if not matched:
         return next_fun(*args, **kwargs)
-      return _adapted_call(module, args, kwargs, next_fun, cfg, self.path, explicit)
+      return _adapted_call(module, args, kwargs, next_fun, cfg, self.path, explicit,
+                           self.backend, self.mesh)
 
     return intercept
 
@@ -286,6 +286,6 @@ class RandLoraModel:
 
 
 def randlora(model: nn.Module, targets: Sequence[str], config: AdapterConfig | None = None,
-             *, path: str = "auto") -> RandLoraModel:
+             *, path: str = "auto", backend: str | None = None, mesh=None) -> RandLoraModel:
   """Wrap `model` so that layers matching `targets` are RandLoRA-adapted (module docstring)."""
-  return RandLoraModel(model, targets, config or AdapterConfig(), path)
+  return RandLoraModel(model, targets, config or AdapterConfig(), path, backend, mesh)

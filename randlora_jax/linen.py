@@ -12,9 +12,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen import dtypes
 
-from randlora_jax import bases, ops
+from randlora_jax import layers, ops
 
 Initializer = Callable[..., jax.Array]
 
@@ -32,8 +31,11 @@ class RandLoraDense(nn.Module):
     distribution: 'uniform' | 'normal' | 'sparse' | 'very_sparse'.
     sparse_dim: for 'very_sparse', min(in, out) of the largest adapted layer (PEFT's rule);
       defaults to this layer's own.
-    path: 'auto' (cost model on token count), 'merged' or 'factored'.
+    path: 'auto' (cost model on the per-device token count), 'merged' or 'factored'.
     dtype: compute dtype (e.g. bf16); parameters are kept in `param_dtype` (fp32).
+    backend: kernel mode ('xla', 'tpu', 'gpu', 'interpret', ...); None: the default of
+      `kernels.dispatch` ($RANDLORA_KERNEL, else per platform).
+    mesh: the device mesh for the per-device boundary (`layers`); None: the ambient mesh.
   """
 
   features: int
@@ -49,6 +51,8 @@ class RandLoraDense(nn.Module):
   distribution: str = "uniform"
   sparse_dim: int | None = None
   path: str = "auto"
+  backend: str | None = None
+  mesh: Any = None
 
   def spec(self, in_features: int) -> ops.LayerSpec:
     return ops.LayerSpec(in_features, self.features, self.r, float(self.alpha),
@@ -65,10 +69,6 @@ class RandLoraDense(nn.Module):
                      spec.lambda_shape, self.param_dtype)
     gamma = self.param("randlora_gamma", lambda _, s, t: ops.init_gamma(spec, t),
                        spec.gamma_shape, self.param_dtype)
-    inputs, _, _ = dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    seed = bases.traced_seed(self.basis_seed)
-    y = ops.apply(inputs, kernel, lam, gamma, seed, spec, path=self.path,
-                  dtype=inputs.dtype, precision=self.precision)
-    if bias is not None:
-      y = y + jnp.asarray(bias, y.dtype)
-    return y
+    return layers.dense(inputs, kernel, bias, lam, gamma, self.basis_seed, spec,
+                        dtype=self.dtype, precision=self.precision, path=self.path,
+                        backend=self.backend, mesh=self.mesh)

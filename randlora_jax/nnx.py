@@ -21,9 +21,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn import dtypes as nnx_dtypes
 
-from randlora_jax import adapter, bases, ops
+from randlora_jax import adapter, layers, ops
 from randlora_jax.adapter import AdapterConfig
 
 
@@ -41,7 +40,8 @@ class RandLoraLinear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, config: AdapterConfig | None = None,
                use_bias: bool = True, dtype: Any = None, param_dtype: Any = jnp.float32,
-               precision: Any = None, path: str = "auto",
+               precision: Any = None, path: str = "auto", backend: str | None = None,
+               mesh: Any = None,
                kernel_init=nnx.initializers.lecun_normal(),
                bias_init=nnx.initializers.zeros_init(),
                kernel: nnx.Variable | None = None, bias: nnx.Variable | None = None,
@@ -50,6 +50,7 @@ class RandLoraLinear(nnx.Module):
     self.in_features, self.out_features = in_features, out_features
     self.use_bias = use_bias
     self.dtype, self.param_dtype, self.precision, self.path = dtype, param_dtype, precision, path
+    self.backend, self.mesh = backend, mesh  # static kernel mode; mesh (None: ambient)
     if kernel is None:
       if rngs is None:
         raise ValueError("give either kernel (and bias) or rngs")
@@ -69,24 +70,20 @@ class RandLoraLinear(nnx.Module):
     return self.config.layer_spec(self.in_features, self.out_features)
 
   @classmethod
-  def from_linear(cls, linear: nnx.Linear, config: AdapterConfig, path: str = "auto"
-                  ) -> "RandLoraLinear":
+  def from_linear(cls, linear: nnx.Linear, config: AdapterConfig, path: str = "auto",
+                  backend: str | None = None, mesh: Any = None) -> "RandLoraLinear":
     """Wrap a (pretrained) `nnx.Linear`, sharing its kernel and bias variables."""
     return cls(linear.in_features, linear.out_features, config=config,
                use_bias=linear.bias is not None, dtype=linear.dtype,
                param_dtype=linear.param_dtype, precision=linear.precision, path=path,
-               kernel=linear.kernel, bias=linear.bias)
+               backend=backend, mesh=mesh, kernel=linear.kernel, bias=linear.bias)
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = nnx_dtypes.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    seed = bases.traced_seed(self.config.seed)
-    y = ops.apply(inputs, kernel, self.randlora_lambda[...], self.randlora_gamma[...], seed,
-                  self.spec, path=self.path, dtype=inputs.dtype, precision=self.precision)
-    if bias is not None:
-      y = y + jnp.asarray(bias, y.dtype)
-    return y
+    return layers.dense(inputs, self.kernel[...], bias, self.randlora_lambda[...],
+                        self.randlora_gamma[...], self.config.seed, self.spec, dtype=self.dtype,
+                        precision=self.precision, path=self.path, backend=self.backend,
+                        mesh=self.mesh)
 
 
 def _path_str(parts) -> str:
@@ -105,7 +102,8 @@ def _set(node, part, value):
 
 
 def inject_nnx(model: nnx.Module, targets: Sequence[str], config: AdapterConfig | None = None,
-               *, path: str = "auto") -> dict[str, tuple[int, int]]:
+               *, path: str = "auto", backend: str | None = None, mesh: Any = None
+               ) -> dict[str, tuple[int, int]]:
   """Replace, in place, every `nnx.Linear` whose path ('blocks/0/attn/q_proj') matches a target
   regex (`re.search`) by a `RandLoraLinear` sharing its kernel and bias.
 
@@ -133,5 +131,5 @@ def inject_nnx(model: nnx.Module, targets: Sequence[str], config: AdapterConfig 
     parent = model
     for part in parts[:-1]:
       parent = _get(parent, part)
-    _set(parent, parts[-1], RandLoraLinear.from_linear(linear, config, path))
+    _set(parent, parts[-1], RandLoraLinear.from_linear(linear, config, path, backend, mesh))
   return in_outs

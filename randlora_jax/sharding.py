@@ -79,6 +79,9 @@ def spec_for(path: str, shape: Sequence[int], mesh: jax.sharding.Mesh,
     if axis is None:
       continue
     names = axis if isinstance(axis, tuple) else (axis,)
+    if any(a not in mesh.shape for a in names):
+      full[i] = None  # a rule naming an axis this mesh lacks: unsharded
+      continue
     size = int(np.prod([mesh.shape[a] for a in names]))
     if shape[i] % size:
       logging.debug("%s: dim %d (%d) not divisible by %s=%d, unsharded", path, i, shape[i],
@@ -119,3 +122,71 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
     kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
                   process_id=process_id)
   jax.distributed.initialize(**kwargs)
+
+
+# ----------------------------------------------------------------------------- communication
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = (?P<type>.+?) (?P<op>[a-z][\w\-]*)\(")
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
+_CALLEE = re.compile(r"\b(?:body|calls|branch_computations)=\{?(?P<names>%?[\w.\-]+(?:,\s*%?[\w.\-]+)*)")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def collectives(hlo_text: str) -> list[dict]:
+  """Every collective of a compiled HLO module (`jax.jit(f).lower(...).compile().as_text()`),
+  as dicts ``op, dtype, shape, elements, bytes, count``: ``count`` is how many times it runs (loop
+  bodies, e.g. `nn.scan`, times their known trip count); ``bytes`` the result size per run,
+  summed over a tuple result. ``*-start`` ops count once, ``*-done`` not at all."""
+  comps: dict[str, list[str]] = {}
+  entry, current = None, None
+  for line in hlo_text.splitlines():
+    m = _COMP.match(line) if not line.startswith((" ", "\t")) else None
+    if m:
+      current = m.group("name")
+      comps[current] = []
+      if line.startswith("ENTRY"):
+        entry = current
+    elif line.strip() == "}":
+      current = None
+    elif current is not None:
+      comps[current].append(line)
+  runs: dict[str, int] = {}
+
+  def visit(name: str, times: int):
+    runs[name] = runs.get(name, 0) + times
+    for line in comps.get(name, ()):
+      trip = _TRIP.search(line)
+      for m in _CALLEE.finditer(line):
+        for callee in m.group("names").split(","):
+          callee = callee.strip().lstrip("%")
+          if callee in comps:
+            visit(callee, times * (int(trip.group(1)) if trip and "body=" in m.group(0) else 1))
+
+  visit(entry or next(iter(comps), ""), 1)
+  found = []
+  for name, lines in comps.items():
+    for line in lines:
+      m = _INSTR.match(line)
+      if not m:
+        continue
+      op = m.group("op").removesuffix("-start")
+      if op not in COLLECTIVES or m.group("op").endswith("-done"):
+        continue
+      arrays = _ARRAY.findall(m.group("type"))
+      if m.group("op").endswith("-start") and op != "all-reduce" and len(arrays) > 1:
+        arrays = arrays[len(arrays) // 2:]  # async (operands..., results...): the results
+      for dtype, dims in arrays:
+        shape = tuple(int(v) for v in dims.split(",") if v)
+        elements = int(np.prod(shape, dtype=np.int64))
+        found.append(dict(op=op, dtype=dtype, shape=shape, count=runs.get(name, 1),
+                          elements=elements, bytes=_DTYPE_BYTES[dtype] * elements))
+  return found
+
+
+def collective_bytes(hlo_text: str, op: str = "all-reduce") -> int:
+  """Bytes that collective ``op`` moves per step (result sizes times runs), from `collectives`."""
+  return sum(c["bytes"] * c["count"] for c in collectives(hlo_text) if c["op"] == op)

@@ -24,7 +24,7 @@ from randlora_jax.models.loading import CheckpointError
 import decoder_tiny
 
 torch = pytest.importorskip("torch")
-LENGTH = 12  # 3 prompts of 12, 9, 11 tokens: 36 prefill tokens take every layer's merged path
+LENGTH = 24  # 3 prompts of 24, 21, 23 tokens: 72 prefill tokens take every layer's merged path
 
 
 @pytest.fixture(scope="session")
@@ -104,6 +104,7 @@ def test_load_errors(checkpoints, tmp_path):
     hf_decoder.load_decoder(bad)
 
 
+@pytest.mark.slow
 def test_padding_eos_beam_and_sampling(checkpoints):
   directory, hf_model = checkpoints["llama"]
   cfg, params = hf_decoder.load_decoder(directory)
@@ -149,6 +150,7 @@ def test_filter_logits_matches_transformers_warpers():
     np.testing.assert_array_equal(np.isinf(got), np.isinf(ref.numpy()))
 
 
+@pytest.mark.slow
 def test_adapted_merged_and_factored_decoding_agree(checkpoints):
   """Prefill (many tokens) takes the merged path and decode steps the factored one under
   'auto'; the factored path everywhere, or the adapter merged into the weights, gives the

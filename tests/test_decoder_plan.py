@@ -58,6 +58,7 @@ def test_collective_bytes_counts_scan_iterations():
   assert sum(counted.values()) == counted["all-reduce"]
 
 
+@pytest.mark.slow
 def test_llama3_8b_plan_fits_v5p8_and_communicates_adapter_sized():
   """RandLoRA-30 on q,k,v,up,down, bf16, batch 16 x 256 (the paper's), compiled for the 4
   devices of a v5p-8 (FSDP over the chips) with abstract parameters. The layer scan keeps the
@@ -71,3 +72,7 @@ def test_llama3_8b_plan_fits_v5p8_and_communicates_adapter_sized():
   # the frozen bf16 weights alone are 16 GB / 4 devices: the memory analysis must see them
   assert plan.memory["argument_size_in_bytes"] > 2 * 8.0e9 / chips
   assert plan.fits(hbm), plan.peak_bytes
+  # gradient traffic: only dlambda/dgamma are all-reduced (the adapted layers' per-device
+  # boundary, `randlora_jax.layers`); the frozen weights' all-gathers are FSDP's, reported
+  # separately (bench/decoder_plan.py)
+  assert plan.collectives["all-reduce"] <= 1.5 * plan.trainable_bytes, plan.collectives

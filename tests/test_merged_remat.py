@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from randlora_jax import ops
+from randlora_jax import ops, update
 
 
 @pytest.mark.parametrize("in_out", [(48, 96), (96, 48)])
@@ -61,8 +61,8 @@ def test_both_adapter_grad_contractions_match_float64(in_out, tokens):
   got = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(lam, jnp.float32),
                                                 jnp.asarray(gamma, jnp.float32))
   # float64 reference: dW = s Bf diag(lambda) Af as float64 matrices, analytic gradient.
-  bf = np.asarray(ops._bf(spec, seed, None, False), np.float64)  # (D, Nr)
-  a = np.asarray(ops._a(spec, seed, None, False), np.float64)  # (r, d)
+  bf = np.asarray(update.basis_b(spec, seed), np.float64)  # (D, Nr)
+  a = np.asarray(update.basis_a(spec, seed), np.float64)  # (r, d)
   r, n = spec.lambda_shape
   af = (a[:, None, :] * gamma[None]).reshape(r * n, spec.d)  # Af without lambda
   dw = spec.scale * bf @ (lam.reshape(-1)[:, None] * af)  # (D, d)

@@ -1,1 +1,3 @@
-"""Pallas kernels for the basis-scale-sum and the backend dispatch that picks them."""
+"""Pallas kernels for the RandLoRA update (`delta`) and the backend dispatch that picks them.
+
+Imports only the leaf math (`randlora_jax.update`, `randlora_jax.bases`), never `ops`."""

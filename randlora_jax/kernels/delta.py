@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from randlora_jax import bases, ops
+from randlora_jax import bases, update
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -116,7 +116,7 @@ def _contraction(r: int, n: int, ktarget: int, backend: str) -> tuple[int, int, 
 class Geometry:
   """Static tiling of one (local) dW block of shape (Dl, dl) in the D x d frame."""
 
-  spec: ops.LayerSpec
+  spec: update.LayerSpec
   dl: int
   big_l: int
   backend: str  # 'tpu' (also interpret) or 'gpu'
@@ -240,7 +240,7 @@ def _compiler_params(backend, blocks, semantics):
   return pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
-def delta_block(lam, gamma, seed, spec: ops.LayerSpec, *, w0=None, offsets=(0, 0),
+def delta_block(lam, gamma, seed, spec: update.LayerSpec, *, w0=None, offsets=(0, 0),
                 big_l: int | None = None, backend: str = "tpu", interpret: bool = False,
                 blocks: BlockConfig | None = None, out_dtype=None, precision=_HIGHEST):
   """Kernel-layout dW (or ``w0 + dW``) for the block of global D rows ``[i0, i0 + big_l)`` and
@@ -364,7 +364,7 @@ def _bwd_body_gpu(scal_ref, lam_ref, gamma_ref, g_ref, dlam_ref, dgamma_ref, *, 
   _finish(spec, g, h, sseed_a, col0, lam_col, gam, dlam_ref, dgamma_ref)
 
 
-def delta_block_bwd(cot, lam, gamma, seed, spec: ops.LayerSpec, *, offsets=(0, 0),
+def delta_block_bwd(cot, lam, gamma, seed, spec: update.LayerSpec, *, offsets=(0, 0),
                     big_l: int | None = None, backend: str = "tpu", interpret: bool = False,
                     blocks: BlockConfig | None = None, precision=_HIGHEST):
   """(dlambda (r, N), dgamma (N, dl)) float32 from the kernel-layout cotangent of `delta_block`.

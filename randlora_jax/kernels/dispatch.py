@@ -2,16 +2,19 @@
 
 Every implementation computes the same function from the same hashed bases:
 
-* ``xla``: the XLA path of `randlora_jax.ops` (CPU default);
+* ``xla``: the XLA path, `randlora_jax.update` (CPU default);
 * ``tpu``: compiled Pallas kernels, Mosaic lowering (TPU default);
 * ``gpu``: compiled Pallas kernels, Triton lowering (GPU default);
 * ``interpret``: the TPU-layout kernels run by the Pallas interpreter (any backend; tests);
 * ``interpret_gpu``: the GPU-layout kernels run by the Pallas interpreter (tests).
 
-``auto`` (the default) picks ``tpu``, ``gpu`` or ``xla`` from `jax.default_backend()`.
-The mode comes from `set_kernel_mode` if set, else the ``RANDLORA_KERNEL`` environment
-variable, else ``auto``. It is read when a function is traced: a function already compiled
-by `jax.jit` keeps the implementation it was traced with.
+``auto`` picks ``tpu``, ``gpu`` or ``xla`` from `jax.default_backend()`.
+Callers (`ops.apply`, the layers) take the mode as an explicit static ``backend`` argument,
+so a jitted function traced with two backends compiles twice. Only when that argument is
+None does the DEFAULT apply: `set_kernel_mode` if set, else the ``RANDLORA_KERNEL``
+environment variable, else ``auto``; it is read when the layer is traced.
+
+This module imports only the kernels and the leaf math (`update`), never `ops`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-from randlora_jax import ops
+from randlora_jax import update
 from randlora_jax.kernels import delta
 
 MODES = ("auto", "xla", "tpu", "gpu", "interpret", "interpret_gpu")
@@ -93,30 +96,31 @@ def kernel_options(mode: str) -> dict:
   }[mode]
 
 
-def delta_impl(spec: "ops.LayerSpec") -> tuple[Callable, Callable]:
-  """(forward, backward) for `ops.delta_kernel`, with the signatures of the XLA path."""
+def delta_impl(spec: update.LayerSpec, mode: str | None = None) -> tuple[Callable, Callable]:
+  """(forward, backward) computing dW and (dlambda, dgamma), with the signatures of
+  `update.delta` / `update.delta_bwd`. ``mode`` None: the default mode."""
   del spec
-  mode = resolved_mode()
+  mode = resolved_mode() if mode is None else resolve(mode)
   if mode == "xla":
-    return ops.delta_kernel_xla, ops.delta_kernel_bwd_xla
+    return update.delta, update.delta_bwd
   opts = kernel_options(mode)
 
-  def fwd(lam, gamma, seed, spec):
-    return delta.delta_block(lam, gamma, seed, spec, **opts)
+  def fwd(lam, gamma, seed, spec, **block):
+    return delta.delta_block(lam, gamma, seed, spec, **block, **opts)
 
-  def bwd(g, lam, gamma, seed, spec):
-    return delta.delta_block_bwd(g, lam, gamma, seed, spec, **opts)
+  def bwd(g, lam, gamma, seed, spec, **block):
+    return delta.delta_block_bwd(g, lam, gamma, seed, spec, **block, **opts)
 
   return fwd, bwd
 
 
-def merged_impl(spec: "ops.LayerSpec") -> Callable | None:
+def merged_impl(spec: update.LayerSpec, mode: str | None = None) -> Callable | None:
   """Fused ``(W0 + dW).astype(dtype)`` in one pass over W0, or None where XLA fuses it anyway.
 
   Signature ``f(kernel, lam, gamma, seed, spec, dtype)``.
   """
   del spec
-  mode = resolved_mode()
+  mode = resolved_mode() if mode is None else resolve(mode)
   if mode == "xla":
     return None
   opts = kernel_options(mode)

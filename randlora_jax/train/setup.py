@@ -87,11 +87,13 @@ def vit_config(config, num_classes: int, loaded: ViTConfig | None = None) -> ViT
     raise ConfigError(f"model: {e}") from None
 
 
-def dense_factory(config) -> Callable[[str], Any]:
+def dense_factory(config, mesh: jax.sharding.Mesh | None = None) -> Callable[[str], Any]:
+  """The Dense class per layer name. RandLoRA layers get the run's `mesh`, so each computes
+  per device and communicates only its adapter gradients (`randlora_jax.layers`)."""
   a = config.adapter
   if config.method == "randlora":
     return lora.dense_factory("randlora", a.targets, r=a.r, alpha=a.alpha, basis_seed=a.seed,
-                              distribution=a.distribution)
+                              distribution=a.distribution, mesh=mesh)
   if config.method == "lora":
     return lora.dense_factory("lora", a.targets, rank=a.lora_rank, alpha=a.lora_alpha)
   return lora.dense_factory(config.method)
@@ -212,7 +214,7 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
       lambda: ViT(vcfg, lora.dense_factory("full")).init(jax.random.key(0), dummy))["params"]
   check_targets(config, plain_abstract)
 
-  model = ViT(vcfg, dense_factory(config))
+  model = ViT(vcfg, dense_factory(config, mesh))
   init = lambda key: model.init(key, dummy)["params"]
   abstract = jax.eval_shape(init, jax.random.key(config.seed))
   param_sh = sharding.shardings(abstract, mesh)
