@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast bench clean venv
+.PHONY: demo demo-vl test test-fast bench clean venv
 
 venv: $(STAMP)
 
@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/python train.py --config=configs/demo.py --workdir=runs/demo
+
+# The vision-language demo: a tiny CLIP pretrained once on embedded captioned shapes (cached
+# in ~/.cache/randlora_jax), both towers fine-tuned by each method; zero-shot vs fine-tuned.
+demo-vl: $(STAMP)
+	rm -rf runs/demo_vl
+	$(BIN)/python train.py --config=configs/clip_vl.py:demo --workdir=runs/demo_vl
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q

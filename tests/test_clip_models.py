@@ -102,7 +102,7 @@ def test_adapters_land_in_both_towers_and_start_as_the_identity():
   dense = lora.dense_factory("randlora", ("q_proj", "k_proj", "v_proj", "fc1", "fc2"), r=4,
                              alpha=8.0)
   images, ids = jnp.zeros((1, 32, 32, 3)), jnp.ones((1, 8), jnp.int32)
-  adapted = clip_lib.CLIP(config, dense).init(jax.random.key(0), images, ids)["params"]
+  adapted = jax.jit(clip_lib.CLIP(config, dense).init)(jax.random.key(0), images, ids)["params"]
   for tower in ("vision", "text"):
     blocks = adapted[tower]["encoder"]["blocks"]
     assert {k for k in blocks if "randlora_lambda" in blocks[k]} == {
@@ -110,8 +110,8 @@ def test_adapters_land_in_both_towers_and_start_as_the_identity():
     assert "randlora_lambda" not in blocks["o_proj"]
   assert "randlora_lambda" not in adapted["text"]["text_projection"]
   plain = _drop_adapters(adapted)
-  a = clip_lib.CLIP(config, dense).apply({"params": adapted}, images, ids)
-  p = clip_lib.CLIP(config).apply({"params": plain}, images, ids)
+  a = jax.jit(clip_lib.CLIP(config, dense).apply)({"params": adapted}, images, ids)
+  p = jax.jit(clip_lib.CLIP(config).apply)({"params": plain}, images, ids)
   for x, y in zip(a, p):  # lambda = 0 at init: dW = 0
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
 

@@ -39,7 +39,7 @@ def test_tiny_clip_trains_and_evaluates_through_train_py_with_each_method(tmp_pa
       [sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/clip_vl.py:tiny",
        "--config.methods=('randlora', 'lora', 'full', 'head')",
        f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
-      timeout=600)
+      timeout=1800)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = {r["method"]: r for r in json.loads((tmp_path / "summary.json").read_text())}
   assert sorted(rows) == ["full", "head", "lora", "randlora"]

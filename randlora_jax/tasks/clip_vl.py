@@ -105,8 +105,6 @@ def kshot_subset(config, train_src, num_classes: int):
 def clip_config(config, loaded: clip_lib.CLIPConfig | None) -> clip_lib.CLIPConfig:
   """A checkpoint's own config, or a preset; then the run's dtype / remat / image size."""
   m = config.model
-  if m.dtype not in setup_lib.DTYPES:
-    raise ConfigError(f"model.dtype {m.dtype!r} is not one of {sorted(setup_lib.DTYPES)}")
   if loaded is None:
     loaded = getattr(clip_lib.CLIPConfig, config.clip.preset)()  # known: validate.check_config
     overrides = {k: m[k] for k in ("patch_size", "hidden_size", "num_layers", "num_heads",
@@ -115,7 +113,7 @@ def clip_config(config, loaded: clip_lib.CLIPConfig | None) -> clip_lib.CLIPConf
       loaded = loaded.replace(vision=loaded.vision.replace(**overrides))
     except ValueError as e:
       raise ConfigError(f"model: {e}") from None
-  dtype = setup_lib.DTYPES[m.dtype]
+  dtype = getattr(jnp, m.dtype)  # a known name: validate.check_config
   try:
     return loaded.replace(vision=loaded.vision.replace(image_size=m.image_size, dtype=dtype,
                                                        remat=m.remat),
@@ -214,6 +212,9 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
                               opt_state=opt_state)
   state_sh = step_lib.TrainState(step=sharding.replicated(mesh), trainable=trainable_sh,
                                  opt_state=opt_sh)
+  # Placed as the train step returns it: the first step's input then has the shardings of
+  # every later one, and the step is compiled once, not twice.
+  state = jax.device_put(state, state_sh)
 
   a = config.adapter
   strip = lambda cfg: dataclasses.asdict(cfg.replace(dtype=None, param_dtype=None))
