@@ -44,15 +44,18 @@ class CheckpointSaveError(RuntimeError):
   """A checkpoint could not be written (full disk, no permission); older steps are intact."""
 
 
-class _DropOrbaxErrors(logging.Filter):
-  """Orbax logs the traceback of a failed save or restore before raising it; the trainer
-  reports those errors itself in one line, so the logged copy is dropped."""
+class _QuietOrbax(logging.Filter):
+  """Orbax logs the traceback of a failed save or restore before raising it, and a warning
+  per preemption save; the trainer reports both itself in one line, so Orbax's are dropped."""
 
   def filter(self, record):
-    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+    if "orbax" not in record.pathname:
+      return True
+    return not (record.levelno >= logging.ERROR
+                or "preemption sync point" in str(record.msg))
 
 
-logging.getLogger("absl").addFilter(_DropOrbaxErrors())
+logging.getLogger("absl").addFilter(_QuietOrbax())
 
 
 def _everywhere(ok: bool) -> bool:
@@ -85,14 +88,13 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=async_save))
-    self._pending = None  # (step of the last save started, the steps committed before it)
+    self._pending = None  # the step of the last save started
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict | None, config: dict) -> None:
     """Starts an asynchronous save of `step` (an error of an earlier one surfaces here)."""
-    committed = self._committed_steps()
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
@@ -100,20 +102,22 @@ class Checkpointer:
           config=ocp.args.JsonSave(config)))
     except Exception as e:  # noqa: BLE001  (any failure of the write is the same to the user)
       # An earlier asynchronous save's error surfaces here too: name the step that failed.
-      if self._pending is not None and self._pending[0] not in committed:
-        step, committed = self._pending
-      raise self._save_error(step, e, committed) from None
-    self._pending = (step, committed)
+      failed = self._pending if self._pending not in (None, *self._committed_steps()) else step
+      raise self._save_error(failed, e) from None
+    self._pending = step
 
   def _committed_steps(self) -> list[int]:
+    """Steps whose directories are complete (Orbax renames a step's directory into place
+    only once everything in it is written)."""
     try:
       return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
     except OSError:
       return []
 
-  def _save_error(self, step, e: Exception, committed: list[int]) -> CheckpointSaveError:
-    then = (f"checkpoint step {committed[-1]} is intact: free space or make the directory "
-            f"writable, then rerun the same command to resume from it" if committed else
+  def _save_error(self, step, e: Exception) -> CheckpointSaveError:
+    intact = [s for s in self._committed_steps() if s != step]
+    then = (f"checkpoint step {intact[-1]} is intact: free space or make the directory "
+            f"writable, then rerun the same command to resume from it" if intact else
             "no checkpoint was complete yet: free space or make the directory writable and "
             "rerun")
     return CheckpointSaveError(f"saving checkpoint step {step} in {self.directory} failed "
@@ -134,14 +138,14 @@ class Checkpointer:
   def restore_newest(self, target, check_config: Callable[[dict], None],
                      report: Callable[[str], None] | None = None) -> tuple[int, Any, dict] | None:
     """(step, state, data-iterator state) of the newest step that restores; None if there
-    are no checkpoints. A step that fails (unreadable config, missing or truncated arrays) is
-    reported in one line and moved aside into `<directory>.unrestorable/`, so that the run
-    can later save that step number again. `check_config(saved config)` may raise (another
-    model's checkpoint): that is not a damaged step and stops the search. Raises
-    CheckpointUnrestorable when steps exist and none restores. Multi-process: a step counts
-    as restored only if it restored on every process."""
+    are no checkpoints. Each newer step that fails (unreadable config, missing or truncated
+    arrays) is reported in one line and moved aside into `<directory>.unrestorable/`, so that
+    the run can save that step number again. `check_config(saved config)` may raise (another
+    model's checkpoint): that is not a damaged step and stops the search. When steps exist
+    and none restores, nothing is moved and CheckpointUnrestorable says why. Multi-process: a
+    step counts as restored only if it restored on every process."""
     report = report or (lambda line: print(line, file=sys.stderr))
-    failures = []
+    failures = []  # (step, why), newest first
     for step in sorted(self.manager.all_steps(), reverse=True):
       why = None
       try:
@@ -157,19 +161,19 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
           why = one_line(e)
         if _everywhere(why is None):
+          for bad, bad_why in failures:
+            moved = self._move_aside(bad)
+            if jax.process_index() == 0:
+              report(f"checkpoint step {bad} in {self.directory} cannot be restored "
+                     f"({bad_why}); moved to {moved}, resuming from step {step}")
           return step, state, data_state
-      why = why or "it failed to restore on another process"
-      failures.append(step)
-      moved = self._move_aside(step)
-      if jax.process_index() == 0:
-        report(f"checkpoint step {step} in {self.directory} cannot be restored ({why}); "
-               f"moved to {moved}, trying the previous step")
+      failures.append((step, why or "it failed to restore on another process"))
     if not failures:
       return None
     raise CheckpointUnrestorable(
-        f"no checkpoint in {self.directory} can be restored (steps "
-        f"{', '.join(map(str, failures))}, moved to {self._aside_dir()}); to start afresh, "
-        f"use another --workdir or delete {os.path.dirname(self.directory)}")
+        f"no checkpoint in {self.directory} can be restored ("
+        + "; ".join(f"step {s}: {w}" for s, w in failures)
+        + f"); to start afresh, use another --workdir or delete {os.path.dirname(self.directory)}")
 
   def _aside_dir(self) -> str:
     return self.directory + ".unrestorable"
@@ -195,8 +199,7 @@ class Checkpointer:
       self.manager.wait_until_finished()
       self.manager.check_for_errors()
     except Exception as e:  # noqa: BLE001
-      step, committed = self._pending or (None, self._committed_steps())
-      raise self._save_error(step, e, committed) from None
+      raise self._save_error(self._pending, e) from None
 
   def close(self) -> None:
     self.manager.close()
