@@ -36,7 +36,7 @@ demo: $(TRAIN_STAMP)
 
 # The vision-language demo: a tiny CLIP pretrained once on embedded captioned shapes (cached
 # in ~/.cache/randlora_jax), both towers fine-tuned by each method; zero-shot vs fine-tuned.
-demo-vl: $(STAMP)
+demo-vl: $(TRAIN_STAMP)
 	rm -rf runs/demo_vl
 	$(BIN)/python train.py --config=configs/clip_vl.py:demo --workdir=runs/demo_vl
 
