@@ -50,6 +50,12 @@ BAD_VALUES = [
     ("clip.context_length", -1), ("clip.pretrain.enabled", "yes"), ("clip.pretrain.steps", 0),
     ("clip.pretrain.batch_size", 1), ("clip.pretrain.lr", 0.0), ("clip.pretrain.text_width", 30),
     ("clip.pretrain.text_layers", 0),
+    # The causal-LM fields (tasks/causal_lm.py).
+    ("adapter.dropout", 1.0), ("lm.preset", "gpt2"), ("lm.vocab_size", 100), ("lm.val_size", -1),
+    ("lm.cutoff", 0), ("lm.mask_prompt", "no"), ("lm.packing", 1), ("lm.eval_tasks", ("mmlu",)),
+    ("lm.max_eval_examples", -1), ("lm.eval_mode", "beam"), ("lm.eval_batch_size", 0),
+    ("lm.num_beams", 0), ("lm.max_new_tokens", 0), ("lm.pretrain.enabled", "yes"),
+    ("lm.pretrain.steps", 0), ("lm.pretrain.batch_size", 0), ("lm.pretrain.lr", 0.0),
 ]
 
 
@@ -73,6 +79,7 @@ def test_every_field_has_exactly_one_rule():
   # the process count/id, whose range depends on distributed.enabled (tested below).
   assert {name for name, _ in BAD_VALUES} == fields - {
       "model.checkpoint", "data.data_dir", "pretrain.cache_dir", "clip.pretrain.cache_dir",
+      "lm.tokenizer", "lm.train_file", "lm.eval_dir", "lm.pretrain.cache_dir",
       "distributed.num_processes", "distributed.process_id"}
 
 
@@ -81,6 +88,8 @@ def test_the_shipped_configs_pass():
     validate.check_config(trainer_configs.load(name))
   for preset in ("tiny", "demo", "b32", "l14", "h14"):
     validate.check_config(trainer_configs.load("clip_vl", preset=preset))
+  for preset in ("tiny", "demo", "qwen2_0_5b", "phi3_mini", "llama3_8b", "gemma"):
+    validate.check_config(trainer_configs.load("commonsense", preset=preset))
 
 
 @pytest.mark.parametrize("field, value", BAD_VALUES, ids=[f"{f}={v!r}" for f, v in BAD_VALUES])

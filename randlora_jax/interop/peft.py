@@ -134,7 +134,8 @@ def export_peft(out_dir: str, params, cfg: AdapterConfig, *,
                 module_map: ModuleMap | Mapping[str, str] | None = None,
                 in_outs: Mapping[str, tuple[int, int]] | None = None,
                 target_modules: list[str] | None = None,
-                base_model_name_or_path: str | None = None) -> dict[str, Any]:
+                base_model_name_or_path: str | None = None,
+                dropout: float = 0.0) -> dict[str, Any]:
   """Write `params`' adapter as a PEFT RandLoRA adapter directory. Returns the config dict.
 
   `in_outs` (e.g. `RandLoraModel.in_outs`) resolves N-D kernels; `target_modules` defaults to
@@ -159,7 +160,7 @@ def export_peft(out_dir: str, params, cfg: AdapterConfig, *,
       base_model_name_or_path, "revision": None, "inference_mode": True,
       "r": cfg.r, "randlora_alpha": alpha, "projection_prng_key": int(cfg.seed),
       "save_projection": True, "sparse": cfg.distribution == "sparse",
-      "very_sparse": cfg.distribution == "very_sparse", "randlora_dropout": 0.0,
+      "very_sparse": cfg.distribution == "very_sparse", "randlora_dropout": float(dropout),
       "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "init_weights": True,
       "layers_to_transform": None, "layers_pattern": None,
       "target_modules": sorted(target_modules or {v[0] for v in views}),
@@ -172,6 +173,12 @@ def export_peft(out_dir: str, params, cfg: AdapterConfig, *,
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump(config, f, indent=2)
   return config
+
+
+def peft_dropout(in_dir: str) -> float:
+  """The adapter's `randlora_dropout` (our `adapter.dropout`, adapter_dropout.py)."""
+  with open(os.path.join(in_dir, CONFIG_FILE)) as f:
+    return float(json.load(f).get("randlora_dropout", 0.0))
 
 
 def import_peft(in_dir: str, params, *,

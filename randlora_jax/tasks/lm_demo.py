@@ -38,8 +38,8 @@ def prepare(config) -> tuple[str, str, str]:
   """(checkpoint dir, train file, eval dir), pretraining on first use (cached by shape)."""
   from randlora_jax.tasks import causal_lm  # pylint: disable=g-import-not-at-top
   p, m, lm = config.lm.pretrain, config.model, config.lm
-  key = json.dumps([p.steps, p.batch_size, p.lr, m.hidden_size, m.num_layers, m.mlp_dim,
-                    m.num_heads, lm.vocab_size, config.seed], sort_keys=True)
+  key = json.dumps(["facts+instructions", p.steps, p.batch_size, p.lr, m.hidden_size,
+                    m.num_layers, m.mlp_dim, m.num_heads, lm.vocab_size, config.seed])
   root = os.path.join(p.cache_dir or DEFAULT_CACHE, hashlib.sha256(key.encode()).hexdigest()[:16])
   ckpt, data_dir = os.path.join(root, "checkpoint"), os.path.join(root, "data")
   train_file = os.path.join(data_dir, "train.json")
@@ -47,7 +47,12 @@ def prepare(config) -> tuple[str, str, str]:
     return ckpt, train_file, data_dir
 
   synth.write(data_dir, seed=config.seed)
-  corpus = synth.corpus(config.seed)
+  # The base model has read facts AND instruction-formatted text (as the paper's instruct
+  # checkpoints have): prompts of a disjoint generated set, so fine-tuning starts from known
+  # tokens and the comparison is about the adapters, not about learning new embeddings.
+  instruct = [data_lib.train_prompt(r) for r in synth.records(600, config.seed + 7919)]
+  corpus = synth.corpus(config.seed) + instruct
+  np.random.default_rng(config.seed).shuffle(corpus)
   prompts = [data_lib.train_prompt(r) for r in data_lib.read_records(train_file)]
   tok = lm_tokenizer.train_bpe(corpus + prompts, lm.vocab_size, ckpt)
   cfg = causal_lm.PRESETS["tiny"](tok.vocab_size)
@@ -65,8 +70,8 @@ def pretrain(cfg, tok, corpus, steps: int, batch: int, lr: float, seed: int):
   """Full training of `Decoder(cfg)` on the packed corpus (next-token loss, AdamW, cosine)."""
   from randlora_jax.tasks.causal_lm import weighted_lm_loss  # pylint: disable=g-import-not-at-top
   ids = []
-  for s in corpus:
-    ids += tok.encode(s + "\n") + [tok.eos_id]
+  for text in corpus:
+    ids += tok.encode(text) + [tok.eos_id]
   n = len(ids) // SEQ
   rows = np.asarray(ids[:n * SEQ], np.int32).reshape(n, SEQ)
   model = Decoder(cfg)
