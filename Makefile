@@ -10,7 +10,7 @@ HASH := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 TRAIN_STAMP := $(VENV)/.installed-train-$(HASH)
 TEST_STAMP := $(VENV)/.installed-test-$(HASH)
 
-.PHONY: demo demo-vl test test-fast bench clean venv
+.PHONY: demo demo-vl demo-llm test test-fast test-clients bench clean venv
 
 venv: $(TEST_STAMP)
 
@@ -40,8 +40,22 @@ demo-vl: $(TRAIN_STAMP)
 	rm -rf runs/demo_vl
 	$(BIN)/python train.py --config=configs/clip_vl.py:demo --workdir=runs/demo_vl
 
+# The LLM demo: a tiny decoder pretrained once on an embedded corpus (cached), fine-tuned by
+# each method on a generated commonsense-style set, scored by the paper's protocol.
+demo-llm: $(TRAIN_STAMP)
+	rm -rf runs/llm_demo
+	$(BIN)/python train.py --config=configs/commonsense.py:demo --workdir=runs/llm_demo
+
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -n 2 -q
+
+# Third-party clients that cannot share the main venv (transformers 4 Flax models, Tunix's
+# PeftTrainer): each in its own venv under .venvs/, never collected by `make test`.
+test-clients:
+	test -x .venvs/tunix/bin/python || ($(PY) -m venv .venvs/tunix && .venvs/tunix/bin/pip install -q jax==0.10.2 jaxlib==0.10.2 flax==0.12.8 google-tunix==0.1.7 pytest && .venvs/tunix/bin/pip install -q -e . --no-deps)
+	test -x .venvs/tf4/bin/python || ($(PY) -m venv .venvs/tf4 && .venvs/tf4/bin/pip install -q jax==0.10.2 jaxlib==0.10.2 flax==0.12.8 optax==0.2.8 transformers==4.57.6 qwix==0.1.8 ml_collections chex orbax-checkpoint opt_einsum pytest && .venvs/tf4/bin/pip install -q -e . --no-deps)
+	.venvs/tunix/bin/python -m pytest tests_clients/test_tunix.py -q
+	.venvs/tf4/bin/python -m pytest tests_clients/test_transformers4.py -q
 
 test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
