@@ -346,7 +346,8 @@ def predict(p: Problem, t: Tiling, chip: Chip, bwd: bool = False) -> dict[str, f
   hash pass outside the kernel, and writing and re-reading it from HBM). The hash cost per
   MAC is therefore ``HASH_OPS / bp``: a basis entry is reused for bp MACs. With ~32 MACs per
   VPU op (TPU v4/v5) the hash stops bounding the kernel at bp >~ 20 * 32 = 640; on v6e (64)
-  only at ~1,300 and on Hopper (~25, but 128-wide tiles) never: there the cost model streams.
+  only at ~1,300, and on Hopper (~25, tiles at most 256 wide) never: there streaming wins
+  wherever re-reading the streamed basis (HBM below) costs less than hashing it.
   HBM: W0/output or cotangent once, gamma per row block, the streamed basis per column block.
   """
   ob = p.operand_bytes
