@@ -42,15 +42,20 @@ def test_vmem_budget_follows_the_generation(kind, version, vmem_mib):
     assert t.vmem_limit_bytes == limit
     for bwd in (False, True):
       assert tiling.working_set(prob, t, bwd) <= limit, (fin, fout, bwd)
-  # the limit reaches Mosaic: lower the planned forward for TPU and read it back
+  # the limit reaches Mosaic: lower the planned forward and backward for TPU, read it back
   spec = ops.LayerSpec(4096, 14336, r=32)
-  args = (jax.ShapeDtypeStruct(spec.lambda_shape, jnp.float32),
+  args = (jax.ShapeDtypeStruct((4096, 14336), jnp.bfloat16),
+          jax.ShapeDtypeStruct(spec.lambda_shape, jnp.float32),
           jax.ShapeDtypeStruct(spec.gamma_shape, jnp.float32), jax.ShapeDtypeStruct((), jnp.uint32))
-  text = jax.export.export(jax.jit(lambda l, g, s: delta.delta_block(
-      l, g, s, spec, backend="tpu", chip=chip)), platforms=("tpu",))(*args).mlir_module()
+
+  def fwd_bwd(c, l, g, s):
+    return (delta.delta_block(l, g, s, spec, backend="tpu", chip=chip),
+            delta.delta_block_bwd(c, l, g, s, spec, backend="tpu", chip=chip))
+
+  text = jax.export.export(jax.jit(fwd_bwd), platforms=("tpu",))(*args).mlir_module()
   sizes = re.findall(r"scoped_memory_configs.{0,80}?size\\22: (\d+)", text)
-  assert sizes and all(int(v) == limit for v in sizes), sizes
-  assert "cost_estimate" in text
+  assert len(sizes) == 2 and all(int(v) == limit for v in sizes), sizes
+  assert text.count("cost_estimate") == 2
 
 
 def test_tiling_validation_errors():
