@@ -250,6 +250,8 @@ LOWERING_CASES = [
     (1024, 4096, jnp.float32, "stream", jax.lax.Precision.HIGHEST),
     (4096, 4096, jnp.bfloat16, "hash", None), (4096, 14336, jnp.bfloat16, "stream", None),
     (4096, 14336, jnp.float32, "hash", None), (768, 768, jnp.bfloat16, "stream", None),
+    (768, 3072, jnp.float32, "hash", None), (3072, 768, jnp.float32, "stream", None),
+    (4096, 4096, jnp.float32, "stream", jax.lax.Precision.HIGHEST),
 ]
 
 

@@ -89,7 +89,6 @@ def _problem(spec, big_l, dl, op_dtype, out_bytes=4, w0_bytes=0, cot_bytes=4):
 
 
 def _tiling(blocks, problem, backend, interpret, chip, basis):
-  platform = "interpret" if interpret else backend
   if blocks is None:
     chip = chip or tl.current_chip(backend, interpret)
     return tl.plan(problem, chip, basis=basis)
@@ -190,11 +189,10 @@ def _round(st, x):
   return x.astype(st.op_dtype)
 
 
-def _b_tile(st, bits_or_block):
-  """Basis tile rounded to the operand dtype (the same rounding in forward and backward)."""
-  if st.stream:
-    return bits_or_block
-  return _round(st, _values_st(st, bits_or_block))
+def _b_tile(st, bits):
+  """Hashed basis tile rounded to the operand dtype (the same rounding in forward and
+  backward, and the same values as the streamed basis)."""
+  return _round(st, _values_st(st, bits))
 
 
 def _values_st(st, bits):

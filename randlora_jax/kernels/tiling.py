@@ -346,7 +346,8 @@ def predict(p: Problem, t: Tiling, chip: Chip, bwd: bool = False) -> dict[str, f
   hash pass outside the kernel, and writing and re-reading it from HBM). The hash cost per
   MAC is therefore ``HASH_OPS / bp``: a basis entry is reused for bp MACs. With ~32 MACs per
   VPU op (TPU v4/v5) the hash stops bounding the kernel at bp >~ 20 * 32 = 640; on v6e (64)
-  only at ~1,300 and on Hopper (~25, but 128-wide tiles) never: there the cost model streams.
+  only at ~1,300, and on Hopper (~25, tiles at most 256 wide) never: there streaming wins
+  wherever re-reading the streamed basis (HBM below) costs less than hashing it.
   HBM: W0/output or cotangent once, gamma per row block, the streamed basis per column block.
   """
   ob = p.operand_bytes
@@ -365,6 +366,7 @@ def predict(p: Problem, t: Tiling, chip: Chip, bwd: bool = False) -> dict[str, f
     hbm += big * dpad * p.cot_bytes
   else:
     hbm += big * dpad * (p.out_bytes + p.w0_bytes)
+    hbm += (t.splits - 1) * big * dpad * 4 * 2 if t.splits > 1 else 0  # partials: write + sum
   pre = 0.0
   if t.basis == "stream":
     hbm += gen * ob
@@ -407,7 +409,9 @@ def plan(p: Problem, chip: Chip, *, basis: str | None = None) -> Tiling:
   rk, tn = contraction_choices(p.r, p.num_bases, platform)[0]
   limit = chip.vmem_limit_bytes
   best = None
-  caps = (1024, 2048) if platform == "tpu" else (128, 128)
+  # GPU: 128 x 256 output tiles at most (the common Hopper config: 8 warps hold a 128x256 f32
+  # accumulator at 128 registers per thread), checked against shared memory per SM.
+  caps = (1024, 2048) if platform == "tpu" else (128, 256)
   for b_kind in ((basis,) if basis else ("hash", "stream")):
     for bm in _block_choices(p.big_l, platform, caps[0] if platform == "tpu" else 128):
       for bp in _block_choices(p.dl, platform, caps[1]):
@@ -415,6 +419,8 @@ def plan(p: Problem, chip: Chip, *, basis: str | None = None) -> Tiling:
                    vmem_limit_bytes=limit)
         if platform == "gpu":
           t = _gpu_splits(p, t, chip)
+          if gpu_smem(p, t) > chip.vmem_bytes:
+            continue
         try:
           t.check(p, platform)
         except ValueError:
@@ -429,18 +435,23 @@ def plan(p: Problem, chip: Chip, *, basis: str | None = None) -> Tiling:
   return best[1]
 
 
+def gpu_smem(p: Problem, t: Tiling) -> int:
+  """Shared memory of a GPU program: num_stages buffers of the two dot operand tiles."""
+  return t.num_stages * (t.bm * t.k + t.k * t.bp) * p.operand_bytes
+
+
 def _gpu_splits(p: Problem, t: Tiling, chip: Chip) -> Tiling:
-  """Split the contraction (forward) / the D rows (backward) until >= one program per SM."""
-  fwd_programs = (t.big_pad(p) // t.bm) * (t.d_pad(p) // t.bp)
-  splits = 1
+  """Split the contraction (forward) / the D rows (backward) until >= one program per SM:
+  the smallest divisor of the step (row-block) count that gets there, else the count."""
+  def smallest(programs: int, count: int) -> int:
+    for s in range(1, count + 1):
+      if count % s == 0 and programs * s >= chip.cores:
+        return s
+    return count
+
   nsteps = t.steps(p)
-  while fwd_programs * splits < chip.cores and nsteps % (splits * 2) == 0:
-    splits *= 2
-  bwd_programs = (t.d_pad(p) // t.bp) * nsteps
-  nrows = t.big_pad(p, True) // t.bwd_bm
-  bwd_splits = 1
-  while bwd_programs * bwd_splits < chip.cores and nrows % (bwd_splits * 2) == 0:
-    bwd_splits *= 2
+  splits = smallest((t.big_pad(p) // t.bm) * (t.d_pad(p) // t.bp), nsteps)
+  bwd_splits = smallest((t.d_pad(p) // t.bp) * nsteps, t.big_pad(p, True) // t.bwd_bm)
   return dataclasses.replace(t, splits=splits, bwd_splits=bwd_splits)
 
 
