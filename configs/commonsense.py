@@ -8,7 +8,8 @@ Presets (`configs/commonsense.py:<preset>`):
   gemma       a Gemma checkpoint (model.checkpoint gives the size), RandLoRA-30
   demo        a tiny decoder pretrained once on an embedded corpus (cached), fine-tuned by each
               method on an embedded generated commonsense-style set, scored by the paper's
-              protocol: `python train.py --config=configs/commonsense.py:demo --workdir=runs/llm_demo`
+              protocol:
+              `python train.py --config=configs/commonsense.py:demo --workdir=runs/llm_demo`
   tiny        test size, random init, a few steps (lm.train_file must be given)
 
 Recipe (the paper's scripts): adapters on q_proj, k_proj, v_proj, up_proj, down_proj; alpha = 2r;

@@ -62,10 +62,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, directory: str | os.PathLik
   """A byte-level BPE over `texts` (exact round trip of any text), saved as tokenizer.json
   and tokenizer_config.json in `directory`; returns it loaded."""
   import transformers  # pylint: disable=g-import-not-at-top
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
   tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  # Whitespace runs are tokens of their own (GPT-2's rule glues one space to the next word):
+  # the paper's evaluation prompt ends in spaces where the training text continues with the
+  # answer, so a glued space would make the answer's first token one never seen after it.
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated"),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

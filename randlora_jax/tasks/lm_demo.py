@@ -38,7 +38,7 @@ def prepare(config) -> tuple[str, str, str]:
   """(checkpoint dir, train file, eval dir), pretraining on first use (cached by shape)."""
   from randlora_jax.tasks import causal_lm  # pylint: disable=g-import-not-at-top
   p, m, lm = config.lm.pretrain, config.model, config.lm
-  key = json.dumps(["facts+instructions", p.steps, p.batch_size, p.lr, m.hidden_size,
+  key = json.dumps(["facts+instructions", "bpe-ws", p.steps, p.batch_size, p.lr, m.hidden_size,
                     m.num_layers, m.mlp_dim, m.num_heads, lm.vocab_size, config.seed])
   root = os.path.join(p.cache_dir or DEFAULT_CACHE, hashlib.sha256(key.encode()).hexdigest()[:16])
   ckpt, data_dir = os.path.join(root, "checkpoint"), os.path.join(root, "data")

@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.adapter.distribution = "uniform"
   c.adapter.lora_rank = 32
   c.adapter.lora_alpha = 64.0
-  c.adapter.dropout = 0.0     # on the adapter branch's input (PEFT randlora_/lora_dropout); causal_lm
+  c.adapter.dropout = 0.0     # adapter-input dropout (PEFT randlora_dropout); task causal_lm
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic_shapes/left_shape"
@@ -105,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Task causal_lm (randlora_jax/tasks/causal_lm.py): instruction tuning of a decoder LLM on
   # commonsense-format JSON / JSONL, scored by the paper's protocol (configs/commonsense.py).
   c.lm = ml_collections.ConfigDict()
-  c.lm.preset = "tiny"        # shapes without model.checkpoint: tiny | qwen2_0_5b | phi3_mini | llama3_8b
+  c.lm.preset = "tiny"        # no checkpoint: tiny | qwen2_0_5b | phi3_mini | llama3_8b
   c.lm.tokenizer = ""         # directory with tokenizer.json ("": model.checkpoint's, or a BPE)
   c.lm.vocab_size = 512       # the BPE trained on the training file when there is no tokenizer
   c.lm.train_file = ""        # JSON list or JSONL: instruction, input, output, answer
