@@ -229,6 +229,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
                               opt_state=opt_state)
   state_sh = step_lib.TrainState(step=sharding.replicated(mesh), trainable=trainable_sh,
                                  opt_state=opt_sh)
+  state = jax.device_put(state, state_sh)  # as the step returns it: one compile, not two
 
   a = config.adapter
   adapter_config = {"method": config.method, "targets": list(a.targets), "task": "causal_lm",

@@ -251,6 +251,9 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
                               opt_state=opt_state)
   state_sh = step_lib.TrainState(step=sharding.replicated(mesh), trainable=trainable_sh,
                                  opt_state=opt_sh)
+  # Placed as the train step returns it: otherwise the first step's input (an uncommitted step
+  # counter) differs from every later one and the whole step compiles twice.
+  state = jax.device_put(state, state_sh)
 
   a = config.adapter
   adapter_config = {"method": config.method, "targets": list(a.targets),
