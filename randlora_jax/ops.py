@@ -82,10 +82,10 @@ def delta_kernel(lam, gamma, seed, spec: LayerSpec, backend: str | None = None) 
   return _delta_kernel(lam, gamma, seed, spec, resolve_backend(backend))
 
 
-def _merged_value(kernel, lam, gamma, seed, spec, dtype, backend):
+def _merged_value(kernel, lam, gamma, seed, spec, dtype, backend, precision=None):
   fused = dispatch.merged_impl(spec, backend)
   if fused is not None:  # one pass: read the W0 tile, add dW, write in the compute dtype
-    return fused(kernel, lam, gamma, seed, spec, dtype)
+    return fused(kernel, lam, gamma, seed, spec, dtype, precision=precision)
   fwd, _ = dispatch.delta_impl(spec, backend)  # XLA fuses the add and the cast into one loop
   return (kernel.astype(jnp.float32) + fwd(lam, gamma, seed, spec)).astype(dtype)
 
@@ -194,7 +194,7 @@ def _token_route(tokens: int, spec: LayerSpec, backend: str) -> bool:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def _merged_matmul(x, kernel, lam, gamma, seed, spec, dtype, precision, backend):
-  return jnp.matmul(x, _merged_value(kernel, lam, gamma, seed, spec, dtype, backend),
+  return jnp.matmul(x, _merged_value(kernel, lam, gamma, seed, spec, dtype, backend, precision),
                     precision=precision)
 
 
@@ -205,7 +205,7 @@ def _merged_matmul_fwd(x, kernel, lam, gamma, seed, spec, dtype, precision, back
 
 def _merged_matmul_bwd(spec, dtype, precision, backend, res, g):
   x, kernel, lam, gamma, seed = res
-  w = _merged_value(kernel, lam, gamma, seed, spec, dtype, backend)
+  w = _merged_value(kernel, lam, gamma, seed, spec, dtype, backend, precision)
   dx = jnp.matmul(g.astype(dtype), w.T, precision=precision).astype(x.dtype)
   x2 = x.reshape(-1, spec.in_features)
   g2 = g.reshape(-1, spec.out_features)
@@ -215,7 +215,10 @@ def _merged_matmul_bwd(spec, dtype, precision, backend, res, g):
     dlam, dgamma = update.reduce(spec, update.h_from_tokens(x2, g2, seed, spec), lam, gamma, seed)
   else:
     _, bwd = dispatch.delta_impl(spec, backend)
-    dlam, dgamma = bwd(g_kernel, lam, gamma, seed, spec)
+    # the kernels take the layer's precision (None: bf16 MXU operands on TPU/GPU, HIGHEST in
+    # interpret mode); the XLA path forms dW in float32 whatever the layer's precision
+    kw = {} if backend == "xla" else {"precision": precision}
+    dlam, dgamma = bwd(g_kernel, lam, gamma, seed, spec, **kw)
   return (dx, g_kernel.astype(kernel.dtype), dlam.astype(lam.dtype), dgamma.astype(gamma.dtype),
           None)
 

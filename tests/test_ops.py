@@ -338,3 +338,30 @@ def test_layer_chooses_from_per_device_tokens():
   assert "factored_delta" not in str(jax.make_jaxpr(layer.apply)(params, x))
   with jax.set_mesh(sharding.make_mesh(data=8)):
     assert "factored_delta" in str(jax.make_jaxpr(layer.apply)(params, x))
+
+
+def test_layer_precision_reaches_the_kernels():
+  """The merged path hands the layer's precision to the Pallas kernels: DEFAULT (bf16 MXU
+  operands, the device default) moves the output and dlambda/dgamma by bf16 rounding (~2^-8
+  relative) away from HIGHEST, which equals the XLA path to float32 rounding."""
+  spec = ops.LayerSpec(in_features=96, out_features=160, r=8, alpha=16.0)
+  k = jax.random.split(jax.random.key(3), 4)
+  x = jax.random.normal(k[0], (32, 96))
+  w0 = jax.random.normal(k[1], (96, 160)) * 0.05
+  lam = jax.random.normal(k[2], (spec.r, spec.num_bases))
+  gamma = jax.random.normal(k[3], (spec.num_bases, spec.d))
+
+  def run(backend, precision):
+    f = lambda x, l, g: ops.apply(x, w0, l, g, 7, spec, path="merged", precision=precision,
+                                  backend=backend).sum()
+    return jax.jit(jax.value_and_grad(f, argnums=(1, 2)))(x, lam, gamma)
+
+  ref = run("xla", jax.lax.Precision.HIGHEST)
+  high = run("interpret", jax.lax.Precision.HIGHEST)
+  low = run("interpret", jax.lax.Precision.DEFAULT)
+  rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+  for a, b in zip(jax.tree.leaves(high), jax.tree.leaves(ref)):
+    assert rel(a, b) < 1e-5
+  moved = [rel(a, b) for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(ref))]
+  assert max(moved) > 1e-5, moved  # bf16 operands really were used
+  assert max(moved) < 2 ** -5, moved

@@ -117,7 +117,7 @@ def delta_impl(spec: update.LayerSpec, mode: str | None = None) -> tuple[Callabl
 def merged_impl(spec: update.LayerSpec, mode: str | None = None) -> Callable | None:
   """Fused ``(W0 + dW).astype(dtype)`` in one pass over W0, or None where XLA fuses it anyway.
 
-  Signature ``f(kernel, lam, gamma, seed, spec, dtype)``.
+  Signature ``f(kernel, lam, gamma, seed, spec, dtype, precision=None)``.
   """
   del spec
   mode = resolved_mode() if mode is None else resolve(mode)
@@ -125,7 +125,8 @@ def merged_impl(spec: update.LayerSpec, mode: str | None = None) -> Callable | N
     return None
   opts = kernel_options(mode)
 
-  def fused(kernel, lam, gamma, seed, spec, dtype):
-    return delta.delta_block(lam, gamma, seed, spec, w0=kernel, out_dtype=jnp.dtype(dtype), **opts)
+  def fused(kernel, lam, gamma, seed, spec, dtype, precision=None):
+    return delta.delta_block(lam, gamma, seed, spec, w0=kernel, out_dtype=jnp.dtype(dtype),
+                             precision=precision, **opts)
 
   return fused
