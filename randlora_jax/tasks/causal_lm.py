@@ -223,13 +223,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   o = config.optim
   schedule = linear_schedule(o.lr[config.method], steps, o.warmup_steps, o.end_lr_fraction)
   tx = step_lib.make_optimizer(schedule, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
-  opt_sh = sharding.shardings(jax.eval_shape(tx.init, trainable), mesh, rules)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
-  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
-                              opt_state=opt_state)
-  state_sh = step_lib.TrainState(step=sharding.replicated(mesh), trainable=trainable_sh,
-                                 opt_state=opt_sh)
-  state = jax.device_put(state, state_sh)  # as the step returns it: one compile, not two
+  state, state_sh = step_lib.initial_state(tx, trainable, trainable_sh, mesh, rules)
 
   a = config.adapter
   adapter_config = {"method": config.method, "targets": list(a.targets), "task": "causal_lm",

@@ -206,15 +206,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
                                     config.optim.warmup_steps, config.optim.end_lr_fraction)
   tx = step_lib.make_optimizer(schedule, weight_decay=config.optim.weight_decay,
                                grad_clip=config.optim.grad_clip)
-  opt_sh = sharding.shardings(jax.eval_shape(tx.init, trainable), mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
-  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
-                              opt_state=opt_state)
-  state_sh = step_lib.TrainState(step=sharding.replicated(mesh), trainable=trainable_sh,
-                                 opt_state=opt_sh)
-  # Placed as the train step returns it: the first step's input then has the shardings of
-  # every later one, and the step is compiled once, not twice.
-  state = jax.device_put(state, state_sh)
+  state, state_sh = step_lib.initial_state(tx, trainable, trainable_sh, mesh)
 
   a = config.adapter
   strip = lambda cfg: dataclasses.asdict(cfg.replace(dtype=None, param_dtype=None))

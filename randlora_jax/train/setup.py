@@ -244,16 +244,7 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
                                     config.optim.end_lr_fraction)
   tx = step_lib.make_optimizer(schedule, weight_decay=config.optim.weight_decay,
                                grad_clip=config.optim.grad_clip)
-  opt_abstract = jax.eval_shape(tx.init, trainable)
-  opt_sh = sharding.shardings(opt_abstract, mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
-  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
-                              opt_state=opt_state)
-  state_sh = step_lib.TrainState(step=sharding.replicated(mesh), trainable=trainable_sh,
-                                 opt_state=opt_sh)
-  # Placed as the train step returns it: otherwise the first step's input (an uncommitted step
-  # counter) differs from every later one and the whole step compiles twice.
-  state = jax.device_put(state, state_sh)
+  state, state_sh = step_lib.initial_state(tx, trainable, trainable_sh, mesh)
 
   a = config.adapter
   adapter_config = {"method": config.method, "targets": list(a.targets),

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from randlora_jax import optim
+from randlora_jax import optim, sharding
 from randlora_jax.data import normalize
 
 
@@ -26,6 +26,19 @@ class TrainState:
   step: jax.Array
   trainable: Any  # the trainable partition: arrays where trainable, None elsewhere
   opt_state: Any
+
+
+def initial_state(tx: optax.GradientTransformation, trainable, trainable_shardings, mesh,
+                  rules=sharding.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+  """(state at step 0, its shardings): the optimizer state initialised in place on the mesh and
+  the whole state placed as the train step returns it. Otherwise the first step's input (an
+  uncommitted step counter) differs from every later one and the whole step compiles twice."""
+  opt_sh = sharding.shardings(jax.eval_shape(tx.init, trainable), mesh, rules)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+  state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt_state)
+  state_sh = TrainState(step=sharding.replicated(mesh), trainable=trainable_shardings,
+                        opt_state=opt_sh)
+  return jax.device_put(state, state_sh), state_sh
 
 
 def make_schedule(peak_lr: float, total_steps: int, warmup_steps: int = 0,
