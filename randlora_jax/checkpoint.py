@@ -273,16 +273,22 @@ def _fold(tree, is_layer, fold_one):
   return out
 
 
+def lora_scale(adapter_config: dict) -> float:
+  """LoRA's alpha / r from an `adapter_config` (exports written before the rank was called
+  `r` everywhere say 'rank')."""
+  return adapter_config["alpha"] / adapter_config.get("r", adapter_config.get("rank"))
+
+
 def merged_params(params, method: str, adapter_config: dict):
   """A plain ViT's parameter tree with the adapter folded into the kernels.
 
-  RandLoRA: W0 + dW (regenerated from the seed); LoRA: W0 + (alpha / rank) A B."""
+  RandLoRA: W0 + dW (regenerated from the seed); LoRA: W0 + (alpha / r) A B."""
   params = jax.tree.map(np.asarray, params)
   if method == "randlora":
     cfg = adapter_lib.AdapterConfig.from_dict(adapter_config)
     return jax.tree.map(np.asarray, adapter_lib.merge(params, cfg, drop_adapter=True))
   if method == "lora":
-    scale = adapter_config["alpha"] / adapter_config["rank"]
+    scale = lora_scale(adapter_config)
     return _fold(params, lambda t: "lora_a" in t,
                  lambda layer: layer["kernel"] + scale * (layer["lora_a"] @ layer["lora_b"]))
   return params
