@@ -120,3 +120,15 @@ def test_scan_and_remat():
     pi = jax.tree.map(lambda a: a[i], p["layers"]["proj"])
     y = y + jnp.tanh(RandLoraDense(8, r=2, alpha=4.0, seed=9).apply({"params": pi}, y))
   np.testing.assert_allclose(plain.apply({"params": p}, x), y, rtol=1e-5, atol=1e-6)
+
+
+def test_one_spelling_for_the_adapter_fields():
+  # RandLoraDense's adapter attributes are AdapterConfig's fields, by name (one config type);
+  # LoRA's rank is `r` too. A jax.random key is accepted as the seed and stored as its int.
+  from randlora_jax import seed_from_key
+  from randlora_jax.adapter import AdapterConfig
+  from randlora_jax.lora import LoraDense
+  cfg = AdapterConfig(r=4, alpha=8.0, seed=jax.random.key(5), distribution="sparse")
+  assert cfg.seed == seed_from_key(jax.random.key(5)) and isinstance(cfg.seed, int)
+  assert RandLoraDense(8, **cfg.to_dict()).config == cfg
+  assert "r" in LoraDense.__dataclass_fields__ and "rank" not in LoraDense.__dataclass_fields__
