@@ -261,7 +261,8 @@ def merge(params, cfg: AdapterConfig, *, drop_adapter: bool = False,
   the adapter leaves are removed (a plain model's tree).
 
   `in_outs` maps a layer path ('a/b/query') to its (in, out) where the kernel's shape alone
-  is ambiguous (N-D kernels); `randlora_jax.inject` models know it. `bases`: the stored PEFT
+  is ambiguous (N-D kernels; `randlora_jax.inject` models know it), or to its `Layout` (a
+  Qwix-provider weight 'a/b/w': `provider.layouts`, needed for those). `bases`: the stored PEFT
   bases of an imported adapter ({'A', 'B'}, see `interop.peft.import_peft`).
   """
   in_outs = in_outs or {}
