@@ -4,8 +4,9 @@ A RandLoRA layer in any parameter tree is a weight with its two adapter leaves b
 one of two ways: `kernel` + `randlora_lambda` / `randlora_gamma` (our layers, injection, NNX),
 or `<weight>` + `<weight>_randlora_lambda` / `<weight>_randlora_gamma` (the Qwix provider,
 whose modules may hold several weights). Its path is the dict's path ('blocks/q_proj') or,
-for the second naming, the weight's ('blocks/attn/w'). Its `ops.LayerSpec` follows from the shapes plus the model-wide
-`AdapterConfig` (r, alpha, seed, distribution): nothing else is needed to regenerate dW.
+for the second naming, the weight's ('blocks/attn/w'). Its `ops.LayerSpec` follows from the
+shapes plus the model-wide `AdapterConfig` (r, alpha, seed, distribution): nothing else is
+needed to regenerate dW.
 
 Two layouts beyond a plain 2-D `(in, out)` kernel are handled:
 
@@ -27,7 +28,6 @@ from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 
 from randlora_jax import bases, ops, tree

@@ -175,17 +175,15 @@ def seed_from_key(key) -> int:
       raise ValueError(f"seed must be in [0, 2**32), got {key}")
     return int(key)
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-  if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape == (2,))
-          or (key.shape == () and jnp.issubdtype(key.dtype, jnp.integer))):
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape == (2,)):
+    bits = jax.random.bits(key, (), jnp.uint32)
+  elif key.shape == () and jnp.issubdtype(key.dtype, jnp.integer):
+    bits = key.astype(jnp.uint32)
+  else:
     raise TypeError(f"cannot make a basis seed from {key.dtype}{list(key.shape)}: pass a "
                     "jax.random key or an integer")
   try:
-    with jax.ensure_compile_time_eval():  # a concrete key inside a traced function stays concrete
-      if key.shape == () and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        bits = key.astype(jnp.uint32)
-      else:
-        bits = jax.random.bits(key, (), jnp.uint32)
-      return int(bits)
+    return int(bits)
   except jax.errors.ConcretizationTypeError as e:
     raise TypeError("seed_from_key needs a concrete key: call it outside jax.jit") from e
 

@@ -63,7 +63,8 @@ class RandLoraDense(nn.Module):
   def config(self) -> AdapterConfig:
     """The adapter fields as an `AdapterConfig` (needs a concrete seed: outside a function
     that takes the seed as a traced argument)."""
-    return AdapterConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterConfig)})
+    return AdapterConfig(**{f.name: getattr(self, f.name)
+                            for f in dataclasses.fields(AdapterConfig)})
 
   def spec(self, in_features: int) -> ops.LayerSpec:
     # Not via `config`: the seed may be traced (one compiled step for several seeds).

@@ -9,9 +9,10 @@
 This is how MaxText and Tunix already get LoRA (`qwix.LoraProvider`), so swapping the provider
 is the whole change for their users. Qwix patches `jax.lax.dot_general`, `jnp.einsum` and
 `jnp.dot` (this provider adds `jnp.matmul`) while a model's method runs, in Linen and NNX
-alike, and hands each call to the provider together with the module it happens in (`module_path` is matched with
-`re.fullmatch`, as Qwix does). Here an adapted layer is any such contraction inside a matching
-module whose right-hand operand is one of that module's parameters:
+alike, and hands each call to the provider together with the module it happens in
+(`module_path` is matched with `re.fullmatch`, as Qwix does). Here an adapted layer is any
+such contraction inside a matching module whose right-hand operand is one of that module's
+parameters:
 
 * the equation / dimension numbers are only known at call time (gemma's
   `jnp.einsum('BTD,NDH->BTNH', x, self.param('w'))`), and the kernel's axes may come in any
@@ -449,7 +450,11 @@ class RandLoraProvider(ptq.PtqProvider):
         if lk in attrs:
           w = _dequantized(node if isinstance(node, ptq.WithAux) else node[...])
           layer = {"kernel": w, adapter.LAMBDA: attrs[lk][...], adapter.GAMMA: attrs[gk][...]}
-          dw = _delta(layer, cfg, layouts[tree.join(tree.path_str(path), name)])
+          key = tree.join(tree.path_str(path), name)
+          if key not in layouts:
+            raise ValueError(f"no layout recorded for {key!r} (recorded: {sorted(layouts)}); "
+                             "merge with adapter.merge and in_outs keyed by this model's paths")
+          dw = _delta(layer, cfg, layouts[key])
           setattr(module, name, nnx.Param((w.astype(jnp.float32) + dw).astype(w.dtype)))
           delattr(module, lk)
           delattr(module, gk)
