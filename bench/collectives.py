@@ -53,7 +53,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     dense = lora.dense_factory(self.method, (".*",), **(
-        dict(r=16, path="merged") if self.method == "randlora" else dict(rank=16, alpha=32.0)
+        dict(r=16, path="merged") if self.method == "randlora" else dict(r=16, alpha=32.0)
         if self.method == "lora" else {}))
     x = dense("up")(1024, name="up")(x)
     return dense("down")(256, name="down")(jax.nn.gelu(x))

@@ -59,7 +59,7 @@ def main(argv=None):
     cfg = DecoderConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_layers=4,
                         num_heads=8, num_kv_heads=2, rope_theta=500000.0)
   acfg = adapter.AdapterConfig(r=16, alpha=32.0, seed=63098)
-  kw = dict(r=acfg.r, alpha=acfg.alpha, basis_seed=acfg.seed)
+  kw = dict(r=acfg.r, alpha=acfg.alpha, seed=acfg.seed)
   ids0 = jnp.zeros((1, 1), jnp.int32)
   adapted_dense = lora.dense_factory("randlora", TARGETS, **kw)
   params = jax.jit(Decoder(cfg, adapted_dense).init)(jax.random.key(0), ids0)["params"]

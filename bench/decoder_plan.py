@@ -60,7 +60,7 @@ def main(argv=None):
                                   "Table 15 %", "diff (points)"], count_rows)
 
   cfg = DecoderConfig.llama3_8b(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat="full")
-  dense = lora.dense_factory("randlora", QKVUD, r=30, alpha=60.0, basis_seed=63098)
+  dense = lora.dense_factory("randlora", QKVUD, r=30, alpha=60.0, seed=63098)
   plan_rows = []
   layouts = [("v5p-8", "fsdp"), ("v5p-8", "data"), ("v5e-8", "fsdp")]
   for chip, layout in layouts:

@@ -97,9 +97,9 @@ def lora_rank_for(width: int, r: int) -> int:
 def dense_for(method: str, r: int, lora_rank: int, basis_seed) -> Callable:
   targets = [r"^fc\d+$"]
   if method in ("randlora", "randlora_rank_r"):
-    return lora.dense_factory("randlora", targets, r=r, alpha=20.0 * r, basis_seed=basis_seed)
+    return lora.dense_factory("randlora", targets, r=r, alpha=20.0 * r, seed=basis_seed)
   if method == "lora":
-    return lora.dense_factory("lora", targets, rank=lora_rank, alpha=2.0 * lora_rank)
+    return lora.dense_factory("lora", targets, r=lora_rank, alpha=2.0 * lora_rank)
   return lora.dense_factory("full")
 
 

@@ -44,9 +44,9 @@ def ours(a) -> dict:
 
   cfg = DecoderConfig(family="llama", **llama_shape(a))
   if a.method == "randlora":
-    dense = lora.dense_factory("randlora", TARGETS, r=a.rank, alpha=2.0 * a.rank, basis_seed=0)
+    dense = lora.dense_factory("randlora", TARGETS, r=a.rank, alpha=2.0 * a.rank, seed=0)
   elif a.method == "lora":
-    dense = lora.dense_factory("lora", TARGETS, rank=a.rank, alpha=2.0 * a.rank)
+    dense = lora.dense_factory("lora", TARGETS, r=a.rank, alpha=2.0 * a.rank)
   else:
     dense = lora.dense_factory("full")
   model = Decoder(cfg, dense)

@@ -191,9 +191,9 @@ class Method:
   def dense(self, basis_seed):
     if self.kind in ("randlora", "randlora_rank_r"):
       return lora.dense_factory("randlora", TARGETS, r=self.r, alpha=2.0 * self.r,
-                                basis_seed=basis_seed)
+                                seed=basis_seed)
     if self.kind == "lora":
-      return lora.dense_factory("lora", TARGETS, rank=self.lora_rank, alpha=2.0 * self.lora_rank)
+      return lora.dense_factory("lora", TARGETS, r=self.lora_rank, alpha=2.0 * self.lora_rank)
     return lora.dense_factory("full")
 
   def trainable(self) -> tuple[str, ...]:

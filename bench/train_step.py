@@ -124,10 +124,10 @@ def _ours_model(cfg: Config):
   s = cfg.shape
   if cfg.method in ("randlora", "randlora_saved"):
     dense = lora.dense_factory("randlora", [rf"^{t}$" for t in TARGETS[cfg.targets]],
-                               r=cfg.r, alpha=RANDLORA_ALPHA, basis_seed=0)
+                               r=cfg.r, alpha=RANDLORA_ALPHA, seed=0)
   elif cfg.method == "lora":
     dense = lora.dense_factory("lora", [rf"^{t}$" for t in TARGETS[cfg.targets]],
-                               rank=cfg.r, alpha=LORA_ALPHA)
+                               r=cfg.r, alpha=LORA_ALPHA)
   else:
     dense = lora.dense_factory("full")
   # The same shape as the transformers ViTConfig of the PEFT side (HF ViT family, exact GELU).

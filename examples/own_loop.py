@@ -17,8 +17,8 @@ class Classifier(nn.Module):
   def __call__(self, x):
     # A drop-in nn.Dense: same `kernel`/`bias` (your pretrained weights load unchanged), plus
     # `randlora_lambda` and `randlora_gamma`; the random bases are regenerated from the seed.
-    x = nn.gelu(RandLoraDense(128, r=8, alpha=160.0, basis_seed=0, name="fc1")(x))
-    x = nn.gelu(RandLoraDense(128, r=8, alpha=160.0, basis_seed=0, name="fc2")(x))
+    x = nn.gelu(RandLoraDense(128, r=8, alpha=160.0, seed=0, name="fc1")(x))
+    x = nn.gelu(RandLoraDense(128, r=8, alpha=160.0, seed=0, name="fc2")(x))
     return nn.Dense(4, name="head")(x)
 
 

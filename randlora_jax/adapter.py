@@ -1,14 +1,20 @@
 """Adapter-level view of a parameter tree: the shared config, per-layer specs, merge/unmerge.
 
-A RandLoRA layer in any parameter tree is a dict holding `kernel`, `randlora_lambda` and
-`randlora_gamma`. Its `ops.LayerSpec` follows from the shapes plus the model-wide
-`AdapterConfig` (r, alpha, seed, distribution): nothing else is needed to regenerate dW.
+A RandLoRA layer in any parameter tree is a weight with its two adapter leaves beside it, named
+one of two ways: `kernel` + `randlora_lambda` / `randlora_gamma` (our layers, injection, NNX),
+or `<weight>` + `<weight>_randlora_lambda` / `<weight>_randlora_gamma` (the Qwix provider,
+whose modules may hold several weights). Its path is the dict's path ('blocks/q_proj') or,
+for the second naming, the weight's ('blocks/attn/w'). Its `ops.LayerSpec` follows from the
+shapes plus the model-wide `AdapterConfig` (r, alpha, seed, distribution): nothing else is
+needed to regenerate dW.
 
 Two layouts beyond a plain 2-D `(in, out)` kernel are handled:
 
 * N-D kernels (`nn.DenseGeneral`, `nn.Einsum`) laid out `(*in_axes, *out_axes)`: the layer is
   the 2-D map `kernel.reshape(in, out)`. The split point follows from gamma's shape when that
-  is unambiguous; callers that know it (e.g. `randlora_jax.inject`) pass `in_outs`.
+  is unambiguous; callers that know it (e.g. `randlora_jax.inject`) pass `in_outs`. A weight
+  whose input axes come in any order (a `Layout`, recorded by the Qwix provider) is given as
+  its `in_outs` entry instead of an (in, out) pair.
 * Layers stacked by `nn.scan`: every leaf has the same extra leading axes (kernel
   `(L, in, out)`, lambda `(L, r, N)`, gamma `(L, N, d)`); dW is computed per layer with
   `jax.vmap` over those axes.
@@ -22,11 +28,46 @@ from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from randlora_jax import bases, ops
+from randlora_jax import bases, ops, tree
 
 LAMBDA, GAMMA = "randlora_lambda", "randlora_gamma"
-InOuts = Mapping[str, tuple[int, int]]
+
+
+def leaf_names(weight: str) -> tuple[str, str]:
+  """The adapter leaves of weight `weight` when they sit beside it under its own name (the
+  Qwix provider's naming); our layers use plain `LAMBDA`, `GAMMA` beside `kernel`."""
+  return f"{weight}_{LAMBDA}", f"{weight}_{GAMMA}"
+
+
+def is_adapter_leaf(key: str) -> bool:
+  return str(key).endswith((LAMBDA, GAMMA))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a stored weight is seen as a 2-D (in, out) layer: its contracted and output axes."""
+
+  shape: tuple[int, ...]  # the stored weight's shape (one layer; no scan axes)
+  in_axes: tuple[int, ...]
+  out_axes: tuple[int, ...]
+
+  @property
+  def in_out(self) -> tuple[int, int]:
+    return (math.prod(self.shape[a] for a in self.in_axes),
+            math.prod(self.shape[a] for a in self.out_axes))
+
+  def to_2d(self, w: jax.Array) -> jax.Array:
+    return jnp.transpose(w, self.in_axes + self.out_axes).reshape(self.in_out)
+
+  def from_2d(self, w2: jax.Array) -> jax.Array:
+    order = self.in_axes + self.out_axes
+    w = w2.reshape([self.shape[a] for a in order])
+    return jnp.transpose(w, np.argsort(order))
+
+
+InOuts = Mapping[str, "tuple[int, int] | Layout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,12 +76,12 @@ class AdapterConfig:
 
   r: int = 32
   alpha: float = 640.0
-  seed: int = 0
+  seed: int = 0  # a jax.random key is accepted and stored as its int (`bases.seed_from_key`)
   distribution: str = "uniform"
   sparse_dim: int | None = None  # very_sparse: min(in, out) of the largest adapted layer
 
   def __post_init__(self):
-    bases.seed_from_key(self.seed)  # validates range
+    object.__setattr__(self, "seed", bases.seed_from_key(self.seed))  # validates range
     if self.distribution not in bases.DISTRIBUTIONS:
       raise ValueError(f"unknown distribution {self.distribution!r}; expected one of "
                        f"{bases.DISTRIBUTIONS}")
@@ -95,10 +136,21 @@ def num_scan_axes(layer: Mapping) -> int:
   return layer[LAMBDA].ndim - 2
 
 
+class _WeightView(dict):
+  """A provider-named weight seen under our names (`kernel`, `randlora_lambda`, ...)."""
+
+
 def layer_in_out(layer: Mapping, cfg: AdapterConfig, in_out=None) -> tuple[int, int]:
-  lead = num_scan_axes(layer)
+  """(in, out) of a layer: from `in_out` ((in, out) or a `Layout`) if given, else from the
+  kernel and adapter shapes (`kernel_split`)."""
+  if isinstance(in_out, Layout):
+    return in_out.in_out
   if in_out is not None:
     return tuple(in_out)
+  if isinstance(layer, _WeightView):  # any axis order: the shapes cannot tell
+    raise ValueError(f"a Qwix-provider weight {tuple(layer['kernel'].shape)} needs its Layout: "
+                     "pass in_outs=provider.layouts")
+  lead = num_scan_axes(layer)
   return kernel_split(layer["kernel"].shape[lead:], layer[LAMBDA].shape[lead:],
                       layer[GAMMA].shape[lead:], cfg.r)
 
@@ -107,14 +159,28 @@ def layer_spec(layer: Mapping, cfg: AdapterConfig, in_out=None) -> ops.LayerSpec
   return cfg.layer_spec(*layer_in_out(layer, cfg, in_out))
 
 
+def _adapted_in(node) -> list[tuple[str, str, str, str]]:
+  """(name, weight key, lambda key, gamma key) of every adapted weight held directly in a
+  mapping node; name is '' for our layers' naming, the weight's key for the provider's."""
+  found = [("", "kernel", LAMBDA, GAMMA)] if LAMBDA in node and GAMMA in node else []
+  for k in node:
+    lk, gk = leaf_names(k)
+    if lk in node and gk in node:
+      found.append((k, k, lk, gk))
+  return found
+
+
 def iter_layers(params, prefix: str = "") -> Iterator[tuple[str, dict]]:
-  """(path, layer dict) for every RandLoRA layer in a nested-dict parameter tree."""
-  if isinstance(params, dict) or hasattr(params, "items"):
-    if LAMBDA in params and GAMMA in params:
-      yield prefix, params
-      return
-    for k, v in params.items():
-      yield from iter_layers(v, f"{prefix}/{k}" if prefix else str(k))
+  """(path, layer) for every RandLoRA layer in a nested-dict parameter tree; a layer is a
+  mapping with `kernel`, `randlora_lambda`, `randlora_gamma` (for the provider's naming, a
+  view of the node under those names)."""
+  for path, node in tree.iter_nodes(params, prefix):
+    for name, w, lk, gk in _adapted_in(node):
+      if not name:
+        yield path, node
+      else:
+        yield tree.join(path, name), _WeightView(kernel=node[w], **{LAMBDA: node[lk],
+                                                                      GAMMA: node[gk]})
 
 
 def resolve_config(params, cfg: AdapterConfig, in_outs: InOuts | None = None) -> AdapterConfig:
@@ -135,6 +201,7 @@ def explicit_bases(stored: Mapping) -> tuple[jax.Array, jax.Array]:
 
 def delta_for(layer: Mapping, cfg: AdapterConfig, in_out=None, bases=None) -> jax.Array:
   """dW for one layer, in the layer's own kernel shape (scan axes included), float32.
+  `in_out`: the layer's (in, out) or `Layout` when the shapes alone do not tell.
 
   `cfg` must already be resolved (`resolve_config`) for 'very_sparse'. `bases`: stored PEFT
   bases {'A', 'B'} (an imported adapter) instead of the hashed ones.
@@ -147,8 +214,10 @@ def delta_for(layer: Mapping, cfg: AdapterConfig, in_out=None, bases=None) -> ja
 
   def one(lam, gamma):
     if explicit is not None:
-      return ops.delta_kernel_reference(lam, gamma, seed, spec, explicit)
-    return ops.delta_kernel(lam, gamma, seed, spec)
+      dw = ops.delta_kernel_reference(lam, gamma, seed, spec, explicit)
+    else:
+      dw = ops.delta_kernel(lam, gamma, seed, spec)
+    return in_out.from_2d(dw) if isinstance(in_out, Layout) else dw
 
   lam, gamma = layer[LAMBDA], layer[GAMMA]
   if lead:  # flatten all stacked axes into one and vmap over it
@@ -160,13 +229,29 @@ def delta_for(layer: Mapping, cfg: AdapterConfig, in_out=None, bases=None) -> ja
   return dw.reshape(kshape)
 
 
-def _map_layers(params, fn, prefix=""):
-  if isinstance(params, dict) or hasattr(params, "items"):
-    if LAMBDA in params and GAMMA in params:
-      return fn(prefix, dict(params))
-    return {k: _map_layers(v, fn, f"{prefix}/{k}" if prefix else str(k))
-            for k, v in params.items()}
-  return params
+def _map_layers(params, fn):
+  """`params` with every layer replaced by ``fn(path, layer dict)`` (a dict under our names,
+  `kernel`/`randlora_lambda`/`randlora_gamma`; the adapter keys may be dropped)."""
+
+  def visit(path, node):
+    found = _adapted_in(node)
+    if not found:
+      return node
+    node = dict(node)
+    for name, w, lk, gk in found:
+      if not name:
+        continue
+      new = fn(tree.join(path, name), _WeightView(kernel=node[w], **{LAMBDA: node[lk],
+                                                                     GAMMA: node[gk]}))
+      node[w] = new["kernel"]
+      for ours, theirs in ((LAMBDA, lk), (GAMMA, gk)):
+        if ours in new:
+          node[theirs] = new[ours]
+        else:
+          node.pop(theirs)
+    return fn(path, node) if found[0][0] == "" else node  # our naming: the node is the layer
+
+  return tree.map_nodes(params, visit)
 
 
 def merge(params, cfg: AdapterConfig, *, drop_adapter: bool = False,
@@ -176,7 +261,8 @@ def merge(params, cfg: AdapterConfig, *, drop_adapter: bool = False,
   the adapter leaves are removed (a plain model's tree).
 
   `in_outs` maps a layer path ('a/b/query') to its (in, out) where the kernel's shape alone
-  is ambiguous (N-D kernels); `randlora_jax.inject` models know it. `bases`: the stored PEFT
+  is ambiguous (N-D kernels; `randlora_jax.inject` models know it), or to its `Layout` (a
+  Qwix-provider weight 'a/b/w': `provider.layouts`, needed for those). `bases`: the stored PEFT
   bases of an imported adapter ({'A', 'B'}, see `interop.peft.import_peft`).
   """
   in_outs = in_outs or {}
@@ -198,22 +284,20 @@ def merge(params, cfg: AdapterConfig, *, drop_adapter: bool = False,
 
 def unmerge(merged_params, adapter_params, cfg: AdapterConfig, *,
             in_outs: InOuts | None = None, bases=None):
-  """Inverse of `merge`: W0 = W - dW, with lambda/gamma restored from `adapter_params`."""
+  """Inverse of `merge`: W0 = W - dW, with lambda/gamma restored from `adapter_params` (the
+  adapted tree, or only its trainable part)."""
   in_outs = in_outs or {}
-  adapters = dict(iter_layers(adapter_params))
   cfg = resolve_config(adapter_params, cfg, in_outs)
+  sources = dict(tree.iter_nodes(adapter_params))
 
-  def walk(tree, prefix):
-    if isinstance(tree, dict) or hasattr(tree, "items"):
-      if prefix in adapters:
-        ad = adapters[prefix]
-        layer = dict(tree)
-        layer[LAMBDA], layer[GAMMA] = ad[LAMBDA], ad[GAMMA]
-        w = layer["kernel"]
-        dw = delta_for(layer, cfg, in_outs.get(prefix), bases)
-        layer["kernel"] = (w.astype(jnp.float32) - dw).astype(w.dtype)
-        return layer
-      return {k: walk(v, f"{prefix}/{k}" if prefix else str(k)) for k, v in tree.items()}
-    return tree
+  def restore(path, node):
+    leaves = {k: v for k, v in sources.get(path, {}).items() if is_adapter_leaf(k)}
+    return {**node, **leaves} if leaves else node
 
-  return walk(merged_params, "")
+  def fn(path, layer):
+    w = layer["kernel"]
+    dw = delta_for(layer, cfg, in_outs.get(path), bases)
+    layer["kernel"] = (w.astype(jnp.float32) - dw).astype(w.dtype)
+    return layer
+
+  return _map_layers(tree.map_nodes(merged_params, restore), fn)

@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from randlora_jax import adapter as adapter_lib
+from randlora_jax import tree as tree_lib
 
 
 class CheckpointMismatch(ValueError):
@@ -251,13 +252,14 @@ def load_adapter(directory: str) -> tuple[Any, dict]:
     return params, json.load(f)
 
 
-def _fold(tree, is_layer, fold_one):
+def _fold(params, is_layer, fold_one):
   """Applies `fold_one(layer dict) -> kernel` to every adapted layer of a nested-dict tree;
   stacked layers (`nn.scan`: a leading layer axis on every leaf) are folded slice by slice."""
-  if not (isinstance(tree, dict) or hasattr(tree, "items")):
-    return tree
-  if not is_layer(tree):
-    return {k: _fold(v, is_layer, fold_one) for k, v in tree.items()}
+  return tree_lib.map_nodes(
+      params, lambda _, node: _fold_layer(node, fold_one) if is_layer(node) else node)
+
+
+def _fold_layer(tree, fold_one):
   layer = {k: np.asarray(v) for k, v in tree.items()}
   adapter_keys = [k for k in layer if k not in ("kernel", "bias")]
   extra = layer[adapter_keys[0]].ndim - 2  # leading stacked axes
@@ -273,16 +275,22 @@ def _fold(tree, is_layer, fold_one):
   return out
 
 
+def lora_scale(adapter_config: dict) -> float:
+  """LoRA's alpha / r from an `adapter_config` (exports written before the rank was called
+  `r` everywhere say 'rank')."""
+  return adapter_config["alpha"] / adapter_config.get("r", adapter_config.get("rank"))
+
+
 def merged_params(params, method: str, adapter_config: dict):
   """A plain ViT's parameter tree with the adapter folded into the kernels.
 
-  RandLoRA: W0 + dW (regenerated from the seed); LoRA: W0 + (alpha / rank) A B."""
+  RandLoRA: W0 + dW (regenerated from the seed); LoRA: W0 + (alpha / r) A B."""
   params = jax.tree.map(np.asarray, params)
   if method == "randlora":
     cfg = adapter_lib.AdapterConfig.from_dict(adapter_config)
     return jax.tree.map(np.asarray, adapter_lib.merge(params, cfg, drop_adapter=True))
   if method == "lora":
-    scale = adapter_config["alpha"] / adapter_config["rank"]
+    scale = lora_scale(adapter_config)
     return _fold(params, lambda t: "lora_a" in t,
                  lambda layer: layer["kernel"] + scale * (layer["lora_a"] @ layer["lora_b"]))
   return params

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import opt_einsum
 
-from randlora_jax import adapter, layers, ops
+from randlora_jax import adapter, layers, ops, tree
 from randlora_jax.adapter import GAMMA, LAMBDA, AdapterConfig
 
 SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum)
@@ -249,27 +249,25 @@ class RandLoraModel:
     abstract = jax.eval_shape(
         lambda a, k: self.init(jax.random.key(0), *a, **k), args, kwargs)["params"]
 
-    def fill(abs_tree, tree, prefix):
-      if not isinstance(abs_tree, dict) and not hasattr(abs_tree, "items"):
-        return tree
-      if tree is None or not hasattr(tree, "items"):
-        raise ValueError(f"params lack {prefix!r}, which the model creates")
-      out = {}
-      for k, v in abs_tree.items():
-        if k == LAMBDA:
-          out[k] = jnp.zeros(v.shape, v.dtype)
-        elif k == GAMMA:
-          out[k] = jnp.full(v.shape, 1.0 / max(v.shape[-2], v.shape[-1]), v.dtype)
-        else:
-          if k not in tree:
-            raise ValueError(f"params lack {prefix}/{k}, which the model creates")
-          out[k] = fill(v, tree[k], f"{prefix}/{k}")
-      extra = set(tree) - set(abs_tree)
-      if extra:
-        raise ValueError(f"params at {prefix or '/'} hold {sorted(extra)}, unknown to the model")
-      return out
+    leaf = lambda x: not tree.is_node(x)  # boxed (partitioned) values count as one leaf
+    model_leaves = {p for p in tree.leaf_paths(abstract, leaf) if not adapter.is_adapter_leaf(p)}
+    given = set(tree.leaf_paths(params, leaf))
+    for what, paths in (("lack", model_leaves - given), ("hold, unknown to the model,",
+                                                          given - model_leaves)):
+      if paths:
+        raise ValueError(f"params {what} {sorted(paths)[:10]} (the model creates "
+                         f"{len(model_leaves)} parameters besides the adapter's)")
+    layers_abs = dict(adapter.iter_layers(abstract))
 
-    return fill(abstract, params, "")
+    def add_adapter(path, node):
+      if path not in layers_abs:
+        return node
+      lam, gamma = layers_abs[path][LAMBDA], layers_abs[path][GAMMA]
+      return {**node, LAMBDA: jnp.zeros(lam.shape, lam.dtype),
+              GAMMA: jnp.full(gamma.shape, 1.0 / max(gamma.shape[-2], gamma.shape[-1]),
+                              gamma.dtype)}
+
+    return tree.map_nodes(params, add_adapter)
 
   def _in_outs(self):
     return self.in_outs or {}

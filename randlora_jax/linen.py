@@ -2,11 +2,12 @@
 
 Parameters: `kernel` and `bias` exactly as `nn.Dense` names and shapes them (a pretrained
 Dense checkpoint loads unchanged), plus `randlora_lambda` (r, N) and `randlora_gamma` (N, d).
-The bases are regenerated from `basis_seed` on every call and are never parameters.
+The bases are regenerated from `seed` on every call and are never parameters.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from randlora_jax import layers, ops
+from randlora_jax.adapter import AdapterConfig
 
 Initializer = Callable[..., jax.Array]
 
@@ -26,8 +28,8 @@ class RandLoraDense(nn.Module):
     r: rank of each random basis (PEFT default 32). Smaller r means MORE trainable
       parameters, N*(r + d) per layer with N = ceil(min(in, out) / r).
     alpha: scale numerator, s = alpha / r (PEFT default 640, i.e. s = 20).
-    basis_seed: int or `jax.random` key; the same for every layer of a model (bases are
-      shared, as in PEFT). Converted once with `bases.seed_from_key`.
+    seed: int, `jax.random` key or uint32 scalar (may be traced); the same for every layer
+      of a model (bases are shared, as in PEFT).
     distribution: 'uniform' | 'normal' | 'sparse' | 'very_sparse'.
     sparse_dim: for 'very_sparse', min(in, out) of the largest adapted layer (PEFT's rule);
       defaults to this layer's own.
@@ -36,6 +38,9 @@ class RandLoraDense(nn.Module):
     backend: kernel mode ('xla', 'tpu', 'gpu', 'interpret', ...); None: the default of
       `kernels.dispatch` ($RANDLORA_KERNEL, else per platform).
     mesh: the device mesh for the per-device boundary (`layers`); None: the ambient mesh.
+
+  `r`, `alpha`, `seed`, `distribution`, `sparse_dim` are `AdapterConfig`'s fields, spelled the
+  same (``RandLoraDense(features, **config.to_dict())``); `config` gives them as one.
   """
 
   features: int
@@ -47,14 +52,22 @@ class RandLoraDense(nn.Module):
   bias_init: Initializer = nn.initializers.zeros_init()
   r: int = 32
   alpha: float = 640.0
-  basis_seed: Any = 0
+  seed: Any = 0
   distribution: str = "uniform"
   sparse_dim: int | None = None
   path: str = "auto"
   backend: str | None = None
   mesh: Any = None
 
+  @property
+  def config(self) -> AdapterConfig:
+    """The adapter fields as an `AdapterConfig` (needs a concrete seed: outside a function
+    that takes the seed as a traced argument)."""
+    return AdapterConfig(**{f.name: getattr(self, f.name)
+                            for f in dataclasses.fields(AdapterConfig)})
+
   def spec(self, in_features: int) -> ops.LayerSpec:
+    # Not via `config`: the seed may be traced (one compiled step for several seeds).
     return ops.LayerSpec(in_features, self.features, self.r, float(self.alpha),
                          self.distribution, self.sparse_dim)
 
@@ -69,6 +82,6 @@ class RandLoraDense(nn.Module):
                      spec.lambda_shape, self.param_dtype)
     gamma = self.param("randlora_gamma", lambda _, s, t: ops.init_gamma(spec, t),
                        spec.gamma_shape, self.param_dtype)
-    return layers.dense(inputs, kernel, bias, lam, gamma, self.basis_seed, spec,
+    return layers.dense(inputs, kernel, bias, lam, gamma, self.seed, spec,
                         dtype=self.dtype, precision=self.precision, path=self.path,
                         backend=self.backend, mesh=self.mesh)

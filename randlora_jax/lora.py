@@ -18,10 +18,11 @@ METHODS = ("randlora", "lora", "full", "head")
 
 
 class LoraDense(nn.Module):
-  """`nn.Dense` + LoRA: ``x @ W0 + (alpha / rank) * (x @ A) @ B + b``, B initialised to 0.
+  """`nn.Dense` + LoRA: ``x @ W0 + (alpha / r) * (x @ A) @ B + b``, B initialised to 0.
 
-  Same `kernel`/`bias` names as `nn.Dense`; adapter leaves `lora_a` (in, rank), `lora_b`
-  (rank, out), with PEFT's init (A Kaiming-uniform, B zero).
+  Same `kernel`/`bias` names as `nn.Dense`; adapter leaves `lora_a` (in, r), `lora_b`
+  (r, out), with PEFT's init (A Kaiming-uniform, B zero). `r` is the rank (PEFT's name, as
+  in `RandLoraDense`).
   """
 
   features: int
@@ -31,7 +32,7 @@ class LoraDense(nn.Module):
   precision: Any = None
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
-  rank: int = 32
+  r: int = 32
   alpha: float = 64.0
 
   @nn.compact
@@ -40,12 +41,12 @@ class LoraDense(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (fin, self.features), self.param_dtype)
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
-    a = self.param("lora_a", nn.initializers.he_uniform(), (fin, self.rank), self.param_dtype)
-    b = self.param("lora_b", nn.initializers.zeros_init(), (self.rank, self.features),
+    a = self.param("lora_a", nn.initializers.he_uniform(), (fin, self.r), self.param_dtype)
+    b = self.param("lora_b", nn.initializers.zeros_init(), (self.r, self.features),
                    self.param_dtype)
     inputs, kernel, a, b = dtypes.promote_dtype(inputs, kernel, a, b, dtype=self.dtype)
     y = jnp.matmul(inputs, kernel, precision=self.precision)
-    y = y + (self.alpha / self.rank) * jnp.matmul(jnp.matmul(inputs, a), b)
+    y = y + (self.alpha / self.r) * jnp.matmul(jnp.matmul(inputs, a), b)
     if bias is not None:
       y = y + jnp.asarray(bias, y.dtype)
     return y
@@ -57,7 +58,7 @@ def dense_factory(method: str = "full", targets: Sequence[str] = (), **adapter_k
 
   `method`: 'randlora' (RandLoraDense on names matching a `targets` regex), 'lora' (LoraDense
   there), 'full' / 'head' (plain nn.Dense everywhere; what trains is the optimizer's
-  business). `adapter_kwargs` go to the adapter class (r/alpha/basis_seed..., or rank/alpha).
+  business). `adapter_kwargs` go to the adapter class (r/alpha/seed/... for RandLoRA, r/alpha for LoRA).
   """
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from randlora_jax import adapter, layers, ops
+from randlora_jax import adapter, layers, ops, tree
 from randlora_jax.adapter import AdapterConfig
 
 
@@ -91,21 +91,6 @@ class RandLoraLinear(nnx.Module):
                         mesh=self.mesh)
 
 
-def _path_str(parts) -> str:
-  return "/".join(str(p) for p in parts)
-
-
-def _get(node, part):
-  return node[part] if isinstance(part, int) else getattr(node, part)
-
-
-def _set(node, part, value):
-  if isinstance(part, int):
-    node[part] = value
-  else:
-    setattr(node, part, value)
-
-
 def inject_nnx(model: nnx.Module, targets: Sequence[str], config: AdapterConfig | None = None,
                *, path: str = "auto", backend: str | None = None, mesh: Any = None
                ) -> dict[str, tuple[int, int]]:
@@ -120,7 +105,7 @@ def inject_nnx(model: nnx.Module, targets: Sequence[str], config: AdapterConfig 
   if isinstance(targets, str):
     targets = [targets]
   rules = [re.compile(t) for t in targets]
-  linears = {_path_str(p): (p, m) for p, m in nnx.iter_modules(model)
+  linears = {tree.path_str(p): (p, m) for p, m in nnx.iter_modules(model)
              if type(m) is nnx.Linear and p}
   for pattern, rx in zip(targets, rules):
     if not any(rx.search(p) for p in linears):
@@ -133,8 +118,5 @@ def inject_nnx(model: nnx.Module, targets: Sequence[str], config: AdapterConfig 
     config = AdapterConfig(**{**config.to_dict(),
                               "sparse_dim": adapter.peft_sparse_dim(in_outs.values())})
   for name, (parts, linear) in chosen.items():
-    parent = model
-    for part in parts[:-1]:
-      parent = _get(parent, part)
-    _set(parent, parts[-1], RandLoraLinear.from_linear(linear, config, path, backend, mesh))
+    tree.set_path(model, parts, RandLoraLinear.from_linear(linear, config, path, backend, mesh))
   return in_outs

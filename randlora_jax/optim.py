@@ -13,25 +13,10 @@ from typing import Iterable
 import jax
 import optax
 
+from randlora_jax.tree import leaf_paths, path_str  # noqa: F401 (path_str: part of this API)
+
 # 'randlora_lambda' beside a kernel (our layers), '<weight>_randlora_lambda' (the Qwix provider).
 DEFAULT_TRAINABLE: tuple[str, ...] = (r"(^|/|_)randlora_lambda$", r"(^|/|_)randlora_gamma$")
-
-
-def path_str(path) -> str:
-  """'a/b/c' for a jax key path (dict keys, attributes, sequence indices)."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
-
-
-def leaf_paths(tree) -> list[str]:
-  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def trainable_mask(params, extra: Iterable[str] = (), *, defaults: bool = True):

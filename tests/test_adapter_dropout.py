@@ -21,12 +21,12 @@ def test_dropout_on_the_adapter_input_only(monkeypatch):
   real = adapter_dropout.input_dropout
   monkeypatch.setattr(adapter_dropout, "input_dropout",
                       lambda x, rate, key: seen.append(real(x, rate, key)) or seen[-1])
-  for base in (RandLoraDense(24, r=4, alpha=8.0, basis_seed=3, path="factored"),
-               LoraDense(24, rank=4, alpha=8.0)):
+  for base in (RandLoraDense(24, r=4, alpha=8.0, seed=3, path="factored"),
+               LoraDense(24, r=4, alpha=8.0)):
     layer = adapter_dropout.with_adapter_dropout(type(base))(
         **{f: getattr(base, f) for f in ("features",)}, dropout=0.5,
-        **({"r": 4, "alpha": 8.0, "basis_seed": 3, "path": "factored"}
-           if isinstance(base, RandLoraDense) else {"rank": 4, "alpha": 8.0}))
+        **({"r": 4, "alpha": 8.0, "seed": 3, "path": "factored"}
+           if isinstance(base, RandLoraDense) else {"r": 4, "alpha": 8.0}))
     x = jax.random.normal(jax.random.key(0), (64, 16))
     params = layer.init(jax.random.key(1), x)["params"]
     params = jax.tree_util.tree_map_with_path(  # non-zero adapters

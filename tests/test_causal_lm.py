@@ -183,7 +183,7 @@ def test_merged_weights_give_the_adapted_models_logits(method):
   want = model.apply({"params": params}, ids)
   a = c.adapter
   adapter_config = ({"r": a.r, "alpha": a.alpha, "seed": a.seed, "distribution": "uniform"}
-                    if method == "randlora" else {"rank": a.lora_rank, "alpha": a.lora_alpha})
+                    if method == "randlora" else {"r": a.lora_rank, "alpha": a.lora_alpha})
   merged = causal_lm.merged_params(params, method, adapter_config)
   assert not any("lora" in k for k in str(jax.tree_util.tree_structure(merged)).split("'"))
   got = Decoder(cfg).apply({"params": merged}, ids)

@@ -332,7 +332,7 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_r
 
 def test_lora_merge_reproduces_the_lora_model():
   cfg = ViTConfig.tiny(num_classes=4)
-  model = ViT(cfg, lora.dense_factory("lora", ["q_proj", "fc1"], rank=2, alpha=4.0))
+  model = ViT(cfg, lora.dense_factory("lora", ["q_proj", "fc1"], r=2, alpha=4.0))
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   params = model.init(jax.random.key(1), images)["params"]
   # lora_b starts at zero; give it values so the merge has something to fold.

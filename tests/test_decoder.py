@@ -160,7 +160,7 @@ def test_adapted_merged_and_factored_decoding_agree(checkpoints):
   ids, mask = decoder_tiny.padded_prompts(length=LENGTH)
   targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
   adapter_cfg = adapter.AdapterConfig(r=8, alpha=16.0, seed=63098)
-  kw = dict(r=adapter_cfg.r, alpha=adapter_cfg.alpha, basis_seed=adapter_cfg.seed)
+  kw = dict(r=adapter_cfg.r, alpha=adapter_cfg.alpha, seed=adapter_cfg.seed)
   for in_out in layer_in_outs(cfg).values():
     spec = adapter_cfg.layer_spec(*in_out)
     assert ops.choose_path(ids.size, spec) == "merged"  # the prefill
@@ -190,7 +190,7 @@ from randlora_jax.models.decoder import Decoder
 # config.json + model.safetensors (or an index + shards), placed on a mesh when one is given
 config, params = hf_decoder.load_decoder(checkpoint_dir, mesh=None)
 dense = lora.dense_factory("randlora", ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
-                           r=8, alpha=16.0, basis_seed=63098)
+                           r=8, alpha=16.0, seed=63098)
 model = Decoder(config, dense)
 params = hf_decoder.with_adapter(params, config, dense)  # lambda = 0: still the base model
 

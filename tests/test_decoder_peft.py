@@ -47,7 +47,7 @@ def test_peft_and_merged_export_reproduce_our_logits(family, tmp_path):
   cfg, params = hf_decoder.load_decoder(src)
   adapter_cfg = adapter.AdapterConfig(r=8, alpha=16.0, seed=63098)
   dense = lora.dense_factory("randlora", TARGETS[family], r=adapter_cfg.r,
-                             alpha=adapter_cfg.alpha, basis_seed=adapter_cfg.seed)
+                             alpha=adapter_cfg.alpha, seed=adapter_cfg.seed)
   params = _randomize(hf_decoder.with_adapter(params, cfg, dense), np.random.default_rng(1))
   ids, mask = decoder_tiny.padded_prompts(length=8)
   ours = np.asarray(jax.jit(lambda p: Decoder(cfg, dense).apply(

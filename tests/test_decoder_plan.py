@@ -64,7 +64,7 @@ def test_llama3_8b_plan_fits_v5p8_and_communicates_adapter_sized():
   devices of a v5p-8 (FSDP over the chips) with abstract parameters. The layer scan keeps the
   compile independent of depth (all 32 layers are compiled)."""
   cfg = DecoderConfig.llama3_8b(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat="full")
-  dense = lora.dense_factory("randlora", QKVUD, r=30, alpha=60.0, basis_seed=63098)
+  dense = lora.dense_factory("randlora", QKVUD, r=30, alpha=60.0, seed=63098)
   chips, hbm = pod_plan.CHIPS["v5p-8"]
   mesh = sharding.make_mesh(data=1, fsdp=chips, devices=jax.devices()[:chips])
   plan = pod_plan.compile_plan(cfg, dense, mesh, batch=16, seq_len=256)

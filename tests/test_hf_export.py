@@ -27,7 +27,7 @@ RTOL = 1e-4
 def _adapted(cfg: ViTConfig, seed: int = 0):
   """(variables with random nonzero lambda/gamma, images, our logits, our intermediates)."""
   dense = dense_factory("randlora", TARGETS, r=ADAPTER.r, alpha=ADAPTER.alpha,
-                        basis_seed=ADAPTER.seed)
+                        seed=ADAPTER.seed)
   images = np.random.default_rng(seed).normal(
       size=(2, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
   model = ViT(cfg, dense=dense)
@@ -58,7 +58,7 @@ def test_export_roundtrip_through_our_loader(tmp_path):
   no_adapter = jax.tree_util.tree_map_with_path(
       lambda p, v: 0 * v if "randlora_lambda" in str(p) else v, variables)
   dense = dense_factory("randlora", TARGETS, r=ADAPTER.r, alpha=ADAPTER.alpha,
-                        basis_seed=ADAPTER.seed)
+                        seed=ADAPTER.seed)
   frozen_only = jax.jit(ViT(cfg, dense=dense).apply)(no_adapter, images)
   assert rel_err(frozen_only, logits) > 1e-2
   meta = json.loads((tmp_path / "randlora_export.json").read_text())
@@ -98,7 +98,7 @@ def test_export_requires_adapter_config_and_rejects_lora(tmp_path):
   variables, _, _, _ = _adapted(cfg)
   with pytest.raises(ValueError, match="AdapterConfig"):
     hf.export_merged(variables, cfg, None, tmp_path)
-  lora = ViT(cfg, dense=dense_factory("lora", [r"q_proj"], rank=2))
+  lora = ViT(cfg, dense=dense_factory("lora", [r"q_proj"], r=2))
   lora_vars = jax.eval_shape(lora.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   lora_vars = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), lora_vars)
   with pytest.raises(ValueError, match="adapter leaves"):
@@ -126,7 +126,7 @@ def test_readme_snippet_export_merged(tmp_path):
 
   adapter = AdapterConfig(r=8, alpha=160.0, seed=0)  # what the Dense layers were built with
   model = ViT(config, dense=dense_factory("randlora", [r"q_proj|v_proj"], r=adapter.r,
-                                          alpha=adapter.alpha, basis_seed=adapter.seed))
+                                          alpha=adapter.alpha, seed=adapter.seed))
   variables = merge_pretrained(jax.jit(model.init)(jax.random.key(0), images), pretrained)
   # ... train lambda/gamma (and the head) ...
   export_merged(variables, config, adapter, out_dir)  # config.json + model.safetensors

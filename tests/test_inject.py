@@ -180,7 +180,7 @@ def test_our_vit_injection_matches_float64_and_built_in_tree():
                             "encoder/blocks/fc1"}
   # Same tree, leaf for leaf, as the ViT built with RandLoraDense (the trainer's path), so
   # checkpoints move between the two (shapes by tracing only: no compile).
-  built_in = ViT(vit_cfg, dense=dense_factory("randlora", targets, r=4, alpha=8.0, basis_seed=9))
+  built_in = ViT(vit_cfg, dense=dense_factory("randlora", targets, r=4, alpha=8.0, seed=9))
   shapes = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)
   assert shapes(jax.eval_shape(built_in.init, jax.random.key(0), images)["params"]) == \
       shapes(params)

@@ -66,7 +66,7 @@ def _compare(apply, params, x, mesh):
 @pytest.mark.parametrize("mode", ["xla", "interpret"])
 @pytest.mark.parametrize("mesh_kw", [dict(data=8, fsdp=1), dict(data=2, fsdp=4)])
 def test_randloradense_per_device_equals_one_device(mesh_kw, mode):
-  layer = linen.RandLoraDense(96, r=8, basis_seed=3, path="merged", backend=mode)
+  layer = linen.RandLoraDense(96, r=8, seed=3, path="merged", backend=mode)
   x = jax.random.normal(jax.random.key(0), (16, 5, 64))
   params = _randomize(jax.jit(layer.init)(jax.random.key(1), x), jax.random.key(2))
   _compare(layer.apply, params, x, sharding.make_mesh(**mesh_kw))

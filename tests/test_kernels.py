@@ -209,7 +209,7 @@ def test_dispatch_modes(monkeypatch):
 
 def test_randloradense_runs_the_kernel_unchanged():
   """RandLoraDense users change nothing: the mode switches the implementation underneath."""
-  layer = linen.RandLoraDense(features=96, r=8, basis_seed=3, path="merged")
+  layer = linen.RandLoraDense(features=96, r=8, seed=3, path="merged")
   x = jax.random.normal(jax.random.key(0), (4, 10, 64))
   params = layer.init(jax.random.key(1), x)
   params["params"]["randlora_lambda"] = jax.random.normal(jax.random.key(2), (8, 8))

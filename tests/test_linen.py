@@ -37,7 +37,7 @@ def test_dense_checkpoint_loads_and_init_equals_dense():
 @pytest.mark.parametrize("path", ["merged", "factored"])
 def test_output_is_x_times_w0_plus_dw(path):
   x = jax.random.normal(jax.random.key(0), (2, 5, 12))
-  m = RandLoraDense(20, r=3, alpha=6.0, basis_seed=77, path=path)
+  m = RandLoraDense(20, r=3, alpha=6.0, seed=77, path=path)
   p = _perturb(m.init(jax.random.key(1), x)["params"], jax.random.key(2))
   spec = ops.LayerSpec(12, 20, r=3, alpha=6.0)
   dw = ops.delta_kernel_reference(p["randlora_lambda"], p["randlora_gamma"], jnp.uint32(77), spec)
@@ -50,16 +50,16 @@ def test_seed_key_int_equivalence_and_seed_matters():
   from randlora_jax import seed_from_key
   x = jnp.ones((2, 8))
   key = jax.random.key(5)
-  mk = RandLoraDense(8, r=2, basis_seed=key)
-  mi = RandLoraDense(8, r=2, basis_seed=seed_from_key(key))
+  mk = RandLoraDense(8, r=2, seed=key)
+  mi = RandLoraDense(8, r=2, seed=seed_from_key(key))
   p = _perturb(mk.init(jax.random.key(0), x)["params"], jax.random.key(1))
   np.testing.assert_array_equal(mk.apply({"params": p}, x), mi.apply({"params": p}, x))
-  other = RandLoraDense(8, r=2, basis_seed=seed_from_key(key) + 1).apply({"params": p}, x)
+  other = RandLoraDense(8, r=2, seed=seed_from_key(key) + 1).apply({"params": p}, x)
   assert np.abs(np.asarray(other) - np.asarray(mi.apply({"params": p}, x))).max() > 1e-3
 
 
 def test_jit_grad_vmap():
-  m = RandLoraDense(6, r=2, basis_seed=3)
+  m = RandLoraDense(6, r=2, seed=3)
   x = jax.random.normal(jax.random.key(0), (3, 4, 10))
   p = _perturb(m.init(jax.random.key(1), x[0])["params"], jax.random.key(2))
   y = jax.jit(m.apply)({"params": p}, x)
@@ -90,7 +90,7 @@ def test_bf16_compute_dtype_close_to_fp32():
 class _Block(nn.Module):
   @nn.compact
   def __call__(self, x, _):
-    return x + nn.tanh(RandLoraDense(x.shape[-1], r=2, alpha=4.0, basis_seed=9, name="proj")(x)), None
+    return x + nn.tanh(RandLoraDense(x.shape[-1], r=2, alpha=4.0, seed=9, name="proj")(x)), None
 
 
 class _Stack(nn.Module):
@@ -118,5 +118,17 @@ def test_scan_and_remat():
   y = x
   for i in range(3):
     pi = jax.tree.map(lambda a: a[i], p["layers"]["proj"])
-    y = y + jnp.tanh(RandLoraDense(8, r=2, alpha=4.0, basis_seed=9).apply({"params": pi}, y))
+    y = y + jnp.tanh(RandLoraDense(8, r=2, alpha=4.0, seed=9).apply({"params": pi}, y))
   np.testing.assert_allclose(plain.apply({"params": p}, x), y, rtol=1e-5, atol=1e-6)
+
+
+def test_one_spelling_for_the_adapter_fields():
+  # RandLoraDense's adapter attributes are AdapterConfig's fields, by name (one config type);
+  # LoRA's rank is `r` too. A jax.random key is accepted as the seed and stored as its int.
+  from randlora_jax import seed_from_key
+  from randlora_jax.adapter import AdapterConfig
+  from randlora_jax.lora import LoraDense
+  cfg = AdapterConfig(r=4, alpha=8.0, seed=jax.random.key(5), distribution="sparse")
+  assert cfg.seed == seed_from_key(jax.random.key(5)) and isinstance(cfg.seed, int)
+  assert RandLoraDense(8, **cfg.to_dict()).config == cfg
+  assert "r" in LoraDense.__dataclass_fields__ and "rank" not in LoraDense.__dataclass_fields__

@@ -49,7 +49,7 @@ def test_forward_shapes_and_param_layout(family, kw):
 
 def test_dense_factory_targets_named_layers_and_remat_matches():
   cfg = ViTConfig.tiny("vit", num_classes=3)
-  dense = dense_factory("randlora", [r"q_proj|v_proj"], r=8, alpha=16.0, basis_seed=3)
+  dense = dense_factory("randlora", [r"q_proj|v_proj"], r=8, alpha=16.0, seed=3)
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   variables = random_variables(ViT(cfg, dense=dense), x, seed=1)  # lambda != 0
   blocks = variables["params"]["encoder"]["blocks"]
@@ -90,8 +90,8 @@ ALL_LINEAR = r"q_proj|k_proj|v_proj|o_proj|fc1|fc2"
 @pytest.mark.parametrize("method,targets,kw,peft_count", [
     ("randlora", r"q_proj|v_proj", {"r": 32}, 468_490),
     ("randlora", ALL_LINEAR, {"r": 32}, 1_390_090),
-    ("lora", r"q_proj|v_proj", {"rank": 32}, 1_187_338),
-    ("lora", ALL_LINEAR, {"rank": 32}, 5_316_106),
+    ("lora", r"q_proj|v_proj", {"r": 32}, 1_187_338),
+    ("lora", ALL_LINEAR, {"r": 32}, 5_316_106),
 ])
 def test_trainable_count_vit_b16_matches_peft(method, targets, kw, peft_count):
   """ViT-B/16 at 224 with a 10-class head: the trainable counts PEFT 0.21.2 reports for the

@@ -17,7 +17,7 @@ from randlora_np import np_delta_kernel
 def test_linear_matches_linen_randlora_dense(fin, fout):
   cfg = AdapterConfig(r=3, alpha=6.0, seed=4)
   x = jax.random.normal(jax.random.key(0), (5, fin))
-  dense = RandLoraDense(fout, r=3, alpha=6.0, basis_seed=4)
+  dense = RandLoraDense(fout, r=3, alpha=6.0, seed=4)
   params = dense.init(jax.random.key(1), x)["params"]
   params = {k: v + 0.1 * jax.random.normal(jax.random.key(2), v.shape) for k, v in params.items()}
   layer = RandLoraLinear(fin, fout, config=cfg, rngs=nnx.Rngs(0))

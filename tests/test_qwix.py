@@ -16,7 +16,8 @@ import pytest
 import qwix
 from flax import nnx
 
-from randlora_jax import optim
+from randlora_jax import adapter, optim
+from randlora_jax.adapter import AdapterConfig
 from randlora_jax.integrations.qwix import (GAMMA_SUFFIX, LAMBDA_SUFFIX, RandLoraProvider,
                                             RandLoraRule)
 from randlora_jax.nnx import RandLoraParam
@@ -80,20 +81,40 @@ class Conv1D(nn.Module):
     return jax.lax.dot_general(x, kernel.transpose(), (((x.ndim - 1,), (0,)), ((), ())))
 
 
+class Matmuls(nn.Module):
+  """w1 through `jnp.matmul` (adapted), w2 through the `@` operator (not recognised: README)."""
+
+  @nn.compact
+  def __call__(self, x):
+    w1 = self.param("w1", nn.initializers.normal(0.5), (x.shape[-1], 5))
+    w2 = self.param("w2", nn.initializers.normal(0.5), (5, 3))
+    return jnp.tanh(jnp.matmul(x, w1)) @ w2
+
+
 class GemmaBlock(nn.Module):
   """q: (N, D, H) contracted on its middle axis; o: (N, H, D); down: stored (out, in) in an
-  einsum; proj: stored (out, in) and transposed before lax.dot_general."""
+  einsum; proj: stored (out, in) and transposed before lax.dot_general; mm: jnp.matmul, @."""
 
   def setup(self):
     self.q_einsum = GemmaEinsum((2, 8, 3))
     self.o_einsum = GemmaEinsum((2, 3, 8))
     self.down = GemmaEinsum((5, 8))
     self.proj = Conv1D(4)
+    self.mm = Matmuls()
 
   def __call__(self, x):
     h = self.q_einsum("BTD,NDH->BTNH", x)
     x = x + self.o_einsum("BTNH,NHD->BTD", jnp.tanh(h))
-    return self.proj(jnp.tanh(self.down("BTD,FD->BTF", x)))
+    return self.mm(self.proj(jnp.tanh(self.down("BTD,FD->BTF", x))))
+
+
+def test_rule_is_an_adapter_config():
+  cfg = AdapterConfig(r=3, alpha=6.0, seed=7, distribution="normal")
+  rule = RandLoraRule(module_path=".*", weight_qtype="int8", **cfg.to_dict())
+  assert isinstance(rule, AdapterConfig) and rule.config == cfg
+  assert RandLoraProvider(module_path=".*", **cfg.to_dict())._config() == cfg
+  with pytest.raises(ValueError, match="seed"):
+    RandLoraRule(module_path=".*", seed=-1)
 
 
 def test_qwix_own_lora_fails_on_gemma_style_module():
@@ -116,7 +137,8 @@ def gemma():
 
 def test_gemma_style_adapts_every_call_time_einsum(gemma):
   x, provider, model, params = gemma
-  assert set(provider.layouts) == {"q_einsum/w", "o_einsum/w", "down/w", "proj/kernel"}
+  assert set(provider.layouts) == {"q_einsum/w", "o_einsum/w", "down/w", "proj/kernel",
+                                   "mm/w1"}  # not mm/w2: `@` is not intercepted
   assert provider.layouts["q_einsum/w"].in_axes == (1,)  # D of (N, D, H)
   assert provider.layouts["o_einsum/w"].in_axes == (0, 1)  # N, H of (N, H, D)
   assert provider.layouts["down/w"].in_axes == (1,)  # (out, in)
@@ -125,7 +147,12 @@ def test_gemma_style_adapts_every_call_time_einsum(gemma):
   assert params["q_einsum"]["w" + LAMBDA_SUFFIX].shape == (R, 3)
   assert params["q_einsum"]["w" + GAMMA_SUFFIX].shape == (3, 6)
   plain = jax.jit(GemmaBlock().apply)
-  merge = jax.jit(provider.merge)
+  # The provider's leaves are the adapter module's too: adapter.merge with the recorded layouts
+  # (what provider.merge calls) folds them; without the layouts it refuses to guess.
+  cfg = RandLoraRule(r=R, alpha=ALPHA, seed=SEED).config
+  merge = jax.jit(lambda p: adapter.merge(p, cfg, drop_adapter=True, in_outs=provider.layouts))
+  with pytest.raises(ValueError, match="needs its Layout"):
+    adapter.merge(params, cfg)
   base = merge(params)  # lambda = 0: the frozen weights themselves
   apply = jax.jit(model.apply)
   np.testing.assert_allclose(apply({"params": params}, x), plain({"params": base}, x),
@@ -137,12 +164,18 @@ def test_gemma_style_adapts_every_call_time_einsum(gemma):
   want = plain({"params": merged}, x)
   np.testing.assert_allclose(y, want, rtol=RTOL, atol=ATOL)
   assert np.abs(want - plain({"params": base}, x)).max() > 1e-2  # the adapter acts
-  for name, in_axes in (("q_einsum", (1,)), ("o_einsum", (0, 1)), ("down", (1,))):
+  for name, w, in_axes in (("q_einsum", "w", (1,)), ("o_einsum", "w", (0, 1)),
+                           ("down", "w", (1,)), ("mm", "w1", (0,))):
     layer = trained[name]
     np.testing.assert_allclose(
-        merged[name]["w"], _np_merged_weight(layer["w"], layer["w" + LAMBDA_SUFFIX],
-                                             layer["w" + GAMMA_SUFFIX], in_axes),
+        merged[name][w], _np_merged_weight(layer[w], layer[w + LAMBDA_SUFFIX],
+                                           layer[w + GAMMA_SUFFIX], in_axes),
         rtol=1e-5, atol=1e-5)
+  assert set(params["mm"]) == {"w1", "w2", "w1" + LAMBDA_SUFFIX, "w1" + GAMMA_SUFFIX}
+  restored = jax.jit(lambda m, t: adapter.unmerge(m, t, cfg, in_outs=provider.layouts))(
+      merged, trained)
+  for w_r, w_0 in zip(jax.tree.leaves(restored), jax.tree.leaves(trained)):
+    np.testing.assert_allclose(w_r, w_0, rtol=0, atol=1e-5)  # f32 (W0 + dW) - dW
 
 
 def test_gemma_style_optimizer_trains_only_lambda_gamma(gemma):
@@ -166,8 +199,8 @@ def test_gemma_style_optimizer_trains_only_lambda_gamma(gemma):
   changed = {path for path, a in flax.traverse_util.flatten_dict(p, sep="/").items()
              if not np.array_equal(a, flax.traverse_util.flatten_dict(params, sep="/")[path])}
   # proj/kernel too: under jax.grad its transposed operand is still traced back to it
-  assert changed == {f"{m}{s}" for m in ("q_einsum/w", "o_einsum/w", "down/w", "proj/kernel")
-                     for s in (LAMBDA_SUFFIX, GAMMA_SUFFIX)}
+  assert changed == {f"{m}{s}" for m in ("q_einsum/w", "o_einsum/w", "down/w", "proj/kernel",
+                                        "mm/w1") for s in (LAMBDA_SUFFIX, GAMMA_SUFFIX)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +321,85 @@ def test_nnx_clients_merge_and_train_only_lora_params():
              and not np.array_equal(np.asarray(v[...]), before[p])}
   assert changed == {f"{w}{s}" for w in ("attn/q/kernel", "attn/w_out", "mlp_in/kernel",
                                            "w_mlp_out") for s in (LAMBDA_SUFFIX, GAMMA_SUFFIX)}
+
+
+# ---------------------------------------------------------------------------------------------
+# NNX, stacked layers under nnx.scan (MaxText / Tunix scan their decoder layers). Qwix creates
+# no variable inside a scan, so the provider is applied to the per-layer template while the
+# stack is built (nnx.vmap); the scanned forward then finds each layer's slice of the leaves.
+
+
+class ScanBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (5, 5)) / 3)  # (out, in), einsum'd
+
+  def __call__(self, x):
+    return x + jnp.tanh(jnp.einsum("bi,oi->bo", x, self.w[...]))
+
+
+class ScanStack(nnx.Module):
+  def __init__(self, rngs, provider=None):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      block = ScanBlock(rngs)
+      if provider is None:
+        return block
+      return qwix.apply_lora_to_model(block, provider, jnp.zeros((1, 5)), rngs=rngs)
+
+    self.blocks = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(x, block):
+      return block(x)
+
+    return body(x, self.blocks)
+
+
+def test_nnx_scan_over_adapted_layers():
+  x = jax.random.normal(jax.random.key(0), (4, 5))
+  provider = RandLoraProvider(module_path=".*", r=R, alpha=ALPHA, seed=SEED)
+  model, plain = ScanStack(nnx.Rngs(0), provider), ScanStack(nnx.Rngs(0))
+  assert provider.layouts["w"].in_axes == (1,)  # recorded once, relative to the block
+  assert model.blocks.w_randlora_lambda.shape == (3, R, 3)  # stacked; N = ceil(5 / R)
+  forward = nnx.jit(lambda m, x: m(x))
+  np.testing.assert_allclose(forward(model, x), forward(plain, x), rtol=1e-6, atol=1e-6)
+  noise = np.random.default_rng(0)
+  for _, var in nnx.iter_graph(model):
+    if isinstance(var, RandLoraParam):
+      var[...] = var[...] + 0.3 * noise.standard_normal(var.shape, np.float32)
+
+  # Merged weights (adapter.merge on the state's dict, per-layer dW vmapped over the stack)
+  # in the unadapted stack give the scanned adapted output.
+  cfg = RandLoraRule(r=R, alpha=ALPHA, seed=SEED).config
+  merged = adapter.merge(nnx.state(model, nnx.Param).to_pure_dict(), cfg, drop_adapter=True,
+                         in_outs={"blocks/w": provider.layouts["w"]})
+  state = nnx.state(plain)
+  nnx.replace_by_pure_dict(state, merged)
+  nnx.update(plain, state)
+  y = forward(model, x)
+  np.testing.assert_allclose(y, forward(plain, x), rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(plain.blocks.w[1], _np_merged_weight(
+      model.blocks.w[1], model.blocks.w_randlora_lambda[1], model.blocks.w_randlora_gamma[1],
+      (1,)), rtol=1e-5, atol=1e-5)
+
+  # Tunix's contract under scan: a step moves every layer's lambda/gamma and nothing else.
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+  opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+
+  @nnx.jit
+  def step(model, opt):
+    grads = nnx.grad(lambda m: jnp.mean((m(x) - 1.0) ** 2),
+                     argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    opt.update(model, grads)
+
+  step(model, opt)
+  after = nnx.state(model, nnx.Param).to_pure_dict()["blocks"]
+  np.testing.assert_array_equal(after["w"], before["blocks"]["w"])
+  for leaf in ("w" + LAMBDA_SUFFIX, "w" + GAMMA_SUFFIX):
+    moved = np.abs(np.asarray(after[leaf]) - before["blocks"][leaf]).reshape(3, -1).max(axis=1)
+    assert (moved > 0).all(), (leaf, moved)  # each of the 3 layers
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,10 +8,11 @@
 
 This is how MaxText and Tunix already get LoRA (`qwix.LoraProvider`), so swapping the provider
 is the whole change for their users. Qwix patches `jax.lax.dot_general`, `jnp.einsum` and
-`jnp.dot` while a model's method runs, in Linen and NNX alike, and hands each call to the
-provider together with the module it happens in (`module_path` is matched with
-`re.fullmatch`, as Qwix does). Here an adapted layer is any such contraction inside a matching
-module whose right-hand operand is one of that module's parameters:
+`jnp.dot` (this provider adds `jnp.matmul`) while a model's method runs, in Linen and NNX
+alike, and hands each call to the provider together with the module it happens in
+(`module_path` is matched with `re.fullmatch`, as Qwix does). Here an adapted layer is any
+such contraction inside a matching module whose right-hand operand is one of that module's
+parameters:
 
 * the equation / dimension numbers are only known at call time (gemma's
   `jnp.einsum('BTD,NDH->BTNH', x, self.param('w'))`), and the kernel's axes may come in any
@@ -37,8 +38,9 @@ then runs ``x @ (dequant(Wq) + dW)`` under a custom VJP whose residual is the qu
 weight (re-dequantised in the backward) and which forms no gradient for it.
 
 Not served: weights that share batch axes with the input (per-expert stacks), weights summed
-over an axis that is absent from the input, convolutions (left to Qwix unadapted), and a
-reshaped weight (the chain back to the parameter may only transpose or cast).
+over an axis that is absent from the input, convolutions (left to Qwix unadapted), a
+reshaped weight (the chain back to the parameter may only transpose or cast), and `x @ w`
+(see `RandLoraProvider.get_intercept_map`; write `jnp.matmul(x, w)`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -61,56 +62,28 @@ from qwix._src.core import qarray
 from qwix._src.providers import ptq
 from qwix._src.utils import flax_util
 
-from randlora_jax import bases, layers, ops
-from randlora_jax.adapter import AdapterConfig
+from randlora_jax import adapter, bases, layers, ops, tree
+from randlora_jax.adapter import AdapterConfig, Layout  # Layout: re-exported (provider.layouts)
 from randlora_jax.nnx import RandLoraParam
 
-LAMBDA_SUFFIX, GAMMA_SUFFIX = "_randlora_lambda", "_randlora_gamma"
+LAMBDA_SUFFIX, GAMMA_SUFFIX = adapter.leaf_names("")  # '<weight>' + these, beside the weight
 # Primitives that leave a weight the same linear map (followed back from operand to parameter).
 _PASS_THROUGH = ("convert_element_type", "copy", "copy_p", "sharding_constraint",
                  "optimization_barrier")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RandLoraRule(qconfig.QuantizationRule):
-  """Where (module_path regex, from Qwix) and how (the RandLoRA config) to adapt.
-
-  `r`, `alpha`, `seed`, `distribution`, `sparse_dim` mean what they mean in `AdapterConfig`;
-  the inherited `weight_qtype` ('int8', 'nf4', ...) quantises the frozen weight.
+class RandLoraRule(qconfig.QuantizationRule, AdapterConfig):
+  """Where (module_path regex, from Qwix) and how (the `AdapterConfig` fields `r`, `alpha`,
+  `seed`, `distribution`, `sparse_dim`, inherited) to adapt; the inherited Qwix field
+  `weight_qtype` ('int8', 'nf4', ...) quantises the frozen weight.
   """
-
-  r: int = 32
-  alpha: float = 640.0
-  seed: int = 0
-  distribution: str = "uniform"
-  sparse_dim: int | None = None
 
   @property
   def config(self) -> AdapterConfig:
-    return AdapterConfig(r=self.r, alpha=self.alpha, seed=self.seed,
-                         distribution=self.distribution, sparse_dim=self.sparse_dim)
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """How a stored weight is seen as a 2-D (in, out) layer: its contracted and output axes."""
-
-  shape: tuple[int, ...]  # the stored parameter's shape (one layer; no scan axes)
-  in_axes: tuple[int, ...]
-  out_axes: tuple[int, ...]
-
-  @property
-  def in_out(self) -> tuple[int, int]:
-    return (math.prod(self.shape[a] for a in self.in_axes),
-            math.prod(self.shape[a] for a in self.out_axes))
-
-  def to_2d(self, w: jax.Array) -> jax.Array:
-    return jnp.transpose(w, self.in_axes + self.out_axes).reshape(self.in_out)
-
-  def from_2d(self, w2: jax.Array) -> jax.Array:
-    order = self.in_axes + self.out_axes
-    w = w2.reshape([self.shape[a] for a in order])
-    return jnp.transpose(w, np.argsort(order))
+    """The adapter part alone (hashable, comparable across rules)."""
+    return AdapterConfig(**{f.name: getattr(self, f.name)
+                            for f in dataclasses.fields(AdapterConfig)})
 
 
 def _module_path() -> str:
@@ -279,19 +252,15 @@ def _qdot_bwd(statics, res, g):
 _qdot.defvjp(_qdot_fwd, _qdot_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "spec"))
-def _merge_one(weight, lam, gamma, seed, *, layout: Layout, spec: ops.LayerSpec):
-  """W0 + dW in the weight's stored layout (a QArray is dequantised first); lambda/gamma may
-  carry leading stacked-layer axes (nn.scan), then the weight has them too."""
-  if isinstance(weight, qarray.QArray):
-    weight = qarray.dequantize(weight)
-  lead = lam.ndim - 2
+# dW of one weight in its stored layout (`adapter.delta_for`; scan-stacked leaves vmapped).
+_delta = jax.jit(adapter.delta_for, static_argnums=(1, 2))
 
-  def one(lam, gamma):
-    return layout.from_2d(ops.delta_kernel(lam, gamma, jnp.uint32(seed), spec))
 
-  dw = jax.vmap(one)(lam.reshape(-1, *lam.shape[lead:]), gamma.reshape(-1, *gamma.shape[lead:]))
-  return (weight.astype(jnp.float32) + dw.reshape(weight.shape)).astype(weight.dtype)
+def _dequantized(w):
+  """A float weight from a Qwix-quantised one (`ptq.WithAux` / `QArray`); others unchanged."""
+  if isinstance(w, ptq.WithAux):
+    w = flax_util.unbox(w.array)
+  return qarray.dequantize(w) if isinstance(w, qarray.QArray) else w
 
 
 def _float_dtype(*dtypes):
@@ -393,6 +362,23 @@ class RandLoraProvider(ptq.PtqProvider):
     return super().dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
                                out_sharding=out_sharding)
 
+  def get_intercept_map(self):
+    # `jnp.matmul` as well, patched like Qwix's `jnp.dot`. Not the `@` operator: JAX's
+    # Array.__matmul__ calls a private binding (`jax._src.numpy.tensor_contractions.matmul`),
+    # not the public name; patching that would tie the provider to JAX internals.
+    return super().get_intercept_map() | {"jax.numpy.matmul": self.matmul}
+
+  def matmul(self, a, b, *, precision=None, preferred_element_type=None, out_sharding=None):
+    """`jnp.matmul`: with a 2-D weight on the right it is a contraction of a's last axis,
+    adapted as in `dot_general`; anything else is JAX's own (inside this handler the name is
+    the original function)."""
+    if (getattr(b, "ndim", None) == 2 and getattr(a, "ndim", 0) >= 2
+        and self._rule("dot_general") is not None and find_weight(b) is not None):
+      return self.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), precision,
+                              preferred_element_type, out_sharding=out_sharding)
+    return jnp.matmul(a, b, precision=precision, preferred_element_type=preferred_element_type,
+                      out_sharding=out_sharding)
+
   def einsum(self, einsum_str, *operands, precision=None, preferred_element_type=None,
              _dot_general=jax.lax.dot_general, out_sharding=None):  # pylint: disable=invalid-name
     rule = self._rule("einsum")
@@ -436,39 +422,19 @@ class RandLoraProvider(ptq.PtqProvider):
       raise NotImplementedError("merging needs one RandLoraRule config for all layers")
     return configs.pop()
 
-  def _merged_weight(self, key: str, weight, lam, gamma):
-    if key not in self.layouts:
-      raise ValueError(f"no layout recorded for {key!r}: run the adapted model once (init) "
-                       "with this provider before merging")
-    layout = self.layouts[key]
-    cfg = self._config()
-    if isinstance(weight, ptq.WithAux):
-      weight = flax_util.unbox(weight.array)
-    return _merge_one(weight, lam, gamma, bases.seed_from_key(cfg.seed), layout=layout,
-                      spec=cfg.layer_spec(*layout.in_out))
+  def _in_outs(self) -> dict[str, Layout]:
+    if not self.layouts:
+      raise ValueError("no layout recorded: run the adapted model once (init) with this "
+                       "provider before merging")
+    return self.layouts
 
   def merge(self, params):
     """Linen: a plain parameter tree for the unadapted model, with W0 + dW in every adapted
-    weight (quantised weights are dequantised: a float checkpoint)."""
-
-    def walk(tree, prefix):
-      if not hasattr(tree, "items"):
-        return tree
-      tree = {k: flax_util.unbox(v) for k, v in tree.items()}
-      out = {}
-      for k, v in tree.items():
-        if k.endswith((LAMBDA_SUFFIX, GAMMA_SUFFIX)):
-          continue
-        path = f"{prefix}/{k}" if prefix else k
-        if k + LAMBDA_SUFFIX in tree:
-          out[k] = self._merged_weight(path, v, tree[k + LAMBDA_SUFFIX], tree[k + GAMMA_SUFFIX])
-        elif isinstance(v, ptq.WithAux):
-          out[k] = qarray.dequantize(flax_util.unbox(v.array))
-        else:
-          out[k] = walk(v, path)
-      return out
-
-    return walk(params, "")
+    weight (quantised weights are dequantised: a float checkpoint). On a float tree this is
+    ``adapter.merge(params, rule.config, drop_adapter=True, in_outs=provider.layouts)``."""
+    params = tree.map_nodes(params, lambda _, node: {
+        k: _dequantized(flax_util.unbox(v)) for k, v in node.items()})
+    return adapter.merge(params, self._config(), drop_adapter=True, in_outs=self._in_outs())
 
   def merge_nnx(self, model: nnx.Module) -> nnx.Module:
     """NNX: a copy of `model` as the plain (un-intercepted) model class, W0 + dW in every
@@ -476,19 +442,22 @@ class RandLoraProvider(ptq.PtqProvider):
     model = nnx.clone(model)
     if hasattr(type(model), "_unquantized_type"):
       model.__class__ = type(model)._unquantized_type  # pylint: disable=protected-access
+    cfg, layouts = self._config(), self._in_outs()
     for path, module in list(nnx.iter_modules(model)):
-      prefix = "/".join(map(str, path))
       attrs = dict(vars(module))
       for name, node in attrs.items():
-        if name.endswith((LAMBDA_SUFFIX, GAMMA_SUFFIX)):
-          continue
-        key = f"{prefix}/{name}" if prefix else name
-        if name + LAMBDA_SUFFIX in attrs:
-          lam, gamma = attrs[name + LAMBDA_SUFFIX][...], attrs[name + GAMMA_SUFFIX][...]
-          w = node if isinstance(node, ptq.WithAux) else node[...]
-          setattr(module, name, nnx.Param(self._merged_weight(key, w, lam, gamma)))
-          delattr(module, name + LAMBDA_SUFFIX)
-          delattr(module, name + GAMMA_SUFFIX)
+        lk, gk = adapter.leaf_names(name)
+        if lk in attrs:
+          w = _dequantized(node if isinstance(node, ptq.WithAux) else node[...])
+          layer = {"kernel": w, adapter.LAMBDA: attrs[lk][...], adapter.GAMMA: attrs[gk][...]}
+          key = tree.join(tree.path_str(path), name)
+          if key not in layouts:
+            raise ValueError(f"no layout recorded for {key!r} (recorded: {sorted(layouts)}); "
+                             "merge with adapter.merge and in_outs keyed by this model's paths")
+          dw = _delta(layer, cfg, layouts[key])
+          setattr(module, name, nnx.Param((w.astype(jnp.float32) + dw).astype(w.dtype)))
+          delattr(module, lk)
+          delattr(module, gk)
         elif isinstance(node, ptq.WithAux):
-          setattr(module, name, nnx.Param(qarray.dequantize(flax_util.unbox(node.array))))
+          setattr(module, name, nnx.Param(_dequantized(node)))
     return model

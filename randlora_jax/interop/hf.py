@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from randlora_jax import adapter as adapter_lib
+from randlora_jax import tree as tree_lib
 from randlora_jax.models.hf_decoder import export_merged as export_merged_decoder
 from randlora_jax.models.loading import tree_to_hf
 from randlora_jax.models.vit import ViTConfig
@@ -86,11 +87,9 @@ def hf_config(config: ViTConfig, base: Any = None):
   return out
 
 
-def _plain_dicts(tree):
+def _plain_dicts(params):
   """FrozenDicts and other mappings -> dicts (a stable pytree structure for jit)."""
-  if hasattr(tree, "items"):
-    return {k: _plain_dicts(v) for k, v in tree.items()}
-  return tree
+  return tree_lib.map_nodes(params, lambda _, node: node)
 
 
 def export_merged(params: Mapping, config: ViTConfig,

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from randlora_jax import adapter, bases
+from randlora_jax import adapter, bases, tree
 from randlora_jax.adapter import GAMMA, LAMBDA, AdapterConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -231,20 +231,18 @@ def import_peft(in_dir: str, params, *,
   if unused:
     raise ValueError(f"adapter modules with no matching layer in params: {unused[:10]}")
 
-  def walk(tree, prefix):
-    if not hasattr(tree, "items"):
-      return tree
-    if prefix in loaded:
-      e = loaded[prefix]
-      out = dict(tree)
-      for leaf in (LAMBDA, GAMMA):
-        value = np.stack(e[leaf]) if e["stacked"] else e[leaf][0]
-        out[leaf] = jax.numpy.asarray(value, tree[leaf].dtype)
-      return out
-    return {k: walk(v, f"{prefix}/{k}" if prefix else str(k)) for k, v in tree.items()}
+  def put(path, node):
+    if path not in loaded:
+      return node
+    e = loaded[path]
+    out = dict(node)
+    for leaf in (LAMBDA, GAMMA):
+      value = np.stack(e[leaf]) if e["stacked"] else e[leaf][0]
+      out[leaf] = jax.numpy.asarray(value, node[leaf].dtype)
+    return out
 
   stored = {"A": np.asarray(a, np.float32), "B": np.asarray(b, np.float32)}
-  return walk(params, ""), cfg, stored
+  return tree.map_nodes(params, put), cfg, stored
 
 
 def decoder_module_map(config=None) -> ModuleMap:

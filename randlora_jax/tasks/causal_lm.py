@@ -33,6 +33,7 @@ import optax
 
 from randlora_jax import adapter as adapter_lib
 from randlora_jax import adapter_dropout
+from randlora_jax import checkpoint as ckpt_lib
 from randlora_jax import optim, sharding
 from randlora_jax.data import commonsense as data_lib
 from randlora_jax.evaluation import commonsense as eval_lib
@@ -233,7 +234,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
     adapter_config.update(r=a.r, alpha=a.alpha, seed=a.seed, distribution=a.distribution,
                           sparse_dim=None, dropout=a.dropout)
   elif config.method == "lora":
-    adapter_config.update(rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.dropout)
+    adapter_config.update(r=a.lora_rank, alpha=a.lora_alpha, dropout=a.dropout)
 
   return LMExperiment(
       config=config, mesh=mesh, model=model, vit_config=None, frozen=frozen, state=state,
@@ -306,7 +307,7 @@ def merged_params(params, method: str, adapter_config: dict):
     cfg = adapter_lib.AdapterConfig.from_dict(adapter_config)
     return jax.jit(functools.partial(adapter_lib.merge, cfg=cfg, drop_adapter=True))(params)
   if method == "lora":
-    scale = adapter_config["alpha"] / adapter_config["rank"]
+    scale = ckpt_lib.lora_scale(adapter_config)
 
     def fold(tree):
       if not hasattr(tree, "items"):

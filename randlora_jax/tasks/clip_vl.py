@@ -218,7 +218,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
     adapter_config.update(r=a.r, alpha=a.alpha, seed=a.seed, distribution=a.distribution,
                           sparse_dim=None)
   elif config.method == "lora":
-    adapter_config.update(rank=a.lora_rank, alpha=a.lora_alpha)
+    adapter_config.update(r=a.lora_rank, alpha=a.lora_alpha)
 
   return CLIPExperiment(
       config=config, mesh=mesh, model=model, vit_config=ccfg.vision, frozen=frozen, state=state,

@@ -61,7 +61,7 @@ def fingerprint(config, vit_config: ViTConfig) -> dict:
     a = config.adapter
     fp["targets"] = list(a.targets)
     fp["adapter"] = (dict(r=a.r, alpha=a.alpha, seed=a.seed, distribution=a.distribution)
-                     if config.method == "randlora" else dict(rank=a.lora_rank, alpha=a.lora_alpha))
+                     if config.method == "randlora" else dict(r=a.lora_rank, alpha=a.lora_alpha))
   return fp
 
 
@@ -92,10 +92,10 @@ def dense_factory(config, mesh: jax.sharding.Mesh | None = None) -> Callable[[st
   per device and communicates only its adapter gradients (`randlora_jax.layers`)."""
   a = config.adapter
   if config.method == "randlora":
-    return lora.dense_factory("randlora", a.targets, r=a.r, alpha=a.alpha, basis_seed=a.seed,
+    return lora.dense_factory("randlora", a.targets, r=a.r, alpha=a.alpha, seed=a.seed,
                               distribution=a.distribution, mesh=mesh)
   if config.method == "lora":
-    return lora.dense_factory("lora", a.targets, rank=a.lora_rank, alpha=a.lora_alpha)
+    return lora.dense_factory("lora", a.targets, r=a.lora_rank, alpha=a.lora_alpha)
   return lora.dense_factory(config.method)
 
 
@@ -254,7 +254,7 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
     adapter_config.update(r=a.r, alpha=a.alpha, seed=a.seed, distribution=a.distribution,
                           sparse_dim=None)
   elif config.method == "lora":
-    adapter_config.update(rank=a.lora_rank, alpha=a.lora_alpha)
+    adapter_config.update(r=a.lora_rank, alpha=a.lora_alpha)
 
   return Experiment(
       config=config, mesh=mesh, model=model, vit_config=vcfg, frozen=frozen, state=state,
