@@ -15,11 +15,11 @@ BENCH = os.path.join(ROOT, "bench")
 sys.path.insert(0, BENCH)
 
 import common  # noqa: E402  (bench/common.py)
+import xla_env  # noqa: E402
 
 
 def _run_script(name: str, *args: str, timeout: float = 600) -> str:
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # the scripts run as users run them: one CPU device
+  env = xla_env.subprocess_env(devices=None)  # the scripts run as users run them: one CPU device
   proc = subprocess.run([sys.executable, os.path.join(BENCH, name), *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=timeout, env=env)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -26,6 +26,7 @@ from randlora_jax.models import ViT, ViTConfig
 from randlora_jax.train import loop, setup
 
 import trainer_configs
+import xla_env
 
 ROOT = trainer_configs.ROOT
 
@@ -251,10 +252,7 @@ def _train_cmd(workdir, steps, *extra):
 
 
 def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
+  return xla_env.subprocess_env(devices=2)
 
 
 def _wait_for(predicate, proc, what, timeout=300):

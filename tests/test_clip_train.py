@@ -18,6 +18,7 @@ from randlora_jax.tasks import clip_vl
 from randlora_jax.train import setup
 
 import trainer_configs
+import xla_env
 
 ROOT = trainer_configs.ROOT
 
@@ -33,8 +34,7 @@ def _one_device_mesh():
 @pytest.mark.slow
 def test_tiny_clip_trains_and_evaluates_through_train_py_with_each_method(tmp_path):
   """configs/clip_vl.py:tiny: random-init tiny CLIP, 3 steps per method, one process."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
-  env["PYTHONPATH"] = ROOT
+  env = xla_env.subprocess_env(devices=None, PYTHONPATH=ROOT)  # one CPU device
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/clip_vl.py:tiny",
        "--config.methods=('randlora', 'lora', 'full', 'head')",

@@ -13,6 +13,7 @@ import time
 import pytest
 
 import trainer_configs
+import xla_env
 
 ROOT = trainer_configs.ROOT
 STEPS = 40  # steps are ms here; a preemption notice takes up to 1 s to reach the coordinator
@@ -29,8 +30,7 @@ def _start(workdir, *extra):
   port = _free_port()
   procs = []
   for i in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = xla_env.subprocess_env(devices=2)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"),
            "--config", os.path.join(ROOT, "configs", "tiny.py"), f"--workdir={workdir}",
            f"--config.total_steps={STEPS}", "--config.log_every=1",
