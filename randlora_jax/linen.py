@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from randlora_jax import layers, ops
+from randlora_jax import adapter_dropout, layers, ops
 
 Initializer = Callable[..., jax.Array]
 
@@ -36,6 +36,8 @@ class RandLoraDense(nn.Module):
     backend: kernel mode ('xla', 'tpu', 'gpu', 'interpret', ...); None: the default of
       `kernels.dispatch` ($RANDLORA_KERNEL, else per platform).
     mesh: the device mesh for the per-device boundary (`layers`); None: the ambient mesh.
+    dropout: adapter dropout rate (PEFT's randlora_dropout) on the adapter branch's input,
+      active when the call has a 'dropout' rng (`adapter_dropout`).
   """
 
   features: int
@@ -53,6 +55,7 @@ class RandLoraDense(nn.Module):
   path: str = "auto"
   backend: str | None = None
   mesh: Any = None
+  dropout: float = 0.0
 
   def spec(self, in_features: int) -> ops.LayerSpec:
     return ops.LayerSpec(in_features, self.features, self.r, float(self.alpha),
@@ -71,4 +74,5 @@ class RandLoraDense(nn.Module):
                        spec.gamma_shape, self.param_dtype)
     return layers.dense(inputs, kernel, bias, lam, gamma, self.basis_seed, spec,
                         dtype=self.dtype, precision=self.precision, path=self.path,
-                        backend=self.backend, mesh=self.mesh)
+                        backend=self.backend, mesh=self.mesh,
+                        adapter_input=adapter_dropout.adapter_input(self, inputs, self.dropout))

@@ -14,7 +14,8 @@
   protocol) or 'loglik' (option log-likelihood) over ``lm.eval_dir/<task>/test.json`` for
   each of ``lm.eval_tasks`` (evaluation/commonsense.py). The summary's ``test_accuracy`` is
   the mean over the tasks; ``acc/<task>`` each.
-* Methods: randlora / lora (adapters on ``adapter.targets``), full.
+* Methods: randlora / lora (adapters on ``adapter.targets``, adapter dropout
+  ``adapter.dropout`` in the layers), full; a decoder has no head to probe (methods registry).
 """
 
 from __future__ import annotations
@@ -26,14 +27,12 @@ import json
 import math
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from randlora_jax import adapter as adapter_lib
-from randlora_jax import adapter_dropout
-from randlora_jax import optim, sharding
+from randlora_jax import methods, optim, sharding
 from randlora_jax.data import commonsense as data_lib
 from randlora_jax.evaluation import commonsense as eval_lib
 from randlora_jax.models import hf_decoder, lm_tokenizer
@@ -57,7 +56,12 @@ PRESETS = {
     "phi3_mini": lambda vocab: DecoderConfig.phi3_mini(),
     "llama3_8b": lambda vocab: DecoderConfig.llama3_8b(),
 }
-METHODS = ("randlora", "lora", "full")
+HEADS = methods.TaskHeads("causal_lm")  # nothing new, nothing to probe: no method 'head'
+
+
+def trainable_patterns(method: str) -> tuple[str, ...]:
+  """What trains for `method` on a decoder (the registry's rule; bench/llm_step.py uses it)."""
+  return methods.trainable_patterns(method, HEADS)
 
 
 @dataclasses.dataclass
@@ -72,15 +76,9 @@ class LMExperiment(setup_lib.Experiment):
     c = self.config
     fp = {"task": "causal_lm", "method": c.method,
           "model": repr(self.decoder_config.replace(dtype=None, param_dtype=None))}
-    if c.method in ("randlora", "lora"):
+    if methods.get(c.method).adapted:
       fp["adapter"] = c.adapter.to_dict()
     return fp
-
-
-def trainable_patterns(method: str) -> tuple[str, ...]:
-  return {"randlora": (r"randlora_lambda$", r"randlora_gamma$"),
-          "lora": (r"lora_a$", r"lora_b$"),
-          "full": (r".*",)}[method]
 
 
 def linear_schedule(peak: float, total: int, warmup: int, end_fraction: float) -> optax.Schedule:
@@ -90,25 +88,6 @@ def linear_schedule(peak: float, total: int, warmup: int, end_fraction: float) -
   parts = [optax.linear_schedule(0.0, peak, warmup)] if warmup else []
   parts.append(optax.linear_schedule(peak, peak * end_fraction, max(total - warmup, 1)))
   return optax.join_schedules(parts, [warmup]) if warmup else parts[0]
-
-
-def dense_factory(config):
-  """The trainer's layer choice, with adapter dropout (``adapter.dropout``) on the adapted
-  layers when set (active only in training steps: adapter_dropout.py)."""
-  base = setup_lib.dense_factory(config)
-  rate = config.adapter.get("dropout", 0.0)
-  if not rate or config.method not in ("randlora", "lora"):
-    return base
-
-  def pick(name):
-    cls = base(name)
-    if cls is nn.Dense:
-      return cls
-    inner = cls.func if isinstance(cls, functools.partial) else cls
-    kwargs = cls.keywords if isinstance(cls, functools.partial) else {}
-    return functools.partial(adapter_dropout.with_adapter_dropout(inner), dropout=rate, **kwargs)
-
-  return pick
 
 
 def _tokenizer(config, train_records, checkpoint: str):
@@ -148,8 +127,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   """As `setup.build`, for a decoder LM. `load_pretrained(init_params, decoder_config)` may
   replace the parameters (the embedded demo's pretrained decoder)."""
   validate.check_config(config)
-  if config.method not in METHODS:
-    raise ConfigError(f"method={config.method!r} is not one of {list(METHODS)} for task causal_lm")
+  patterns = setup_lib.trainable_patterns(config, HEADS)  # ConfigError for method 'head'
   if mesh is None:
     mesh = sharding.make_mesh(*validate.resolve_mesh(config, jax.device_count()))
   local_batch = validate.check_batch(config, sharding.data_parallel_size(mesh),
@@ -172,7 +150,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
 
   dtype = jnp.dtype(config.model.dtype)
   remat = "full" if config.model.remat else "none"
-  dense = dense_factory(config)
+  dense = setup_lib.dense_factory(config)
   loaded = None
   if checkpoint:
     try:
@@ -208,7 +186,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   if load_pretrained is not None:
     params = jax.device_put(load_pretrained(params, dcfg), param_sh)
 
-  mask = optim.trainable_mask(params, trainable_patterns(config.method), defaults=False)
+  mask = optim.trainable_mask(params, patterns, defaults=False)
   trainable, frozen = optim.partition(params, mask)
   frozen_sh = jax.tree.map(lambda p, mk: None if mk else p, param_sh, mask)
   trainable_sh = jax.tree.map(lambda p, mk: p if mk else None, param_sh, mask)
@@ -225,15 +203,9 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   tx = step_lib.make_optimizer(schedule, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
   state, state_sh = step_lib.initial_state(tx, trainable, trainable_sh, mesh, rules)
 
-  a = config.adapter
-  adapter_config = {"method": config.method, "targets": list(a.targets), "task": "causal_lm",
-                    "model": dataclasses.asdict(dcfg.replace(dtype=None, param_dtype=None)),
-                    "dataset": train_file}
-  if config.method == "randlora":
-    adapter_config.update(r=a.r, alpha=a.alpha, seed=a.seed, distribution=a.distribution,
-                          sparse_dim=None, dropout=a.dropout)
-  elif config.method == "lora":
-    adapter_config.update(rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.dropout)
+  adapter_config = setup_lib.adapter_config(
+      config, "causal_lm", model=dataclasses.asdict(dcfg.replace(dtype=None, param_dtype=None)),
+      dataset=train_file)
 
   return LMExperiment(
       config=config, mesh=mesh, model=model, vit_config=None, frozen=frozen, state=state,

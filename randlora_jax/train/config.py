@@ -9,13 +9,13 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-METHODS = ("randlora", "lora", "full", "head")
+from randlora_jax.methods import METHODS  # noqa: F401  (the registry's names)
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "classification"   # classification | clip_vl | causal_lm (randlora_jax.tasks.TASKS)
-  c.method = "randlora"       # randlora | lora | full | head (linear probe)
+  c.method = "randlora"       # randlora | lora | full | head (randlora_jax.methods.REGISTRY)
   c.methods = ()              # non-empty: train each of these in turn, then print a table
   c.seed = 0
 
@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.adapter.distribution = "uniform"
   c.adapter.lora_rank = 32
   c.adapter.lora_alpha = 64.0
-  c.adapter.dropout = 0.0     # adapter-input dropout (PEFT randlora_dropout); task causal_lm
+  c.adapter.dropout = 0.0     # adapter-input dropout (PEFT randlora_dropout), in training steps
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic_shapes/left_shape"

@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from randlora_jax import checkpoint as ckpt_lib
-from randlora_jax import data, optim, sharding, tasks
+from randlora_jax import data, methods, optim, sharding, tasks
 from randlora_jax.train import metrics as metrics_lib
 from randlora_jax.train import preemption
 from randlora_jax.train import setup as setup_lib
@@ -173,7 +173,7 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
   # Orbax saves are collective (every process enters them; process 0 writes host arrays).
   exports = os.path.join(workdir, "export")
   try:
-    if config.export.adapter and config.method in ("randlora", "lora", "head"):
+    if config.export.adapter and methods.get(config.method).exports_adapter:
       summary["adapter_bytes"] = ckpt_lib.export_adapter(
           os.path.join(exports, "adapter"), host_trainable, exp.adapter_config)
     if config.export.merged:

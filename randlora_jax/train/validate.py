@@ -26,7 +26,7 @@ from randlora_jax.data import NORMALIZATION
 from randlora_jax.models.clip import PRESETS as CLIP_PRESETS
 from randlora_jax.models.vit import FAMILIES, ViTConfig
 from randlora_jax.tasks import TASKS
-from randlora_jax.train.config import METHODS
+from randlora_jax.methods import METHODS
 
 DTYPES = ("float32", "bfloat16", "float16")
 
