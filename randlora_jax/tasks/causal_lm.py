@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from randlora_jax import adapter as adapter_lib
+from randlora_jax import checkpoint as ckpt_lib
 from randlora_jax import methods, optim, sharding
 from randlora_jax.data import commonsense as data_lib
 from randlora_jax.evaluation import commonsense as eval_lib
@@ -295,14 +296,22 @@ def merged_params(params, method: str, adapter_config: dict):
 
 class Evaluator:
   """`evaluator(state)`: validation loss at every call; at the last step, the commonsense
-  evaluation of the best (lowest validation loss) state seen."""
+  evaluation of the best (lowest validation loss) state seen.
 
-  def __init__(self, exp: LMExperiment):
+  With a `workdir`, the best state is also written to ``<workdir>/best`` whenever the
+  validation loss improves (`checkpoint.BestCheckpoint`), and a restarted run starts from it:
+  the final evaluation and the exports use the best of the whole run, restarts included."""
+
+  def __init__(self, exp: LMExperiment, workdir: str | None = None):
     self.exp = exp
     c = exp.config
     model = exp.model
     rep = sharding.replicated(exp.mesh)
     self.best = None  # (val loss, step, host copy of the trainable partition)
+    self.saved = ckpt_lib.BestCheckpoint(os.path.join(workdir, "best")) if workdir else None
+    # laid out now: the loop donates exp.state to the first step
+    self._target = ckpt_lib.abstract(exp.state.trainable, exp.state_shardings.trainable)
+    self._restored = self.saved is None
 
     def val_step(trainable, frozen, batch):
       params = optim.combine(trainable, frozen)
@@ -331,15 +340,30 @@ class Evaluator:
     n = max(tot["count"], 1.0)
     return {"val_loss": tot["loss"] / n, "val_token_accuracy": tot["correct"] / n}
 
+  def _restore(self, step: int) -> None:
+    """The best a previous process of this run saved (not one from after `step`)."""
+    self._restored = True
+    tree = self.saved.load(self._target, self.exp.fingerprint, max_step=step)
+    if tree is not None:
+      self.best = (self.saved.loss, self.saved.step, jax.device_get(tree))
+
   def __call__(self, state) -> dict[str, float]:
     val = self.validation(state)
     step = int(state.step)
     loss = val["val_loss"]
+    if not self._restored:
+      self._restore(step)
     if self.best is None or (math.isfinite(loss) and not loss >= self.best[0]):
       self.best = (loss, step, jax.device_get(state.trainable))
+      if self.saved is not None:
+        self.saved.offer(loss, step, state.trainable, self.exp.fingerprint)
     if step < self.exp.total_steps:
       return {**val, "accuracy": val["val_token_accuracy"], "loss": loss, "count": 0.0}
     return {**val, **self.final(), "best_step": float(self.best[1]), "loss": loss}
+
+  def selected_trainable(self):
+    """What the run exports: the best state's trainable partition (host arrays)."""
+    return None if self.best is None else self.best[2]
 
   def final(self) -> dict[str, float]:
     """The commonsense scores of the best state: merged weights, the configured protocol."""
@@ -356,8 +380,8 @@ class Evaluator:
     return res
 
 
-def make_evaluator(exp: LMExperiment):
-  return Evaluator(exp)
+def make_evaluator(exp: LMExperiment, workdir: str | None = None):
+  return Evaluator(exp, workdir)
 
 
 __all__ = ["LMExperiment", "build", "make_evaluator", "make_train_step", "train_iterator",

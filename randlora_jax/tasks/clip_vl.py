@@ -301,5 +301,5 @@ class Evaluator:
             "count": totals["count"]}
 
 
-def make_evaluator(exp: CLIPExperiment) -> Evaluator:
+def make_evaluator(exp: CLIPExperiment, workdir=None) -> Evaluator:  # pylint: disable=unused-argument
   return Evaluator(exp)
