@@ -4,7 +4,9 @@
 * Model: `models.decoder.Decoder`, from a local HF checkpoint (``model.checkpoint``: weights,
   config and tokenizer.json read offline) or, without one, a random ``lm.preset`` shape with a
   BPE trained on the training file (tests) or the embedded demo's pretrained one.
-* Data: ``lm.train_file`` (JSON / JSONL, commonsense format); ``lm.val_size`` records held out
+* Data: ``lm.train_file`` (JSON / JSONL, commonsense format), or with ``lm.source='tfds'``
+  the ``data.train_split`` of the prepared tfds dataset ``data.name`` (features mapped by
+  ``lm.fields``, read lazily per process); ``lm.val_size`` records held out
   (the paper's 120); the paper's prompts, cutoff, EOS, loss on prompt + response
   (``lm.mask_prompt`` masks the prompt), ``lm.packing`` (data/commonsense.py).
 * Training loss: mean next-token cross-entropy over the weighted tokens.
@@ -124,6 +126,28 @@ def read_eval_tasks(config, eval_dir: str) -> dict[str, list[dict]]:
   return out
 
 
+def read_train_records(config, train_file: str):
+  """(training records, validation records, the data's name) from ``lm.train_file`` (JSON /
+  JSONL) or, with ``lm.source='tfds'``, the prepared tfds split (read lazily: a process reads
+  only the records of its shard)."""
+  lm = config.lm
+  if lm.source == "tfds":
+    dataset = f"tfds:{config.data.name}/{config.data.train_split}"
+  elif not train_file:
+    raise ConfigError("lm.train_file is empty: give a JSON / JSONL file in the commonsense format")
+  else:
+    dataset = train_file
+  try:
+    records = (data_lib.tfds_records(config.data.name, config.data.data_dir or None,
+                                     config.data.train_split, lm.fields.to_dict())
+               if lm.source == "tfds" else data_lib.read_records(train_file))
+    train_records, val_records = data_lib.split_validation(records, lm.val_size)
+  except data_lib.DataFormatError as e:
+    where = "lm.fields / data.name" if lm.source == "tfds" else "lm.train_file"
+    raise ConfigError(f"{where}: {e}") from None
+  return train_records, val_records, dataset
+
+
 def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   """As `setup.build`, for a decoder LM. `load_pretrained(init_params, decoder_config)` may
   replace the parameters (the embedded demo's pretrained decoder)."""
@@ -139,13 +163,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
     from randlora_jax.tasks import lm_demo  # pylint: disable=g-import-not-at-top
     checkpoint, demo_train, demo_eval = lm_demo.prepare(config)
     train_file, eval_dir = train_file or demo_train, eval_dir or demo_eval
-  if not train_file:
-    raise ConfigError("lm.train_file is empty: give a JSON / JSONL file in the commonsense format")
-  try:
-    records = data_lib.read_records(train_file)
-    train_records, val_records = data_lib.split_validation(records, lm.val_size)
-  except data_lib.DataFormatError as e:
-    raise ConfigError(f"lm.train_file: {e}") from None
+  train_records, val_records, dataset = read_train_records(config, train_file)
   eval_tasks = read_eval_tasks(config, eval_dir)
   tok = _tokenizer(config, train_records, checkpoint)
 
@@ -206,7 +224,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
 
   adapter_config = setup_lib.adapter_config(
       config, "causal_lm", model=dataclasses.asdict(dcfg.replace(dtype=None, param_dtype=None)),
-      dataset=train_file)
+      dataset=dataset)
 
   return LMExperiment(
       config=config, mesh=mesh, model=model, vit_config=None, frozen=frozen, state=state,

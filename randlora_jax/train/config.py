@@ -108,7 +108,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.lm.preset = "tiny"        # no checkpoint: tiny | qwen2_0_5b | phi3_mini | llama3_8b
   c.lm.tokenizer = ""         # directory with tokenizer.json ("": model.checkpoint's, or a BPE)
   c.lm.vocab_size = 512       # the BPE trained on the training file when there is no tokenizer
+  c.lm.source = "json"        # json: lm.train_file | tfds: data.name's data.train_split
   c.lm.train_file = ""        # JSON list or JSONL: instruction, input, output, answer
+  # lm.source=tfds: the feature holding each commonsense field ("": none; input and answer
+  # are optional)
+  c.lm.fields = ml_collections.ConfigDict(dict(instruction="instruction", input="input",
+                                               output="output", answer="answer"))
   c.lm.val_size = 120         # records held out for the validation loss (best state kept)
   c.lm.cutoff = 256           # tokens per example (EOS appended when it fits)
   c.lm.mask_prompt = False    # True: loss on the response only (the paper trains on both)

@@ -255,7 +255,12 @@ register(
     _field("lm.preset", one_of(LM_PRESETS)),
     _field("lm.tokenizer", text()),
     _field("lm.vocab_size", integer(260)),  # a byte-level BPE holds 256 bytes + specials
+    _field("lm.source", one_of(("json", "tfds"))),
     _field("lm.train_file", text()),
+    _field("lm.fields.instruction", text(nonempty=True)),
+    _field("lm.fields.input", text()),
+    _field("lm.fields.output", text(nonempty=True)),
+    _field("lm.fields.answer", text()),
     _field("lm.val_size", integer(0)),
     _field("lm.cutoff", integer(8)),
     _field("lm.mask_prompt", boolean()),
