@@ -43,7 +43,9 @@ class Method:
     exports_adapter: the run's trainable partition is a small adapter worth exporting alone.
     dropout: adapter dropout (``adapter.dropout``) applies to the adapter branch.
     layer_args: (layer keyword, config.adapter field) pairs given to ``layer``.
+    layer_extras: keywords of ``layer`` the trainer supplies itself (the run's ``mesh``).
     export_args: (adapter_config.json key, config.adapter field) pairs the export records.
+    export_constants: (key, value) pairs the export records as they are.
     rank_arg: the config.adapter field bounded by min(in, out) of each target.
     description: one line, for listings.
   """
@@ -57,7 +59,9 @@ class Method:
   exports_adapter: bool = False
   dropout: bool = False
   layer_args: tuple[tuple[str, str], ...] = ()
+  layer_extras: tuple[str, ...] = ()
   export_args: tuple[tuple[str, str], ...] = ()
+  export_constants: tuple[tuple[str, Any], ...] = ()
   rank_arg: str | None = None
   description: str = ""
 
@@ -66,20 +70,19 @@ class Method:
     """Whether targeted layers get an adapter (so ``adapter.targets`` must match layers)."""
     return self.layer is not None
 
-  def layer_kwargs(self, adapter_cfg, **extra) -> dict[str, Any]:
-    """The keyword arguments of `layer` from a config's ``adapter`` block."""
+  def layer_kwargs(self, adapter_cfg, **extras) -> dict[str, Any]:
+    """The keyword arguments of `layer` from a config's ``adapter`` block, plus those of
+    `extras` the layer takes (`layer_extras`)."""
     kw = {arg: adapter_cfg[field] for arg, field in self.layer_args}
     if self.dropout:
       kw["dropout"] = float(adapter_cfg.get("dropout", 0.0))
-    if self.layer is RandLoraDense:
-      kw.update(extra)
+    kw.update({k: v for k, v in extras.items() if k in self.layer_extras})
     return kw
 
   def export_fields(self, adapter_cfg) -> dict[str, Any]:
     """What adapter_config.json records to rebuild the update (plus dropout, when it applies)."""
     out = {key: adapter_cfg[field] for key, field in self.export_args}
-    if self.layer is RandLoraDense:
-      out["sparse_dim"] = None
+    out.update(self.export_constants)
     if self.dropout:  # PEFT's randlora_dropout / lora_dropout
       out["dropout"] = float(adapter_cfg.get("dropout", 0.0))
     return out
@@ -95,9 +98,10 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            adapter_leaves=(r"randlora_lambda$", r"randlora_gamma$"), exports_adapter=True,
            dropout=True,
            layer_args=(("r", "r"), ("alpha", "alpha"), ("basis_seed", "seed"),
-                       ("distribution", "distribution")),
+                       ("distribution", "distribution")), layer_extras=("mesh",),
            export_args=(("r", "r"), ("alpha", "alpha"), ("seed", "seed"),
                         ("distribution", "distribution")),
+           export_constants=(("sparse_dim", None),),
            rank_arg="r", description="RandLoRA on the targets (lambda, gamma train)"),
     Method("lora", layer=LoraDense, adapter_leaves=(r"lora_a$", r"lora_b$"),
            exports_adapter=True, dropout=True,
