@@ -60,7 +60,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from randlora_jax import adapter, lora, ops, optim  # noqa: E402
+from randlora_jax import adapter, lora, methods, ops, optim  # noqa: E402
 
 METHODS = ("head", "lora", "randlora", "randlora_rank_r", "full")
 LABELS = {
@@ -104,14 +104,10 @@ def dense_for(method: str, r: int, lora_rank: int, basis_seed) -> Callable:
 
 
 def trainable_rules(method: str) -> tuple[tuple[str, ...], bool]:
-  head = r"^head/"
-  if method in ("randlora", "randlora_rank_r"):
-    return (head,), True
-  if method == "lora":
-    return (head, r"(^|/)lora_[ab]$"), False
-  if method == "head":
-    return (head,), False
-  return (r".",), False
+  """(regexes, include optim's defaults) from the methods registry (randlora_rank_r is
+  RandLoRA with another rank)."""
+  base = "randlora" if method.startswith("randlora") else method
+  return methods.trainable_patterns(base, methods.CLASSIFIER_HEADS), False
 
 
 def graft(params, base):

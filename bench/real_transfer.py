@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from PIL import Image
 
-from randlora_jax import adapter, data, lora, ops, optim
+from randlora_jax import adapter, data, lora, methods, ops, optim
 from randlora_jax.models import ViT, ViTConfig
 
 PRETRAIN_DATASET = "fashion_mnist_idx"
@@ -197,10 +197,9 @@ class Method:
     return lora.dense_factory("full")
 
   def trainable(self) -> tuple[str, ...]:
-    head = r"^head/"
-    return {"head": (head,), "full": (r".",), "lora": (head, r"lora_[ab]$"),
-            "randlora": (head, r"randlora_(lambda|gamma)$"),
-            "randlora_rank_r": (head, r"randlora_(lambda|gamma)$")}[self.kind]
+    """The methods registry's rule for the arm's method (randlora_rank_r is RandLoRA)."""
+    base = "randlora" if self.kind.startswith("randlora") else self.kind
+    return methods.trainable_patterns(base, methods.CLASSIFIER_HEADS)
 
 
 def layer_shapes(setup: Setup) -> list[tuple[int, int]]:

@@ -138,13 +138,11 @@ def _ours_model(cfg: Config):
 
 
 def _ours_trainable_rules(method: str) -> tuple[tuple[str, ...], bool]:
-  """(extra regexes, include RandLoRA defaults) for `optim.trainable_mask`."""
-  head = r"(^|/)head/"
-  if method in ("randlora", "randlora_saved"):
-    return (head,), True
-  if method == "lora":
-    return (head, r"(^|/)lora_[ab]$"), False
-  return (r".",), False  # full fine-tuning: every leaf
+  """(regexes, include optim's defaults) for `optim.trainable_mask`, from the methods
+  registry (randlora_saved is RandLoRA keeping the merged weight)."""
+  from randlora_jax import methods
+  base = "randlora" if method.startswith("randlora") else method
+  return methods.trainable_patterns(base, methods.CLASSIFIER_HEADS), False
 
 
 def run_ours(cfg: Config) -> dict[str, Any]:

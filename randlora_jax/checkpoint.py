@@ -206,6 +206,49 @@ class Checkpointer:
     self.manager.close()
 
 
+class BestCheckpoint:
+  """The best state so far by a validation loss, on disk (``<workdir>/best``), so a
+  restarted run keeps it: `offer` writes only when the loss improves (Orbax writes into a
+  temporary directory and renames it, then drops the older best), `load` reads it back.
+  Saves are synchronous and collective (every process calls `offer`)."""
+
+  def __init__(self, directory: str):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, enable_async_checkpointing=False))
+    self.loss = self.step = None
+
+  def offer(self, loss: float, step: int, trainable, fingerprint: dict) -> bool:
+    """Saves `trainable` as the best if `loss` is finite and below the best so far."""
+    if not np.isfinite(loss) or (self.loss is not None and loss >= self.loss):
+      return False
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(trainable),
+        meta=ocp.args.JsonSave({"loss": float(loss), "step": int(step),
+                                "fingerprint": fingerprint})), force=True)
+    self.manager.wait_until_finished()
+    self.loss, self.step = float(loss), int(step)
+    return True
+
+  def load(self, target, fingerprint: dict, max_step: int | None = None):
+    """The saved best laid out like `target` (ShapeDtypeStructs), or None when there is
+    none, it is of another run (fingerprint), or it is from after `max_step`."""
+    step = self.manager.latest_step()
+    if step is None or (max_step is not None and step > max_step):
+      return None
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta["fingerprint"] != json.loads(json.dumps(fingerprint)):
+      return None
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+    self.loss, self.step = meta["loss"], meta["step"]
+    return out
+
+  def close(self) -> None:
+    self.manager.close()
+
+
 def check_fingerprint(saved: dict, current: dict, where: str) -> None:
   """Raise CheckpointMismatch listing every field that differs."""
   diffs = [f"  {k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"

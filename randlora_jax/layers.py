@@ -69,14 +69,17 @@ def _gather(w, spec: P):
 
 
 def per_device(fn: Callable, x, kernel, weights, *, compute, mesh=None, batch_axes=None):
-  """``fn(x, kernel, weights)`` with x split over the batch axes on its leading dim, the
-  kernel W0 whole on every device (gathered in the ``compute`` dtype inside the region where
-  the partition rules split it: FSDP) and ``weights`` (lambda, gamma, seed, ...; a pytree)
-  replicated; see the module docstring. Without a splitting mesh, just the call.
+  """``fn(x, kernel, weights)`` with x (an array, or a pytree of arrays with the same
+  leading dim: e.g. the input and the adapter branch's dropped input) split over the batch
+  axes on its leading dim, the kernel W0 whole on every device (gathered in the ``compute``
+  dtype inside the region where the partition rules split it: FSDP) and ``weights``
+  (lambda, gamma, seed, ...; a pytree) replicated; see the module docstring. Without a
+  splitting mesh, just the call.
   """
   mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
   axes = batch_axes_of(mesh, batch_axes)
-  if not axes or x.ndim < 2 or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+  lead = jax.tree.leaves(x)[0]
+  if not axes or lead.ndim < 2 or lead.shape[0] % math.prod(mesh.shape[a] for a in axes):
     return fn(x, kernel, weights)
   kspec = weight_spec(mesh, kernel.shape)
 
@@ -91,22 +94,28 @@ def per_device(fn: Callable, x, kernel, weights, *, compute, mesh=None, batch_ax
 
 def dense(x, kernel, bias, lam, gamma, seed, spec: ops.LayerSpec, *, dtype=None,
           precision=None, path: ops.Path = "auto", backend: str | None = None,
-          explicit=None, mesh=None, batch_axes: Sequence[str] | None = None) -> jax.Array:
+          explicit=None, mesh=None, batch_axes: Sequence[str] | None = None,
+          adapter_input=None) -> jax.Array:
   """``x @ (W0 + dW) + b`` for x (..., in) and kernel (in, out) (see `randlora_jax.ops`).
 
   ``backend``: static kernel mode (None: the default of `kernels.dispatch`). ``explicit``:
-  stored (A, Bf) bases of an imported PEFT adapter instead of the hash.
+  stored (A, Bf) bases of an imported PEFT adapter instead of the hash. ``adapter_input``:
+  the adapter branch's own input (x with adapter dropout), ``x W0 + adapter_input dW + b``;
+  it travels through the per-device boundary split like x.
   """
   compute = compute_dtype(dtype, x, kernel, bias)
   backend = ops.resolve_backend(backend)
   seed = bases.traced_seed(seed)
 
-  def local(x, kernel, weights):
+  def local(xs, kernel, weights):
+    x, xd = xs
     lam, gamma, seed, explicit = weights
     return ops.apply(x, kernel, lam, gamma, seed, spec, path=path, dtype=compute,
-                     precision=precision, explicit=explicit, backend=backend)
+                     precision=precision, explicit=explicit, backend=backend,
+                     adapter_input=xd)
 
-  y = per_device(local, x.astype(compute), kernel, (lam, gamma, seed, explicit),
+  xd = None if adapter_input is None else adapter_input.astype(compute)
+  y = per_device(local, (x.astype(compute), xd), kernel, (lam, gamma, seed, explicit),
                  compute=compute, mesh=mesh, batch_axes=batch_axes)
   if bias is not None:
     y = y + jnp.asarray(bias, y.dtype)

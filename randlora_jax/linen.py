@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from randlora_jax import layers, ops
+from randlora_jax import adapter_dropout, layers, ops
 from randlora_jax.adapter import AdapterConfig
 
 Initializer = Callable[..., jax.Array]
@@ -38,6 +38,8 @@ class RandLoraDense(nn.Module):
     backend: kernel mode ('xla', 'tpu', 'gpu', 'interpret', ...); None: the default of
       `kernels.dispatch` ($RANDLORA_KERNEL, else per platform).
     mesh: the device mesh for the per-device boundary (`layers`); None: the ambient mesh.
+    dropout: adapter dropout rate (PEFT's randlora_dropout) on the adapter branch's input,
+      active when the call has a 'dropout' rng (`adapter_dropout`).
 
   `r`, `alpha`, `seed`, `distribution`, `sparse_dim` are `AdapterConfig`'s fields, spelled the
   same (``RandLoraDense(features, **config.to_dict())``); `config` gives them as one.
@@ -58,6 +60,7 @@ class RandLoraDense(nn.Module):
   path: str = "auto"
   backend: str | None = None
   mesh: Any = None
+  dropout: float = 0.0
 
   @property
   def config(self) -> AdapterConfig:
@@ -84,4 +87,5 @@ class RandLoraDense(nn.Module):
                        spec.gamma_shape, self.param_dtype)
     return layers.dense(inputs, kernel, bias, lam, gamma, self.seed, spec,
                         dtype=self.dtype, precision=self.precision, path=self.path,
-                        backend=self.backend, mesh=self.mesh)
+                        backend=self.backend, mesh=self.mesh,
+                        adapter_input=adapter_dropout.adapter_input(self, inputs, self.dropout))

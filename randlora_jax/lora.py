@@ -1,20 +1,16 @@
-"""Baselines in the same framework, so comparisons are fair: `LoraDense`, and the factory
-that decides which Dense class each named layer of a model gets for a training method."""
+"""The LoRA baseline in the same framework, so comparisons are fair: `LoraDense`. Which
+layers get it is the methods registry's business (`randlora_jax.methods`)."""
 
 from __future__ import annotations
 
-import functools
-import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen import dtypes
 
-from randlora_jax.linen import RandLoraDense
-
-METHODS = ("randlora", "lora", "full", "head")
+from randlora_jax import adapter_dropout
 
 
 class LoraDense(nn.Module):
@@ -22,7 +18,8 @@ class LoraDense(nn.Module):
 
   Same `kernel`/`bias` names as `nn.Dense`; adapter leaves `lora_a` (in, r), `lora_b`
   (r, out), with PEFT's init (A Kaiming-uniform, B zero). `r` is the rank (PEFT's name, as
-  in `RandLoraDense`).
+  in `RandLoraDense`). `dropout`: PEFT's lora_dropout on the adapter branch's input, active
+  when the call has a 'dropout' rng (`adapter_dropout`).
   """
 
   features: int
@@ -34,6 +31,7 @@ class LoraDense(nn.Module):
   bias_init: Callable = nn.initializers.zeros_init()
   r: int = 32
   alpha: float = 64.0
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, inputs):
@@ -46,29 +44,18 @@ class LoraDense(nn.Module):
                    self.param_dtype)
     inputs, kernel, a, b = dtypes.promote_dtype(inputs, kernel, a, b, dtype=self.dtype)
     y = jnp.matmul(inputs, kernel, precision=self.precision)
-    y = y + (self.alpha / self.r) * jnp.matmul(jnp.matmul(inputs, a), b)
+    xd = adapter_dropout.adapter_input(self, inputs, self.dropout)
+    xd = inputs if xd is None else xd
+    y = y + (self.alpha / self.r) * jnp.matmul(jnp.matmul(xd, a), b)
     if bias is not None:
       y = y + jnp.asarray(bias, y.dtype)
     return y
 
 
-def dense_factory(method: str = "full", targets: Sequence[str] = (), **adapter_kwargs
-                  ) -> Callable[[str], Callable[..., nn.Module]]:
-  """Maps a layer name (e.g. 'q_proj', 'fc1') to the Dense class it should be built with.
-
-  `method`: 'randlora' (RandLoraDense on names matching a `targets` regex), 'lora' (LoraDense
-  there), 'full' / 'head' (plain nn.Dense everywhere; what trains is the optimizer's
-  business). `adapter_kwargs` go to the adapter class (r/alpha/seed/... for RandLoRA, r/alpha for LoRA).
-  """
-  if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-  cls = {"randlora": RandLoraDense, "lora": LoraDense}.get(method)
-  rules = [re.compile(t) for t in targets]
-  adapter = functools.partial(cls, **adapter_kwargs) if cls is not None else None
-
-  def pick(name: str):
-    if adapter is not None and any(rx.search(name) for rx in rules):
-      return adapter
-    return nn.Dense
-
-  return pick
+def __getattr__(name):
+  # `lora.dense_factory`, the older home of the registry's factory (randlora_jax.methods,
+  # which imports this module: resolved lazily, no import cycle).
+  if name == "dense_factory":
+    from randlora_jax import methods  # pylint: disable=g-import-not-at-top
+    return methods.dense_factory
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

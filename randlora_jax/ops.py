@@ -260,7 +260,8 @@ PRECISION_PASSES = {
 VECTOR_OP_COST = {"tpu": 48, "gpu": 30, "cpu": 1}
 
 
-def path_flops(tokens: int, spec: LayerSpec, backend: str = "xla") -> dict[str, dict[str, int]]:
+def path_flops(tokens: int, spec: LayerSpec, backend: str = "xla",
+               adapter_dropout: bool = False) -> dict[str, dict[str, int]]:
   """Per-path work of one training step over the frozen layer's, for ``tokens`` per device:
   ``gemm`` flops, ``hash`` basis entries generated, ``vector`` other elementwise ops.
 
@@ -268,6 +269,11 @@ def path_flops(tokens: int, spec: LayerSpec, backend: str = "xla") -> dict[str, 
   H = Bf^T G) or two plus the token route for H (`adapter_grad_flops`); the weight cotangent
   G = x^T g when H goes through it. factored: x@L and (.)@R forward, g@R^T, (.)@L^T and H
   backward, each 2*T*N*r times a side.
+
+  ``adapter_dropout``: the adapter branch has its own input xd = dropout(x). The factored
+  path takes it at no extra cost (x W0 + s * factored(xd)); the merged one cannot fold two
+  inputs into one matmul, so it pays a second base-sized GEMM forward ((x - xd) W0 next to
+  xd (W0 + dW)) and another for its dx in the backward: 4*T*D*d more.
   """
   t, big, dd, nr = tokens, spec.D, spec.d, spec.nr
   form = 2 * big * dd * nr
@@ -276,7 +282,8 @@ def path_flops(tokens: int, spec: LayerSpec, backend: str = "xla") -> dict[str, 
   tokens_route = _token_route(t, spec, backend)
   grads = adapter_grad_flops(t, spec)
   merged = {
-      "gemm": 2 * form + (grads["tokens"] if tokens_route else grads["weight"]),
+      "gemm": 2 * form + (grads["tokens"] if tokens_route else grads["weight"])
+              + (4 * t * big * dd if adapter_dropout else 0),
       "hash": 3 * big * nr + 3 * spec.r * dd,
       # W0 + dW and its cast, twice; the factor twice; the reduction once
       "vector": 4 * big * dd + 2 * factor_ops + reduce_ops,
@@ -298,7 +305,7 @@ def _precision_name(precision) -> str:
 
 
 def path_costs(tokens: int, spec: LayerSpec, *, precision=None, platform: str | None = None,
-               backend: str = "xla") -> dict[str, float]:
+               backend: str = "xla", adapter_dropout: bool = False) -> dict[str, float]:
   """`path_flops` weighed into one number per path: GEMM flops times the precision's passes,
   plus hashed entries and other vector ops at the platform's cost of a vector op."""
   platform = platform or jax.default_backend()
@@ -307,24 +314,28 @@ def path_costs(tokens: int, spec: LayerSpec, *, precision=None, platform: str | 
   passes = PRECISION_PASSES[platform][_precision_name(precision)]
   vec = VECTOR_OP_COST[platform]
   return {name: f["gemm"] * passes + (f["hash"] * HASH_OPS + f["vector"]) * vec
-          for name, f in path_flops(tokens, spec, backend).items()}
+          for name, f in path_flops(tokens, spec, backend, adapter_dropout).items()}
 
 
 def choose_path(tokens: int, spec: LayerSpec, path: Path = "auto", *, precision=None,
-                platform: str | None = None, backend: str = "xla") -> str:
+                platform: str | None = None, backend: str = "xla",
+                adapter_dropout: bool = False) -> str:
   """'merged' or 'factored' for ``tokens`` PER DEVICE (inside the layer's shard_map the
-  input is the device's own; see `layers`), by `path_costs`; an explicit path wins."""
+  input is the device's own; see `layers`), by `path_costs` (``adapter_dropout``: while
+  dropout is active, the merged path is charged its extra base-sized GEMMs); an explicit
+  path wins."""
   if path in ("merged", "factored"):
     return path
   if path != "auto":
     raise ValueError(f"path must be 'auto', 'merged' or 'factored', got {path!r}")
-  c = path_costs(tokens, spec, precision=precision, platform=platform, backend=backend)
+  c = path_costs(tokens, spec, precision=precision, platform=platform, backend=backend,
+                 adapter_dropout=adapter_dropout)
   return "merged" if c["merged"] <= c["factored"] else "factored"
 
 
 def apply(x, kernel, lam, gamma, seed, spec: LayerSpec, *, path: Path = "auto",
           dtype=None, precision=None, explicit=None, save_merged: bool = False,
-          backend: str | None = None) -> jax.Array:
+          backend: str | None = None, adapter_input=None) -> jax.Array:
   """``x @ (W0 + dW)`` for x (..., in) and frozen kernel (in, out); no bias.
 
   ``dtype`` is the compute dtype (default: x's). ``explicit`` = (A, Bf) arrays replace the
@@ -332,33 +343,47 @@ def apply(x, kernel, lam, gamma, seed, spec: LayerSpec, *, path: Path = "auto",
   only) keeps ``W0 + dW`` for the backward instead of re-forming it: faster by one dW
   formation per layer, but one weight-sized residual per adapted layer more memory.
   ``backend``: static kernel mode (None: `kernels.dispatch`'s default at trace time).
+  ``adapter_input``: the adapter branch's own input (x with adapter dropout, same shape):
+  ``x @ W0 + adapter_input @ dW``. Factored: one base matmul, as without it; merged:
+  ``xd @ (W0 + dW) + (x - xd) @ W0``, a second base-sized matmul (`path_flops` counts it).
   """
   if x.shape[-1] != spec.in_features:
     raise ValueError(f"input last dim {x.shape[-1]} != in_features {spec.in_features}")
   backend = resolve_backend(backend)
   dtype = jnp.dtype(dtype or x.dtype)
   x = x.astype(dtype)
+  xd = None if adapter_input is None else adapter_input.astype(dtype)
+  if xd is not None and xd.shape != x.shape:
+    raise ValueError(f"adapter_input shape {xd.shape} != input shape {x.shape}")
   tokens = math.prod(x.shape[:-1])
-  chosen = choose_path(tokens, spec, path, precision=precision, backend=backend)
+  chosen = choose_path(tokens, spec, path, precision=precision, backend=backend,
+                       adapter_dropout=xd is not None)
   if explicit is not None:
-    if chosen == "merged":
+    if chosen == "merged" and xd is None:
       w = kernel.astype(jnp.float32) + delta_kernel_reference(lam, gamma, seed, spec, explicit)
       return jnp.matmul(x, w.astype(dtype), precision=precision)
-    return _factored_explicit(x, kernel, lam, gamma, spec, dtype, precision, explicit)
+    return _factored_explicit(x, kernel, lam, gamma, spec, dtype, precision, explicit, xd)
   if chosen == "merged":
     if save_merged:
       w = _merged_kernel(kernel, lam, gamma, seed, spec, dtype, backend)
-      return jnp.matmul(x, w, precision=precision)
-    return _merged_matmul(x, kernel, lam, gamma, seed, spec, dtype, precision, backend)
+      y = jnp.matmul(x if xd is None else xd, w, precision=precision)
+    else:
+      y = _merged_matmul(x if xd is None else xd, kernel, lam, gamma, seed, spec, dtype,
+                         precision, backend)
+    if xd is not None:  # W0 sees all of x: add back what the dropped input left out
+      y = y + jnp.matmul(x - xd, kernel.astype(dtype), precision=precision)
+    return y
   x2 = x.reshape(tokens, spec.in_features)
+  xd2 = x2 if xd is None else xd.reshape(tokens, spec.in_features)
   y = jnp.matmul(x2, kernel.astype(dtype), precision=precision)
-  y = y + factored_delta(x2, lam, gamma, seed, spec).astype(dtype)
+  y = y + factored_delta(xd2, lam, gamma, seed, spec).astype(dtype)
   return y.reshape(*x.shape[:-1], spec.out_features)
 
 
-def _factored_explicit(x, kernel, lam, gamma, spec, dtype, precision, explicit):
-  """The factored path with stored bases, plain autodiff: x @ W0 + s ((x Bf) lam) Af."""
-  x2 = x.reshape(-1, spec.in_features).astype(jnp.float32)
+def _factored_explicit(x, kernel, lam, gamma, spec, dtype, precision, explicit, xd=None):
+  """The factored path with stored bases, plain autodiff: x @ W0 + s ((xd Bf) lam) Af, with
+  xd the adapter branch's input (x when None)."""
+  x2 = (x if xd is None else xd).reshape(-1, spec.in_features).astype(jnp.float32)
   af = update.factor(spec, lam.astype(jnp.float32) * spec.scale, gamma, None, explicit)
   bf = update.basis_b(spec, None, explicit)
   if spec.transposed:  # dW^T = Af^T Bf^T

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from randlora_jax import adapter, adapter_dropout, lora
+from randlora_jax import adapter, lora
 from randlora_jax.interop import peft as peft_interop
 from randlora_jax.models import hf_decoder
 from randlora_jax.models.decoder import Decoder
@@ -38,8 +38,7 @@ def test_dropout_round_trip_and_statistics_vs_peft(tmp_path):
   def dense(name):
     cls = base(name)
     if isinstance(cls, functools.partial):
-      return functools.partial(adapter_dropout.with_adapter_dropout(cls.func), dropout=RATE,
-                               **cls.keywords)
+      return functools.partial(cls, dropout=RATE)  # the layer's own adapter dropout
     return cls
 
   peft_interop.export_peft(tmp_path / "adapter", params, acfg, dropout=RATE,

@@ -54,6 +54,8 @@ BAD_VALUES = [
     ("adapter.dropout", 1.0), ("lm.preset", "gpt2"), ("lm.vocab_size", 100), ("lm.val_size", -1),
     ("lm.cutoff", 0), ("lm.mask_prompt", "no"), ("lm.packing", 1), ("lm.eval_tasks", ("mmlu",)),
     ("lm.max_eval_examples", -1), ("lm.eval_mode", "beam"), ("lm.eval_batch_size", 0),
+    ("lm.source", "csv"), ("lm.fields.instruction", ""), ("lm.fields.output", ""),
+    ("lm.fields.input", 3), ("lm.fields.answer", None),
     ("lm.num_beams", 0), ("lm.max_new_tokens", 0), ("lm.pretrain.enabled", "yes"),
     ("lm.pretrain.steps", 0), ("lm.pretrain.batch_size", 0), ("lm.pretrain.lr", 0.0),
 ]

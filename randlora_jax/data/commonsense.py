@@ -1,5 +1,7 @@
 """Instruction data in the commonsense format (LLM-Adapters / DoRA, the paper's s.4.4):
-records ``{"instruction", "input", "output", "answer"}`` in a JSON list or JSONL file.
+records ``{"instruction", "input", "output", "answer"}`` in a JSON list or JSONL file, or
+read from a prepared tfds split (array_record, no TensorFlow) whose features are mapped onto
+those fields (`tfds_records`).
 
 * Prompts: the paper's Alpaca template with its exact whitespace. Training and evaluation
   differ (two spaces vs one after "request.", and the blank line before "### Response:").
@@ -10,7 +12,8 @@ records ``{"instruction", "input", "output", "answer"}`` in a JSON list or JSONL
   attention then crosses example boundaries (the plain causal mask), as naive packing does.
 * The held-out validation split: `val_size` (120) records drawn with a fixed seed.
 * Per-process reading: `TokenizedSource` tokenises lazily, so a process tokenises only the
-  records of its own shard (the grain pipeline slices ``[process_index::process_count]``).
+  records of its own shard (the grain pipeline slices ``[process_index::process_count]``);
+  from tfds, a process also reads and decodes only the records of its shard.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import os
 from typing import Protocol, Sequence
 
 import numpy as np
+
+from randlora_jax.data import pipeline
 
 TRAIN_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately "
@@ -86,18 +91,71 @@ def read_records(path: str) -> list[dict]:
   return records
 
 
-def split_validation(records: list[dict], val_size: int, seed: int = 42
-                     ) -> tuple[list[dict], list[dict]]:
-  """(train, validation): `val_size` records held out by a fixed-seed shuffle."""
-  if val_size <= 0:
-    return list(records), []
-  if val_size >= len(records):
+def split_validation(records, val_size: int, seed: int = 42):
+  """(train, validation): `val_size` records held out by a fixed-seed shuffle. Lists give
+  lists; a lazy source (`TfdsRecords`) gives two index views of it (nothing is read)."""
+  if val_size >= len(records) and val_size > 0:
     raise DataFormatError(f"{len(records)} records cannot give {val_size} for validation and "
                           "still train on some")
-  order = np.random.default_rng(seed).permutation(len(records))
+  order = np.random.default_rng(seed).permutation(len(records)) if val_size > 0 else None
+  if not isinstance(records, list):
+    if order is None:
+      return records, pipeline.Subset(records, [])
+    val_idx = np.sort(order[:val_size])
+    return (pipeline.Subset(records, np.setdiff1d(np.arange(len(records)), val_idx)),
+            pipeline.Subset(records, val_idx))
+  if val_size <= 0:
+    return list(records), []
   val = set(order[:val_size].tolist())
   return ([r for i, r in enumerate(records) if i not in val],
           [r for i, r in enumerate(records) if i in val])
+
+
+def _text(value) -> str:
+  if isinstance(value, (bytes, np.bytes_)):
+    return value.decode("utf-8")
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    return _text(value.item())
+  return str(value)
+
+
+class TfdsRecords:
+  """A tfds split read as commonsense records: record i is read and decoded when asked,
+  with ``fields`` mapping each commonsense field to the dataset's feature name."""
+
+  def __init__(self, source, fields: dict[str, str]):
+    self.source, self.fields = source, dict(fields)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i) -> dict:
+    if not -len(self) <= int(i) < len(self):
+      raise IndexError(i)
+    raw = self.source[int(i)]
+    return {k: _text(raw[f]) for k, f in self.fields.items()}
+
+
+def tfds_records(name: str, data_dir: str | None, split: str, fields: dict[str, str]
+                 ) -> TfdsRecords:
+  """The split `split` of the prepared tfds dataset `name` as commonsense records. `fields`:
+  commonsense field -> feature name ("" or absent: the field is left out; instruction and
+  output are required)."""
+  fields = {k: v for k, v in fields.items() if v}
+  missing = [k for k in FIELDS if k not in fields]
+  if missing:
+    raise DataFormatError(f"tfds {name!r}: no feature given for {missing}")
+  try:
+    builder = pipeline.get_builder(name, data_dir)
+    source = pipeline.data_source(builder, split)
+  except pipeline.DataError as e:
+    raise DataFormatError(str(e)) from None
+  features = sorted(builder.info.features.keys())
+  absent = {k: f for k, f in fields.items() if f not in features}
+  if absent:
+    raise DataFormatError(f"tfds {name!r} has no feature(s) {absent}; its features are "
+                          f"{features}")
+  return TfdsRecords(source, fields)
 
 
 def tokenize_example(tok: TextTokenizer, record: dict, cutoff: int, mask_prompt: bool = False

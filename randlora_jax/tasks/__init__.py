@@ -1,9 +1,13 @@
 """The task registry: what a run trains on and how it is scored (`config.task`).
 
 A task module provides
+* ``HEADS``: its head parameters (`randlora_jax.methods.TaskHeads`); the methods registry
+  decides from them what trains, and which methods the task cannot train,
 * ``build(config, *, load_pretrained=None, mesh=None) -> setup.Experiment``,
 * ``make_train_step(exp) -> (state, frozen, batch) -> (state, metrics)`` (not jitted),
-* ``make_evaluator(exp) -> evaluator(state) -> {'accuracy', 'loss', 'count'}``,
+* ``make_evaluator(exp, workdir=None) -> evaluator(state) -> {'accuracy', 'loss', 'count'}``
+  (the evaluator may keep files under the run's ``workdir``; with a ``selected_trainable()``
+  method it chooses the trainable partition the run exports, e.g. the best one),
 * optionally ``train_iterator(exp)``: its own resumable batch iterator (default: images);
 the training loop (`randlora_jax.train.loop`) does the rest the same way for every task.
 """

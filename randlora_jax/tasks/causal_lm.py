@@ -4,7 +4,9 @@
 * Model: `models.decoder.Decoder`, from a local HF checkpoint (``model.checkpoint``: weights,
   config and tokenizer.json read offline) or, without one, a random ``lm.preset`` shape with a
   BPE trained on the training file (tests) or the embedded demo's pretrained one.
-* Data: ``lm.train_file`` (JSON / JSONL, commonsense format); ``lm.val_size`` records held out
+* Data: ``lm.train_file`` (JSON / JSONL, commonsense format), or with ``lm.source='tfds'``
+  the ``data.train_split`` of the prepared tfds dataset ``data.name`` (features mapped by
+  ``lm.fields``, read lazily per process); ``lm.val_size`` records held out
   (the paper's 120); the paper's prompts, cutoff, EOS, loss on prompt + response
   (``lm.mask_prompt`` masks the prompt), ``lm.packing`` (data/commonsense.py).
 * Training loss: mean next-token cross-entropy over the weighted tokens.
@@ -14,7 +16,8 @@
   protocol) or 'loglik' (option log-likelihood) over ``lm.eval_dir/<task>/test.json`` for
   each of ``lm.eval_tasks`` (evaluation/commonsense.py). The summary's ``test_accuracy`` is
   the mean over the tasks; ``acc/<task>`` each.
-* Methods: randlora / lora (adapters on ``adapter.targets``), full.
+* Methods: randlora / lora (adapters on ``adapter.targets``, adapter dropout
+  ``adapter.dropout`` in the layers), full; a decoder has no head to probe (methods registry).
 """
 
 from __future__ import annotations
@@ -26,15 +29,13 @@ import json
 import math
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from randlora_jax import adapter as adapter_lib
-from randlora_jax import adapter_dropout
 from randlora_jax import checkpoint as ckpt_lib
-from randlora_jax import optim, sharding
+from randlora_jax import methods, optim, sharding
 from randlora_jax.data import commonsense as data_lib
 from randlora_jax.evaluation import commonsense as eval_lib
 from randlora_jax.models import hf_decoder, lm_tokenizer
@@ -58,7 +59,12 @@ PRESETS = {
     "phi3_mini": lambda vocab: DecoderConfig.phi3_mini(),
     "llama3_8b": lambda vocab: DecoderConfig.llama3_8b(),
 }
-METHODS = ("randlora", "lora", "full")
+HEADS = methods.TaskHeads("causal_lm")  # nothing new, nothing to probe: no method 'head'
+
+
+def trainable_patterns(method: str) -> tuple[str, ...]:
+  """What trains for `method` on a decoder (the registry's rule; bench/llm_step.py uses it)."""
+  return methods.trainable_patterns(method, HEADS)
 
 
 @dataclasses.dataclass
@@ -73,15 +79,9 @@ class LMExperiment(setup_lib.Experiment):
     c = self.config
     fp = {"task": "causal_lm", "method": c.method,
           "model": repr(self.decoder_config.replace(dtype=None, param_dtype=None))}
-    if c.method in ("randlora", "lora"):
+    if methods.get(c.method).adapted:
       fp["adapter"] = c.adapter.to_dict()
     return fp
-
-
-def trainable_patterns(method: str) -> tuple[str, ...]:
-  return {"randlora": (r"randlora_lambda$", r"randlora_gamma$"),
-          "lora": (r"lora_a$", r"lora_b$"),
-          "full": (r".*",)}[method]
 
 
 def linear_schedule(peak: float, total: int, warmup: int, end_fraction: float) -> optax.Schedule:
@@ -91,25 +91,6 @@ def linear_schedule(peak: float, total: int, warmup: int, end_fraction: float) -
   parts = [optax.linear_schedule(0.0, peak, warmup)] if warmup else []
   parts.append(optax.linear_schedule(peak, peak * end_fraction, max(total - warmup, 1)))
   return optax.join_schedules(parts, [warmup]) if warmup else parts[0]
-
-
-def dense_factory(config):
-  """The trainer's layer choice, with adapter dropout (``adapter.dropout``) on the adapted
-  layers when set (active only in training steps: adapter_dropout.py)."""
-  base = setup_lib.dense_factory(config)
-  rate = config.adapter.get("dropout", 0.0)
-  if not rate or config.method not in ("randlora", "lora"):
-    return base
-
-  def pick(name):
-    cls = base(name)
-    if cls is nn.Dense:
-      return cls
-    inner = cls.func if isinstance(cls, functools.partial) else cls
-    kwargs = cls.keywords if isinstance(cls, functools.partial) else {}
-    return functools.partial(adapter_dropout.with_adapter_dropout(inner), dropout=rate, **kwargs)
-
-  return pick
 
 
 def _tokenizer(config, train_records, checkpoint: str):
@@ -145,12 +126,33 @@ def read_eval_tasks(config, eval_dir: str) -> dict[str, list[dict]]:
   return out
 
 
+def read_train_records(config, train_file: str):
+  """(training records, validation records, the data's name) from ``lm.train_file`` (JSON /
+  JSONL) or, with ``lm.source='tfds'``, the prepared tfds split (read lazily: a process reads
+  only the records of its shard)."""
+  lm = config.lm
+  if lm.source == "tfds":
+    dataset = f"tfds:{config.data.name}/{config.data.train_split}"
+  elif not train_file:
+    raise ConfigError("lm.train_file is empty: give a JSON / JSONL file in the commonsense format")
+  else:
+    dataset = train_file
+  try:
+    records = (data_lib.tfds_records(config.data.name, config.data.data_dir or None,
+                                     config.data.train_split, lm.fields.to_dict())
+               if lm.source == "tfds" else data_lib.read_records(train_file))
+    train_records, val_records = data_lib.split_validation(records, lm.val_size)
+  except data_lib.DataFormatError as e:
+    where = "lm.fields / data.name" if lm.source == "tfds" else "lm.train_file"
+    raise ConfigError(f"{where}: {e}") from None
+  return train_records, val_records, dataset
+
+
 def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   """As `setup.build`, for a decoder LM. `load_pretrained(init_params, decoder_config)` may
   replace the parameters (the embedded demo's pretrained decoder)."""
   validate.check_config(config)
-  if config.method not in METHODS:
-    raise ConfigError(f"method={config.method!r} is not one of {list(METHODS)} for task causal_lm")
+  patterns = setup_lib.trainable_patterns(config, HEADS)  # ConfigError for method 'head'
   if mesh is None:
     mesh = sharding.make_mesh(*validate.resolve_mesh(config, jax.device_count()))
   local_batch = validate.check_batch(config, sharding.data_parallel_size(mesh),
@@ -161,19 +163,13 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
     from randlora_jax.tasks import lm_demo  # pylint: disable=g-import-not-at-top
     checkpoint, demo_train, demo_eval = lm_demo.prepare(config)
     train_file, eval_dir = train_file or demo_train, eval_dir or demo_eval
-  if not train_file:
-    raise ConfigError("lm.train_file is empty: give a JSON / JSONL file in the commonsense format")
-  try:
-    records = data_lib.read_records(train_file)
-    train_records, val_records = data_lib.split_validation(records, lm.val_size)
-  except data_lib.DataFormatError as e:
-    raise ConfigError(f"lm.train_file: {e}") from None
+  train_records, val_records, dataset = read_train_records(config, train_file)
   eval_tasks = read_eval_tasks(config, eval_dir)
   tok = _tokenizer(config, train_records, checkpoint)
 
   dtype = jnp.dtype(config.model.dtype)
   remat = "full" if config.model.remat else "none"
-  dense = dense_factory(config)
+  dense = setup_lib.dense_factory(config)
   loaded = None
   if checkpoint:
     try:
@@ -209,7 +205,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   if load_pretrained is not None:
     params = jax.device_put(load_pretrained(params, dcfg), param_sh)
 
-  mask = optim.trainable_mask(params, trainable_patterns(config.method), defaults=False)
+  mask = optim.trainable_mask(params, patterns, defaults=False)
   trainable, frozen = optim.partition(params, mask)
   frozen_sh = jax.tree.map(lambda p, mk: None if mk else p, param_sh, mask)
   trainable_sh = jax.tree.map(lambda p, mk: p if mk else None, param_sh, mask)
@@ -226,15 +222,9 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   tx = step_lib.make_optimizer(schedule, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
   state, state_sh = step_lib.initial_state(tx, trainable, trainable_sh, mesh, rules)
 
-  a = config.adapter
-  adapter_config = {"method": config.method, "targets": list(a.targets), "task": "causal_lm",
-                    "model": dataclasses.asdict(dcfg.replace(dtype=None, param_dtype=None)),
-                    "dataset": train_file}
-  if config.method == "randlora":
-    adapter_config.update(r=a.r, alpha=a.alpha, seed=a.seed, distribution=a.distribution,
-                          sparse_dim=None, dropout=a.dropout)
-  elif config.method == "lora":
-    adapter_config.update(r=a.lora_rank, alpha=a.lora_alpha, dropout=a.dropout)
+  adapter_config = setup_lib.adapter_config(
+      config, "causal_lm", model=dataclasses.asdict(dcfg.replace(dtype=None, param_dtype=None)),
+      dataset=dataset)
 
   return LMExperiment(
       config=config, mesh=mesh, model=model, vit_config=None, frozen=frozen, state=state,
@@ -324,14 +314,22 @@ def merged_params(params, method: str, adapter_config: dict):
 
 class Evaluator:
   """`evaluator(state)`: validation loss at every call; at the last step, the commonsense
-  evaluation of the best (lowest validation loss) state seen."""
+  evaluation of the best (lowest validation loss) state seen.
 
-  def __init__(self, exp: LMExperiment):
+  With a `workdir`, the best state is also written to ``<workdir>/best`` whenever the
+  validation loss improves (`checkpoint.BestCheckpoint`), and a restarted run starts from it:
+  the final evaluation and the exports use the best of the whole run, restarts included."""
+
+  def __init__(self, exp: LMExperiment, workdir: str | None = None):
     self.exp = exp
     c = exp.config
     model = exp.model
     rep = sharding.replicated(exp.mesh)
     self.best = None  # (val loss, step, host copy of the trainable partition)
+    self.saved = ckpt_lib.BestCheckpoint(os.path.join(workdir, "best")) if workdir else None
+    # laid out now: the loop donates exp.state to the first step
+    self._target = ckpt_lib.abstract(exp.state.trainable, exp.state_shardings.trainable)
+    self._restored = self.saved is None
 
     def val_step(trainable, frozen, batch):
       params = optim.combine(trainable, frozen)
@@ -360,15 +358,30 @@ class Evaluator:
     n = max(tot["count"], 1.0)
     return {"val_loss": tot["loss"] / n, "val_token_accuracy": tot["correct"] / n}
 
+  def _restore(self, step: int) -> None:
+    """The best a previous process of this run saved (not one from after `step`)."""
+    self._restored = True
+    tree = self.saved.load(self._target, self.exp.fingerprint, max_step=step)
+    if tree is not None:
+      self.best = (self.saved.loss, self.saved.step, jax.device_get(tree))
+
   def __call__(self, state) -> dict[str, float]:
     val = self.validation(state)
     step = int(state.step)
     loss = val["val_loss"]
+    if not self._restored:
+      self._restore(step)
     if self.best is None or (math.isfinite(loss) and not loss >= self.best[0]):
       self.best = (loss, step, jax.device_get(state.trainable))
+      if self.saved is not None:
+        self.saved.offer(loss, step, state.trainable, self.exp.fingerprint)
     if step < self.exp.total_steps:
       return {**val, "accuracy": val["val_token_accuracy"], "loss": loss, "count": 0.0}
     return {**val, **self.final(), "best_step": float(self.best[1]), "loss": loss}
+
+  def selected_trainable(self):
+    """What the run exports: the best state's trainable partition (host arrays)."""
+    return None if self.best is None else self.best[2]
 
   def final(self) -> dict[str, float]:
     """The commonsense scores of the best state: merged weights, the configured protocol."""
@@ -385,8 +398,8 @@ class Evaluator:
     return res
 
 
-def make_evaluator(exp: LMExperiment):
-  return Evaluator(exp)
+def make_evaluator(exp: LMExperiment, workdir: str | None = None):
+  return Evaluator(exp, workdir)
 
 
 __all__ = ["LMExperiment", "build", "make_evaluator", "make_train_step", "train_iterator",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from randlora_jax import methods
 from randlora_jax.train import evaluate as eval_lib
 from randlora_jax.train import setup as setup_lib
 from randlora_jax.train import step as step_lib
 
+HEADS = methods.CLASSIFIER_HEADS  # the head is new (trains with every method) and the probe
 build = setup_lib.build
 
 
@@ -14,5 +16,5 @@ def make_train_step(exp):
   return step_lib.make_train_step(exp.model, exp.tx, c.model.normalization, c.seed)
 
 
-def make_evaluator(exp):
+def make_evaluator(exp, workdir=None):  # pylint: disable=unused-argument
   return eval_lib.Evaluator(exp)

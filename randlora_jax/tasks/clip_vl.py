@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from randlora_jax import data, lora, optim, sharding
+from randlora_jax import data, methods, optim, sharding
 from randlora_jax.models import clip as clip_lib
 from randlora_jax.models import loading
 from randlora_jax.models import tokenizer as tok_lib
@@ -54,11 +54,9 @@ class CLIPExperiment(setup_lib.Experiment):
     return fp
 
 
-def trainable_patterns(method: str) -> tuple[str, ...]:
-  return {"randlora": (r"randlora_lambda$", r"randlora_gamma$"),
-          "lora": (r"lora_a$", r"lora_b$"),
-          "full": (r".*",),
-          "head": (r"(^|/)(visual_projection|text_projection)/",)}[method]
+# Nothing is new for the task (the prompts replace a classifier); a probe trains the two
+# projections.
+HEADS = methods.TaskHeads("clip_vl", probe=(r"(^|/)(visual_projection|text_projection)/",))
 
 
 def class_names(config) -> list[str]:
@@ -140,6 +138,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
   may replace the parameters (None: `config.model.checkpoint`, the embedded pretrained
   tiny CLIP when `config.clip.pretrain.enabled`, or the random init)."""
   validate.check_config(config)
+  patterns = setup_lib.trainable_patterns(config, HEADS)
   if mesh is None:
     mesh = sharding.make_mesh(*validate.resolve_mesh(config, jax.device_count()))
   local_batch = validate.check_batch(config, sharding.data_parallel_size(mesh),
@@ -179,7 +178,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
   images = jnp.zeros((1, ccfg.vision.image_size, ccfg.vision.image_size,
                       ccfg.vision.num_channels), jnp.float32)
   ids = jnp.asarray(class_tokens[:1])
-  plain_abstract = jax.eval_shape(lambda: clip_lib.CLIP(ccfg, lora.dense_factory("full")).init(
+  plain_abstract = jax.eval_shape(lambda: clip_lib.CLIP(ccfg, methods.dense_factory("full")).init(
       jax.random.key(0), images, ids))["params"]
   setup_lib.check_targets(config, plain_abstract)
 
@@ -196,7 +195,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
     params = load_pretrained(params, ccfg)
   params = jax.device_put(params, param_sh)
 
-  mask = optim.trainable_mask(params, trainable_patterns(config.method), defaults=False)
+  mask = optim.trainable_mask(params, patterns, defaults=False)
   trainable, frozen = optim.partition(params, mask)
   frozen_sh = jax.tree.map(lambda p, m: None if m else p, param_sh, mask)
   trainable_sh = jax.tree.map(lambda p, m: p if m else None, param_sh, mask)
@@ -208,17 +207,10 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
                                grad_clip=config.optim.grad_clip)
   state, state_sh = step_lib.initial_state(tx, trainable, trainable_sh, mesh)
 
-  a = config.adapter
   strip = lambda cfg: dataclasses.asdict(cfg.replace(dtype=None, param_dtype=None))
-  adapter_config = {"method": config.method, "targets": list(a.targets), "task": "clip_vl",
-                    "model": {"vision": strip(ccfg.vision), "text": strip(ccfg.text)},
-                    "dataset": config.data.name, "num_classes": num_classes,
-                    "prompts": prompts}
-  if config.method == "randlora":
-    adapter_config.update(r=a.r, alpha=a.alpha, seed=a.seed, distribution=a.distribution,
-                          sparse_dim=None)
-  elif config.method == "lora":
-    adapter_config.update(r=a.lora_rank, alpha=a.lora_alpha)
+  adapter_config = setup_lib.adapter_config(
+      config, "clip_vl", model={"vision": strip(ccfg.vision), "text": strip(ccfg.text)},
+      dataset=config.data.name, num_classes=num_classes, prompts=prompts)
 
   return CLIPExperiment(
       config=config, mesh=mesh, model=model, vit_config=ccfg.vision, frozen=frozen, state=state,
@@ -309,5 +301,5 @@ class Evaluator:
             "count": totals["count"]}
 
 
-def make_evaluator(exp: CLIPExperiment) -> Evaluator:
+def make_evaluator(exp: CLIPExperiment, workdir=None) -> Evaluator:  # pylint: disable=unused-argument
   return Evaluator(exp)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-METHODS = ("randlora", "lora", "full", "head")
+from randlora_jax.methods import METHODS  # noqa: F401  (the registry's names)
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "classification"   # classification | clip_vl | causal_lm (randlora_jax.tasks.TASKS)
-  c.method = "randlora"       # randlora | lora | full | head (linear probe)
+  c.method = "randlora"       # randlora | lora | full | head (randlora_jax.methods.REGISTRY)
   c.methods = ()              # non-empty: train each of these in turn, then print a table
   c.seed = 0
 
@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.adapter.distribution = "uniform"
   c.adapter.lora_rank = 32
   c.adapter.lora_alpha = 64.0
-  c.adapter.dropout = 0.0     # adapter-input dropout (PEFT randlora_dropout); task causal_lm
+  c.adapter.dropout = 0.0     # adapter-input dropout (PEFT randlora_dropout), in training steps
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic_shapes/left_shape"
@@ -108,7 +108,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.lm.preset = "tiny"        # no checkpoint: tiny | qwen2_0_5b | phi3_mini | llama3_8b
   c.lm.tokenizer = ""         # directory with tokenizer.json ("": model.checkpoint's, or a BPE)
   c.lm.vocab_size = 512       # the BPE trained on the training file when there is no tokenizer
+  c.lm.source = "json"        # json: lm.train_file | tfds: data.name's data.train_split
   c.lm.train_file = ""        # JSON list or JSONL: instruction, input, output, answer
+  # lm.source=tfds: the feature holding each commonsense field ("": none; input and answer
+  # are optional)
+  c.lm.fields = ml_collections.ConfigDict(dict(instruction="instruction", input="input",
+                                               output="output", answer="answer"))
   c.lm.val_size = 120         # records held out for the validation loss (best state kept)
   c.lm.cutoff = 256           # tokens per example (EOS appended when it fits)
   c.lm.mask_prompt = False    # True: loss on the response only (the paper trains on both)

@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from randlora_jax import checkpoint as ckpt_lib
-from randlora_jax import data, optim, sharding, tasks
+from randlora_jax import data, methods, optim, sharding, tasks
 from randlora_jax.train import metrics as metrics_lib
 from randlora_jax.train import preemption
 from randlora_jax.train import setup as setup_lib
@@ -65,7 +65,7 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
                        in_shardings=(exp.state_shardings, exp.frozen_shardings, batch_sh),
                        out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
                        donate_argnums=(0,))
-  evaluator = task.make_evaluator(exp)
+  evaluator = task.make_evaluator(exp, workdir=workdir)
 
   # ---- resume
   state = exp.state
@@ -170,14 +170,17 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
   # Host copies for the exports and the checksum; collective, so every process takes part.
   host_trainable = to_host(state.trainable)
   summary["trainable_sha256"] = checksum(host_trainable)
+  # A task may export another state than the last (causal_lm: the best by validation loss).
+  selected = getattr(evaluator, "selected_trainable", lambda: None)()
+  export_trainable = host_trainable if selected is None else selected
   # Orbax saves are collective (every process enters them; process 0 writes host arrays).
   exports = os.path.join(workdir, "export")
   try:
-    if config.export.adapter and config.method in ("randlora", "lora", "head"):
+    if config.export.adapter and methods.get(config.method).exports_adapter:
       summary["adapter_bytes"] = ckpt_lib.export_adapter(
-          os.path.join(exports, "adapter"), host_trainable, exp.adapter_config)
+          os.path.join(exports, "adapter"), export_trainable, exp.adapter_config)
     if config.export.merged:
-      params = optim.combine(host_trainable, to_host(exp.frozen))
+      params = optim.combine(export_trainable, to_host(exp.frozen))
       summary["merged_bytes"] = ckpt_lib.export_merged(
           os.path.join(exports, "merged"), params, config.method, exp.adapter_config)
   except Exception as e:  # noqa: BLE001  (a full disk, a read-only directory, ...)

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from randlora_jax import data, lora, optim, sharding
+from randlora_jax import data, methods, optim, sharding
 from randlora_jax.models import ViT, ViTConfig
 from randlora_jax.train import step as step_lib
 from randlora_jax.train import validate
@@ -57,11 +57,10 @@ class Experiment:
 def fingerprint(config, vit_config: ViTConfig) -> dict:
   """What fixes the checkpointed shapes and their meaning: must match to resume."""
   fp = {"method": config.method, "model": repr(vit_config.replace(dtype=None, remat=False))}
-  if config.method in ("randlora", "lora"):
-    a = config.adapter
-    fp["targets"] = list(a.targets)
-    fp["adapter"] = (dict(r=a.r, alpha=a.alpha, seed=a.seed, distribution=a.distribution)
-                     if config.method == "randlora" else dict(r=a.lora_rank, alpha=a.lora_alpha))
+  m = methods.get(config.method)
+  if m.adapted:
+    fp["targets"] = list(config.adapter.targets)
+    fp["adapter"] = m.fingerprint(config.adapter)
   return fp
 
 
@@ -87,31 +86,32 @@ def vit_config(config, num_classes: int, loaded: ViTConfig | None = None) -> ViT
     raise ConfigError(f"model: {e}") from None
 
 
-def dense_factory(config, mesh: jax.sharding.Mesh | None = None) -> Callable[[str], Any]:
-  """The Dense class per layer name. RandLoRA layers get the run's `mesh`, so each computes
-  per device and communicates only its adapter gradients (`randlora_jax.layers`)."""
-  a = config.adapter
-  if config.method == "randlora":
-    return lora.dense_factory("randlora", a.targets, r=a.r, alpha=a.alpha, seed=a.seed,
-                              distribution=a.distribution, mesh=mesh)
-  if config.method == "lora":
-    return lora.dense_factory("lora", a.targets, r=a.lora_rank, alpha=a.lora_alpha)
-  return lora.dense_factory(config.method)
+dense_factory = methods.config_dense_factory  # the Dense class per layer name
 
 
-def trainable_patterns(method: str) -> tuple[str, ...]:
-  """Regexes on parameter paths that train. The head is new for the task: always trained."""
-  head = r"^head/"
-  return {"randlora": (r"randlora_lambda$", r"randlora_gamma$", head),
-          "lora": (r"lora_a$", r"lora_b$", head),
-          "full": (r".*",),
-          "head": (head,)}[method]
+def trainable_patterns(config, heads: methods.TaskHeads) -> tuple[str, ...]:
+  """Regexes on parameter paths that train (the registry's rule for the task's heads); a
+  method the task cannot train is a ConfigError naming those it can."""
+  try:
+    return methods.trainable_patterns(config.method, heads)
+  except methods.MethodError as e:
+    raise ConfigError(str(e)) from None
+
+
+def adapter_config(config, task: str | None = None, **fields) -> dict:
+  """An export's adapter_config.json: the method's part (registry) and the task's `fields`."""
+  out = methods.adapter_config(config)
+  if task is not None:
+    out["task"] = task
+  out.update(fields)
+  return out
 
 
 def check_targets(config, plain_abstract) -> None:
   """Each target regex must name at least one Dense layer, and each targeted layer must be
   at least as wide as the rank (RandLoRA's r <= min(in, out), LoRA's likewise)."""
-  if config.method not in ("randlora", "lora"):
+  method = methods.get(config.method)
+  if not method.adapted:
     return
   kernels = {}  # layer name -> kernel shapes (scanned layers share a name)
   for path, leaf in jax.tree_util.tree_flatten_with_path(plain_abstract)[0]:
@@ -121,8 +121,8 @@ def check_targets(config, plain_abstract) -> None:
   if not config.adapter.targets:
     raise ConfigError(f"method {config.method!r} needs adapter.targets; layers are "
                       f"{sorted(kernels)}")
-  rank = config.adapter.r if config.method == "randlora" else config.adapter.lora_rank
-  rank_name = "adapter.r" if config.method == "randlora" else "adapter.lora_rank"
+  rank = config.adapter[method.rank_arg]
+  rank_name = f"adapter.{method.rank_arg}"
   for target in config.adapter.targets:
     names = [n for n in kernels if re.search(target, n)]
     if not names:
@@ -139,9 +139,9 @@ def zero_shot_kernel(config, vcfg: ViTConfig):
   """The frozen zero-shot head of a vision-only CLIP run (`model.zero_shot_head`), from the
   text tower of the CLIPModel checkpoint and the dataset's class names."""
   from randlora_jax.models import clip as clip_lib, tokenizer as tok_lib
-  if config.method == "head":
-    raise ConfigError("method 'head' with model.zero_shot_head: the head is frozen, nothing "
-                      "would train")
+  if methods.get(config.method).trains_probe:
+    raise ConfigError(f"method {config.method!r} with model.zero_shot_head: the head is "
+                      "frozen, nothing would train")
   if not config.model.checkpoint or not vcfg.projection_dim:
     raise ConfigError("model.zero_shot_head needs model.checkpoint = a CLIPModel directory "
                       "(both towers and the projections)")
@@ -211,7 +211,7 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
     vcfg = vcfg.replace(normalize_features=True)
   dummy = jnp.zeros((1, vcfg.image_size, vcfg.image_size, vcfg.num_channels), jnp.float32)
   plain_abstract = jax.eval_shape(
-      lambda: ViT(vcfg, lora.dense_factory("full")).init(jax.random.key(0), dummy))["params"]
+      lambda: ViT(vcfg, methods.dense_factory("full")).init(jax.random.key(0), dummy))["params"]
   check_targets(config, plain_abstract)
 
   model = ViT(vcfg, dense_factory(config, mesh))
@@ -226,11 +226,12 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
       raise ConfigError(str(e)) from None
   if load_pretrained is not None:
     params = load_pretrained(params, vcfg)
-  patterns = trainable_patterns(config.method)
+  heads = methods.CLASSIFIER_HEADS
   if zero_shot is not None:  # the head is CLIP's text tower's: installed, frozen
     params = dict(params, head={"kernel": jnp.asarray(zero_shot),
                                 "bias": jnp.zeros((num_classes,), jnp.float32)})
-    patterns = tuple(p for p in patterns if p != r"^head/")
+    heads = dataclasses.replace(heads, new=())
+  patterns = trainable_patterns(config, heads)
   params = jax.device_put(params, param_sh)
 
   mask = optim.trainable_mask(params, patterns, defaults=False)
@@ -246,15 +247,9 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
                                grad_clip=config.optim.grad_clip)
   state, state_sh = step_lib.initial_state(tx, trainable, trainable_sh, mesh)
 
-  a = config.adapter
-  adapter_config = {"method": config.method, "targets": list(a.targets),
-                    "model": dataclasses.asdict(vcfg.replace(dtype=None, param_dtype=None)),
-                    "dataset": config.data.name, "num_classes": num_classes}
-  if config.method == "randlora":
-    adapter_config.update(r=a.r, alpha=a.alpha, seed=a.seed, distribution=a.distribution,
-                          sparse_dim=None)
-  elif config.method == "lora":
-    adapter_config.update(r=a.lora_rank, alpha=a.lora_alpha)
+  exported = adapter_config(
+      config, model=dataclasses.asdict(vcfg.replace(dtype=None, param_dtype=None)),
+      dataset=config.data.name, num_classes=num_classes)
 
   return Experiment(
       config=config, mesh=mesh, model=model, vit_config=vcfg, frozen=frozen, state=state,
@@ -262,4 +257,4 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
       train_source=train_src, test_source=test_src, num_classes=num_classes,
       total_steps=steps, local_batch_size=local_batch,
       trainable_count=optim.count(params, mask), total_count=optim.count(params),
-      adapter_config=adapter_config)
+      adapter_config=exported)

@@ -26,7 +26,7 @@ from randlora_jax.data import NORMALIZATION
 from randlora_jax.models.clip import PRESETS as CLIP_PRESETS
 from randlora_jax.models.vit import FAMILIES, ViTConfig
 from randlora_jax.tasks import TASKS
-from randlora_jax.train.config import METHODS
+from randlora_jax.methods import METHODS
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -255,7 +255,12 @@ register(
     _field("lm.preset", one_of(LM_PRESETS)),
     _field("lm.tokenizer", text()),
     _field("lm.vocab_size", integer(260)),  # a byte-level BPE holds 256 bytes + specials
+    _field("lm.source", one_of(("json", "tfds"))),
     _field("lm.train_file", text()),
+    _field("lm.fields.instruction", text(nonempty=True)),
+    _field("lm.fields.input", text()),
+    _field("lm.fields.output", text(nonempty=True)),
+    _field("lm.fields.answer", text()),
     _field("lm.val_size", integer(0)),
     _field("lm.cutoff", integer(8)),
     _field("lm.mask_prompt", boolean()),
