@@ -56,6 +56,7 @@ BAD_VALUES = [
     ("lm.max_eval_examples", -1), ("lm.eval_mode", "beam"), ("lm.eval_batch_size", 0),
     ("lm.num_beams", 0), ("lm.max_new_tokens", 0), ("lm.pretrain.enabled", "yes"),
     ("lm.pretrain.steps", 0), ("lm.pretrain.batch_size", 0), ("lm.pretrain.lr", 0.0),
+    ("lm.pretrain.questions", -1),
 ]
 
 
