@@ -10,6 +10,7 @@ tokens/s = batch * seq / median. Memory, measured the same way in every child: t
 peak RSS, and the training steps' growth (peak RSS after the steps minus the RSS before the
 first step: activations, gradients, optimizer state, workspace). Ours also reports the compiled
 step's XLA plan (arguments + outputs + temporaries - aliased), which PEFT has no analogue of.
+Ours also prints XLA's flop count of the compiled step (`cost_analysis`) and the rate achieved.
 Decode: greedy, `--decode` new tokens after a 32-token prompt on the merged weights (ours:
 randlora_jax.generate, jitted loop with a KV cache; transformers: `generate` of the PEFT model
 after `merge_and_unload`), median of 3 after one warm-up call.
@@ -93,6 +94,8 @@ def ours(a) -> dict:
   m = compiled.memory_analysis()
   plan = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
           - m.alias_size_in_bytes) if m is not None else float("nan")
+  cost = compiled.cost_analysis()  # XLA's own count: where a step's time should go
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   state = [trainable, opt]
 
   def one_step():
@@ -103,6 +106,7 @@ def ours(a) -> dict:
   times = timed(one_step, a.warmup, a.steps)
   out = {"step_s": common.spread(times)[0], "times": times, "peak_rss_mib": common.peak_rss_mib(),
          "growth_mib": common.peak_rss_mib() - before, "xla_plan_mib": plan / 2**20,
+         "gflop": (cost or {}).get("flops", float("nan")) / 1e9,
          "trainable": optim.count(params, mask)}
   if a.method == "randlora" and a.decode:  # decode speed on merged weights (plain decoder)
     from randlora_jax.tasks.causal_lm import merged_params
@@ -199,6 +203,10 @@ def main():
                                "peak RSS MiB", "RSS growth in steps MiB", "XLA plan MiB",
                                "decode tokens/s"], rows))
   ok = lambda m: m in res and "error" not in res[m]
+  for m in ("randlora", "lora", "full"):
+    if ok(m):
+      print(f"ours {m}: XLA counts {res[m]['gflop']:.1f} GFLOP a step, "
+            f"{res[m]['gflop'] / res[m]['step_s']:.1f} GFLOP/s achieved")
   if ok("randlora") and ok("lora"):
     print(f"ours RandLoRA/LoRA step time: {res['randlora']['step_s'] / res['lora']['step_s']:.2f}")
   if ok("peft_randlora") and ok("peft_lora"):
