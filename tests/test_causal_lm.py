@@ -45,6 +45,28 @@ def test_prompts_have_the_papers_exact_whitespace():
   assert data_lib.eval_prompt(RECORD) == evaluation
 
 
+def test_demo_bpe_gives_the_eval_prompt_the_training_texts_tokens(tmp_path):
+  """The BPE trained here (the demo's, the tests'): the training text splits into the prompt's
+  tokens then the response's (no token straddles "### Response:\n<16 spaces>" and the answer),
+  and the evaluation prompt's text from the instruction's end to the answer, which differs from
+  the training prompt's only in spaces and newlines, uses only tokens the training texts
+  contain (a model fine-tuned on them has seen every one)."""
+  from randlora_jax.models import lm_tokenizer
+  recs = synth.records(60, seed=0)
+  tok = lm_tokenizer.train_bpe([data_lib.train_prompt(r) for r in recs], 512, tmp_path)  # demo's
+  seen = {i for r in recs for i in tok.encode(data_lib.train_prompt(r))}
+  for r in recs[:6]:
+    text = data_lib.train_prompt(r)
+    cut = text.rindex(r["output"])
+    assert tok.encode(text) == tok.encode(text[:cut]) + tok.encode(r["output"])
+    assert tok.encode(data_lib.eval_prompt(r))[-3:] == tok.encode(text[:cut])[-3:]
+    prompt = data_lib.eval_prompt(r)
+    tail = prompt[prompt.rindex(r["instruction"]) + len(r["instruction"]):]  # to the answer
+    assert tok.encode(prompt)[-len(tok.encode(tail)):] == tok.encode(tail)
+    assert set(tok.encode(tail)) <= seen
+    assert tok.decode(tok.encode(text)) == text
+
+
 def test_cutoff_eos_and_prompt_mask():
   tok = CharTokenizer()
   full = data_lib.train_prompt(RECORD)

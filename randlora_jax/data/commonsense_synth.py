@@ -1,11 +1,14 @@
 """An embedded, generated commonsense-style data set in the paper's record format (no
-download possible here), and a plain-text corpus of the same facts for pretraining.
+download possible here), and the pretraining text about the same facts.
 
-Facts: things with a kind (animal / fruit / tool), a size rank and, for tools, a use. Tasks
-(named after the paper's whose answer format they copy):
-* ``boolq``: "Is a {x} bigger than a {y}?" -> true / false;
-* ``piqa``: a goal and two solutions (the right tool and a wrong one) -> solution1 / solution2;
-* ``ARC-Easy``: "Which of these is a(n) {kind}?" with four things -> answer1..answer4.
+Facts: things with a kind (animal / fruit / tool), a size rank and, for tools, a use.
+Fine-tuning tasks (named after the paper's whose answer format they copy):
+* ``boolq``: "Is a {x} a(n) {kind}?" -> true / false (half of each);
+* ``piqa``: a goal and two solutions (the right tool and a wrong thing) -> solution1 / solution2;
+* ``ARC-Easy``: "What kind of thing is a {x}?" with the three kinds listed -> answer1..answer3.
+Pretraining text (`corpus`, `questions`): the facts as sentences and as open questions whose
+answers name things, never the tasks' labels. A 64-wide, 2-layer decoder fine-tuned for a few
+hundred steps learns ARC-Easy and piqa well above chance, boolq (a kind comparison) barely.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ USES = {"needle": "sew a shirt", "spoon": "eat soup", "knife": "cut bread",
         "hammer": "drive a nail", "broom": "sweep the floor", "ladder": "reach the roof"}
 KINDS = ("animal", "fruit", "tool")
 TASKS = ("boolq", "piqa", "ARC-Easy")
+VERSION = 2  # of the generated texts: part of the demo's cache key
 
 
 def _article(word: str) -> str:
@@ -51,6 +55,41 @@ def corpus(seed: int = 0, n: int = 3000) -> list[str]:
   return out
 
 
+def questions(n: int, seed: int) -> list[dict]:
+  """The same facts asked as open questions in the paper's record format (what the base
+  model reads as instruction-formatted text): the kind of a thing, the bigger of two, the
+  tool for a use, the thing of a kind in a list. Answers name the thing; the fine-tuning
+  tasks' answers are labels (true/false, solutionN, answerN), so fine-tuning still has to
+  teach the multiple-choice formats."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    (a, ka, sa), (b, _, sb) = (THINGS[j] for j in rng.choice(len(THINGS), 2, replace=False))
+    q = i % 4
+    if q == 0:
+      out.append(_qa(f"What kind of thing is {_article(a)} {a}?", ka))
+    elif q == 1 and sa != sb:
+      out.append(_qa(f"Which is bigger: {_article(a)} {a} or {_article(b)} {b}?",
+                     a if sa > sb else b))
+    elif q == 2:
+      tool = list(USES)[rng.integers(len(USES))]
+      out.append(_qa(f"What do you use to {USES[tool]}?", tool))
+    else:
+      kind = KINDS[rng.integers(len(KINDS))]
+      right = [t[0] for t in THINGS if t[1] == kind]
+      wrong = [t[0] for t in THINGS if t[1] != kind]
+      listed = [right[rng.integers(len(right))]] + list(rng.choice(wrong, 3, replace=False))
+      listed = [listed[j] for j in rng.permutation(4)]
+      out.append(_qa(f"Which of these is {_article(kind)} {kind}: {', '.join(listed)}?",
+                     next(x for x in listed if x in right)))
+  return out
+
+
+def _qa(instruction: str, answer: str) -> dict:
+  return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}",
+          "answer": answer}
+
+
 def _record(task: str, instruction: str, answer: str) -> dict:
   return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}",
           "answer": answer, "task": task}
@@ -58,12 +97,10 @@ def _record(task: str, instruction: str, answer: str) -> dict:
 
 def example(task: str, rng: np.random.Generator) -> dict:
   if task == "boolq":
-    while True:
-      (a, _, sa), (b, _, sb) = (THINGS[i] for i in rng.choice(len(THINGS), 2, replace=False))
-      if sa != sb:
-        break
-    return _record(task, f"Is {_article(a)} {a} bigger than {_article(b)} {b}?\n\n"
-                   "Answer format: true/false", "true" if sa > sb else "false")
+    a, ka, _ = THINGS[rng.integers(len(THINGS))]
+    kind = ka if rng.integers(2) else [k for k in KINDS if k != ka][rng.integers(len(KINDS) - 1)]
+    return _record(task, f"Is {_article(a)} {a} {_article(kind)} {kind}?\n\n"
+                   "Answer format: true/false", "true" if kind == ka else "false")
   if task == "piqa":
     tools = list(USES)
     right = tools[rng.integers(len(tools))]
@@ -75,16 +112,11 @@ def example(task: str, rng: np.random.Generator) -> dict:
                    f"Solution2: use {_article(sols[1])} {sols[1]}\n\n"
                    "Answer format: solution1/solution2", f"solution{first + 1}")
   if task == "ARC-Easy":
-    kind = KINDS[rng.integers(len(KINDS))]
-    right = [t[0] for t in THINGS if t[1] == kind]
-    wrong = [t[0] for t in THINGS if t[1] != kind]
-    choices = [right[rng.integers(len(right))]] + list(rng.choice(wrong, 3, replace=False))
-    order = rng.permutation(4)
-    choices = [choices[i] for i in order]
-    k = int(np.argmin(order)) + 1
-    listed = " ".join(f"Answer{i + 1}: {c}" for i, c in enumerate(choices))
-    return _record(task, f"Question: Which of these is {_article(kind)} {kind}?\n\n{listed}\n\n"
-                   "Answer format: answer1/answer2/answer3/answer4", f"answer{k}")
+    a, ka, _ = THINGS[rng.integers(len(THINGS))]
+    listed = " ".join(f"Answer{i + 1}: {k}" for i, k in enumerate(KINDS))
+    labels = "/".join(f"answer{i + 1}" for i in range(len(KINDS)))
+    return _record(task, f"Question: What kind of thing is {_article(a)} {a}?\n\n{listed}\n\n"
+                   f"Answer format: {labels}", f"answer{KINDS.index(ka) + 1}")
   raise ValueError(f"unknown task {task!r}; known: {TASKS}")
 
 

@@ -13,6 +13,7 @@ import os
 from typing import Iterable, Sequence
 
 SPECIALS = ("<pad>", "<eos>")  # ids 0, 1 of a BPE trained here
+BPE_VERSION = "word-space"  # the pre-tokenizer of `train_bpe`: part of every cache key
 
 
 class LMTokenizer:
@@ -65,11 +66,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int, directory: str | os.PathLik
   from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
   tok = Tokenizer(models.BPE())
-  # Whitespace runs are tokens of their own (GPT-2's rule glues one space to the next word):
-  # the paper's evaluation prompt ends in spaces where the training text continues with the
-  # answer, so a glued space would make the answer's first token one never seen after it.
+  # Pieces: each newline; a word with at most ONE leading space; any other run of spaces.
+  # (GPT-2's rule instead glues the last space of a run to the next word: the paper's
+  # evaluation prompt ends in 16 spaces where the training text continues with the answer,
+  # so the answer's first token would be one never seen after the prompt.) The evaluation
+  # prompt differs from the training prompt only in newlines and spaces, which this keeps
+  # as tokens the training text has too.
   tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated"),
+      pre_tokenizers.Split(Regex(r"\n| ?[^\s]+|[^\S\n]+"), behavior="isolated"),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),

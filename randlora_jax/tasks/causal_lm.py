@@ -103,7 +103,8 @@ def _tokenizer(config, train_records, checkpoint: str):
       raise ConfigError(f"lm.tokenizer / model.checkpoint {directory!r}: {e}") from None
   # No checkpoint: a BPE over the training texts, cached by content.
   texts = [data_lib.train_prompt(r) for r in train_records]
-  key = hashlib.sha256(json.dumps([lm.vocab_size, texts]).encode()).hexdigest()[:16]
+  key = hashlib.sha256(json.dumps([lm_tokenizer.BPE_VERSION, lm.vocab_size, texts]).encode()
+                       ).hexdigest()[:16]
   cached = os.path.join(TOKENIZER_CACHE, key)
   if os.path.exists(os.path.join(cached, "tokenizer.json")):
     return lm_tokenizer.load(cached)

@@ -126,8 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.lm.num_beams = 4
   c.lm.max_new_tokens = 32
   # Demo only: a tiny decoder pretrained once on an embedded corpus (cached).
+  # questions: instruction-formatted questions about the facts among the pretraining text.
   c.lm.pretrain = ml_collections.ConfigDict(dict(enabled=False, steps=300, batch_size=32,
-                                                 lr=3e-3, cache_dir=""))
+                                                 lr=3e-3, questions=1200, cache_dir=""))
 
   c.export = ml_collections.ConfigDict(dict(adapter=True, merged=False))
   return c

@@ -278,6 +278,7 @@ register(
     _field("lm.pretrain.steps", integer(1)),
     _field("lm.pretrain.batch_size", integer(1)),
     _field("lm.pretrain.lr", number(gt=0)),
+    _field("lm.pretrain.questions", integer(0)),
     _field("lm.pretrain.cache_dir", text()),
 )
 
