@@ -208,8 +208,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
 
   mask = optim.trainable_mask(params, patterns, defaults=False)
   trainable, frozen = optim.partition(params, mask)
-  frozen_sh = jax.tree.map(lambda p, mk: None if mk else p, param_sh, mask)
-  trainable_sh = jax.tree.map(lambda p, mk: p if mk else None, param_sh, mask)
+  trainable_sh, frozen_sh = optim.partition(param_sh, mask)  # the shardings, split alike
 
   source_cls = data_lib.PackedSource if lm.packing else data_lib.TokenizedSource
   try:
@@ -269,16 +268,7 @@ def make_train_step(exp: LMExperiment):
     loss, acc, _ = weighted_lm_loss(logits, batch["input_ids"], _weights(batch))
     return loss, acc
 
-  def train_step(state, frozen, batch):
-    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, frozen, batch,
-                                                                   state.step)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(trainable)}
-    return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
-
-  return train_step
+  return step_lib.train_step_for(loss_fn, tx)
 
 
 def train_iterator(exp: LMExperiment):

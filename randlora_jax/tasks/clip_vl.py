@@ -197,8 +197,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
 
   mask = optim.trainable_mask(params, patterns, defaults=False)
   trainable, frozen = optim.partition(params, mask)
-  frozen_sh = jax.tree.map(lambda p, m: None if m else p, param_sh, mask)
-  trainable_sh = jax.tree.map(lambda p, m: p if m else None, param_sh, mask)
+  trainable_sh, frozen_sh = optim.partition(param_sh, mask)  # the shardings, split alike
 
   steps = config.total_steps or math.ceil(config.num_epochs * len(train_src) / config.batch_size)
   schedule = step_lib.make_schedule(config.optim.lr[config.method], steps,
@@ -242,16 +241,7 @@ def make_train_step(exp: CLIPExperiment):
     accuracy = (labels[jnp.argmax(logits, -1)] == labels).mean()
     return loss, accuracy
 
-  def train_step(state, frozen, batch):
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.trainable, frozen, batch, state.step)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(trainable)}
-    return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
-
-  return train_step
+  return step_lib.train_step_for(loss_fn, tx)
 
 
 class Evaluator:

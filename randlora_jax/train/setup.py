@@ -236,8 +236,7 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
 
   mask = optim.trainable_mask(params, patterns, defaults=False)
   trainable, frozen = optim.partition(params, mask)
-  frozen_sh = jax.tree.map(lambda p, m: None if m else p, param_sh, mask)
-  trainable_sh = jax.tree.map(lambda p, m: p if m else None, param_sh, mask)
+  trainable_sh, frozen_sh = optim.partition(param_sh, mask)  # the shardings, split alike
 
   steps = config.total_steps or math.ceil(config.num_epochs * len(train_src) / config.batch_size)
   lr = config.optim.lr[config.method]

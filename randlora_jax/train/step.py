@@ -62,6 +62,24 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+def train_step_for(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+  """The one optimizer step of every task: `loss_fn(trainable, frozen, batch, step)` ->
+  (loss, accuracy) differentiated w.r.t. the trainable partition, `tx` applied to it;
+  (state, frozen, batch) -> (state, metrics). Not jitted here (the caller adds shardings)."""
+
+  def train_step(state: TrainState, frozen, batch):
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.trainable, frozen, batch, state.step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
+               # Non-finite parameters after the update stop the run before they are saved.
+               "param_norm": optax.tree.norm(trainable)}
+    return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+  return train_step
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, normalization: str,
                     dropout_seed: int = 0) -> Callable:
   """(state, frozen, batch) -> (state, metrics). Not jitted here (the caller adds shardings)."""
@@ -75,17 +93,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, normaliz
     accuracy = (jnp.argmax(logits, -1) == batch["label"]).mean()
     return loss, accuracy
 
-  def train_step(state: TrainState, frozen, batch):
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.trainable, frozen, batch, state.step)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
-               # Non-finite parameters after the update stop the run before they are saved.
-               "param_norm": optax.tree.norm(trainable)}
-    return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
-
-  return train_step
+  return train_step_for(loss_fn, tx)
 
 
 def make_eval_step(model: nn.Module, normalization: str) -> Callable:
