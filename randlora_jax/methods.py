@@ -7,8 +7,8 @@ and train with every method (a classifier head), and those a linear probe trains
 parameter paths that train; a method a task cannot run is refused there, with the reason.
 
 The adapter hyper-parameters travel from ``config.adapter`` to the layer class and to the
-exported adapter_config.json through each method's `layer_args` / `export_args` tables, the
-one place that names them.
+exported adapter_config.json through each method's `layer_args` table, the one place that
+names them: the layer's keywords and the file's keys are the same (`AdapterConfig`'s spelling).
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ class Method:
     trains_probe: only the task's probe parameters train (linear probe).
     exports_adapter: the run's trainable partition is a small adapter worth exporting alone.
     dropout: adapter dropout (``adapter.dropout``) applies to the adapter branch.
-    layer_args: (layer keyword, config.adapter field) pairs given to ``layer``.
+    layer_args: (layer keyword, config.adapter field) pairs given to ``layer``; the keywords
+      are also the keys adapter_config.json records and the checkpoint fingerprint holds.
     layer_extras: keywords of ``layer`` the trainer supplies itself (the run's ``mesh``).
-    export_args: (adapter_config.json key, config.adapter field) pairs the export records.
     export_constants: (key, value) pairs the export records as they are.
     rank_arg: the config.adapter field bounded by min(in, out) of each target.
     description: one line, for listings.
@@ -60,7 +60,6 @@ class Method:
   dropout: bool = False
   layer_args: tuple[tuple[str, str], ...] = ()
   layer_extras: tuple[str, ...] = ()
-  export_args: tuple[tuple[str, str], ...] = ()
   export_constants: tuple[tuple[str, Any], ...] = ()
   rank_arg: str | None = None
   description: str = ""
@@ -81,7 +80,7 @@ class Method:
 
   def export_fields(self, adapter_cfg) -> dict[str, Any]:
     """What adapter_config.json records to rebuild the update (plus dropout, when it applies)."""
-    out = {key: adapter_cfg[field] for key, field in self.export_args}
+    out = self.fingerprint(adapter_cfg)
     out.update(self.export_constants)
     if self.dropout:  # PEFT's randlora_dropout / lora_dropout
       out["dropout"] = float(adapter_cfg.get("dropout", 0.0))
@@ -89,7 +88,7 @@ class Method:
 
   def fingerprint(self, adapter_cfg) -> dict[str, Any]:
     """The hyper-parameters that fix the checkpointed shapes and their meaning."""
-    return {key: adapter_cfg[field] for key, field in self.export_args}
+    return {key: adapter_cfg[field] for key, field in self.layer_args}
 
 
 _HEAD = r"^head/"
@@ -99,14 +98,11 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            dropout=True,
            layer_args=(("r", "r"), ("alpha", "alpha"), ("seed", "seed"),
                        ("distribution", "distribution")), layer_extras=("mesh",),
-           export_args=(("r", "r"), ("alpha", "alpha"), ("seed", "seed"),
-                        ("distribution", "distribution")),
            export_constants=(("sparse_dim", None),),
            rank_arg="r", description="RandLoRA on the targets (lambda, gamma train)"),
     Method("lora", layer=LoraDense, adapter_leaves=(r"lora_a$", r"lora_b$"),
            exports_adapter=True, dropout=True,
            layer_args=(("r", "lora_rank"), ("alpha", "lora_alpha")),
-           export_args=(("r", "lora_rank"), ("alpha", "lora_alpha")),
            rank_arg="lora_rank", description="LoRA on the targets (A, B train)"),
     Method("full", trains_all=True, description="every parameter trains"),
     Method("head", trains_new_head=False, trains_probe=True, exports_adapter=True,

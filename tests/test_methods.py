@@ -82,7 +82,7 @@ def test_the_registry_decides_what_trains_on_every_task(task, name):
   # the exported adapter_config holds the registry's hyper-parameters
   exported = methods.adapter_config(config)
   assert exported["method"] == name
-  assert {k: exported[k] for k, _ in method.export_args} == method.fingerprint(config.adapter)
+  assert {k: exported[k] for k, _ in method.layer_args} == method.fingerprint(config.adapter)
 
 
 def test_unknown_method_lists_the_registry():
