@@ -36,6 +36,7 @@ import optax
 from randlora_jax import adapter as adapter_lib
 from randlora_jax import checkpoint as ckpt_lib
 from randlora_jax import methods, optim, sharding
+from randlora_jax import tree as tree_lib
 from randlora_jax.data import commonsense as data_lib
 from randlora_jax.evaluation import commonsense as eval_lib
 from randlora_jax.models import hf_decoder, lm_tokenizer
@@ -290,16 +291,14 @@ def merged_params(params, method: str, adapter_config: dict):
   if method == "lora":
     scale = ckpt_lib.lora_scale(adapter_config)
 
-    def fold(tree):
-      if not hasattr(tree, "items"):
-        return tree
-      if "lora_a" in tree:
-        out = {k: v for k, v in tree.items() if k not in ("lora_a", "lora_b")}
-        out["kernel"] = tree["kernel"] + scale * jnp.matmul(tree["lora_a"], tree["lora_b"])
-        return out
-      return {k: fold(v) for k, v in tree.items()}
+    def fold(_, node):  # matmul batches over the leading layer axis of scanned stacks
+      if "lora_a" not in node:
+        return node
+      out = {k: v for k, v in node.items() if k not in ("lora_a", "lora_b")}
+      out["kernel"] = node["kernel"] + scale * jnp.matmul(node["lora_a"], node["lora_b"])
+      return out
 
-    return jax.jit(fold)(params)
+    return jax.jit(lambda p: tree_lib.map_nodes(p, fold))(params)
   return params
 
 
