@@ -1,9 +1,10 @@
 """Input pipeline: tfds (array_record, no TensorFlow) -> k-shot subset -> grain -> batches.
 
 * Datasets by tfds name and `data_dir`. The embedded `synthetic_shapes/*` datasets are built
-  on first use; any other dataset must already be prepared in the array_record format
-  (`tfds build <name> --file_format=array_record --data_dir=...`), since `tfds.load` and the
-  tfrecord format need TensorFlow.
+  on first use, the archive builders (`archives`) when given their archive directory; any
+  other dataset must already be prepared in the array_record format (the error names the
+  command: `vl_datasets.VLDataset.prepare_command`), since `tfds.load` and the tfrecord format
+  need TensorFlow. Splits may be tfds slices ("train[:80%]").
 * k-shot: `k` examples per class, drawn with a fixed seed, identical on every process.
 * Per-process sharding: process p of n reads records p, p+n, p+2n, ... of the (subset) split.
 * Preprocessing on the host in numpy/PIL (random-resized-crop + optional flip for training,
@@ -55,10 +56,13 @@ def _file_lock(path: str):
 def get_builder(name: str, data_dir: str | None = None, source_dir: str | None = None):
   """The tfds builder of `name` ('dataset' or 'dataset/config'), prepared on first use if it
   is embedded or one of the real datasets of `real` (Fashion-MNIST's IDX files are read
-  from `source_dir`, see `real.source_dir_for`)."""
+  from `source_dir`, see `real.source_dir_for`), or one of `archives` given its extracted
+  archive in `source_dir`."""
   import tensorflow_datasets as tfds
+  from randlora_jax.data import archives  # noqa: F401  registers gtsrb, country211, ...
   from randlora_jax.data import real  # registers `sklearn_digits`, `fashion_mnist_idx`
   from randlora_jax.data import synthetic  # noqa: F401  registers `synthetic_shapes`
+  from randlora_jax.data import vl_datasets
 
   data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
   try:
@@ -68,15 +72,19 @@ def get_builder(name: str, data_dir: str | None = None, source_dir: str | None =
                     f"\n(embedded datasets: {EMBEDDED}/shapes, {EMBEDDED}/left_shape; "
                     f"real: {', '.join(real.NAMES)})") from None
   if not _is_prepared(builder):
-    if not (name.startswith(EMBEDDED) or name in real.NAMES):
-      raise DataError(
-          f"dataset {name!r} is not prepared in {data_dir} in the array_record format; run "
-          f"`tfds build {name} --file_format=array_record --data_dir={data_dir}` first")
+    buildable = name.startswith(EMBEDDED) or name in real.NAMES or (
+        name in archives.NAMES and source_dir)
+    if not buildable:
+      entry = vl_datasets.find(name)
+      command = (entry.prepare_command(data_dir) if entry else
+                 vl_datasets.TFDS_COMMAND.format(name=name, data_dir=data_dir))
+      raise DataError(f"dataset {name!r} is not prepared in {data_dir} in the array_record "
+                      f"format; run `{command}` first")
     with _file_lock(os.path.join(data_dir, f".{name.replace('/', '_')}.lock")):
       if not _is_prepared(builder):  # another process may have built it while we waited
-        if name in real.NAMES:
+        if name in real.NAMES or name in archives.NAMES:
           try:
-            real.prepare(builder, source_dir)
+            (real if name in real.NAMES else archives).prepare(builder, source_dir)
           except (OSError, ValueError) as e:
             raise DataError(f"dataset {name!r}: {e}") from None
         else:
@@ -91,9 +99,11 @@ def _is_prepared(builder) -> bool:
 
 def data_source(builder, split: str):
   """Random-access source of decoded records ({'image': uint8 array, 'label': int})."""
-  if split not in builder.info.splits:
+  try:
+    builder.info.splits[split]  # a split name or a tfds slice of one ("train[:80%]")
+  except (KeyError, ValueError):
     raise DataError(f"dataset {builder.info.full_name} has no split {split!r}; it has "
-                    f"{sorted(builder.info.splits)}")
+                    f"{sorted(builder.info.splits)}") from None
   return builder.as_data_source(split=split)
 
 
