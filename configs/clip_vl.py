@@ -2,6 +2,12 @@
 
 Presets (`configs/clip_vl.py:<preset>`):
   b32   ViT-B/32, RandLoRA-6      l14   ViT-L/14, RandLoRA-8      h14   ViT-H/14, RandLoRA-10
+        mode `ours`: s = 20 (PEFT's scale), adapters on q, k, v, fc1, fc2 all train
+  b32_paper, l14_paper, h14_paper
+        mode `paper`: the authors' VL code: s = 1/r (lora_alpha = 1), only fc1, fc2 train
+        (their attention adapters get no gradient); both modes: bicubic resize (CLIP's), the
+        dataset's curated class names, the authors' per-dataset epochs with data.fraction.
+        All six refuse to start without --config.model.checkpoint (docs/clip_vl.md).
   demo  a tiny CLIP pretrained once on embedded captioned shapes (cached), then fine-tuned by
         each method on synthetic_shapes/left_shape (`make demo-vl`)
   tiny  test size, random init, a few steps
@@ -37,6 +43,7 @@ from randlora_jax.train.config import base_config
 
 # preset -> (clip.preset: the towers' shapes, RandLoRA rank)
 PRESETS = {"b32": ("b32", 6), "l14": ("l14", 8), "h14": ("h14", 10)}
+MODES = ("ours", "paper")
 
 
 def paper_recipe(c):
@@ -52,6 +59,7 @@ def paper_recipe(c):
   c.clip.logit_scale = "raw"
   c.data.crop_scale = (0.5, 1.0)
   c.data.flip = True
+  c.data.resize = "bicubic"   # CLIP's preprocessing and the authors' RandomResizedCrop
   c.optim.lr.update(dict(randlora=1e-3, lora=1e-3, full=1e-5, head=1e-3))
   c.optim.weight_decay = 0.1
   c.optim.end_lr_fraction = 0.01
@@ -60,14 +68,30 @@ def paper_recipe(c):
   c.batch_size = 128
   c.num_epochs = 10
   c.eval_at_start = True   # zero-shot accuracy beside the fine-tuned one
+  c.clip.paper_epochs = True  # 10 epochs k-shot; the authors' table with data.fraction
+  return c
+
+
+def set_mode(c, mode: str):
+  """`ours`: PEFT's scale s = 20 on every target. `paper`: the authors' VL code (s = 1/r for
+  RandLoRA and LoRA: alpha = lora_alpha = 1; adapters on fc1, fc2 only, the ones that train
+  there); tasks/clip_vl.check_mode holds a config to its label."""
+  c.clip.mode = mode
+  if mode == "paper":
+    c.adapter.alpha, c.adapter.lora_alpha = 1.0, 1.0
+    c.adapter.targets = ("fc1", "fc2")
+  else:
+    c.adapter.alpha = 20.0 * c.adapter.r   # s = 20, PEFT's default scale
   return c
 
 
 def get_config(preset: str = "b32"):
   c = paper_recipe(base_config())
-  if preset in PRESETS:
-    c.clip.preset, c.adapter.r = PRESETS[preset]
-    c.adapter.alpha = 20.0 * c.adapter.r   # s = 20, PEFT's default scale
+  size, _, mode = preset.partition("_")
+  if size in PRESETS and mode in ("",) + MODES:
+    c.clip.preset, c.adapter.r = PRESETS[size]
+    set_mode(c, mode or "ours")
+    c.clip.require_checkpoint = True
     c.data.name = "oxford_flowers102"
     c.eval_every = 500
     c.checkpoint_every = 500
@@ -89,7 +113,7 @@ def get_config(preset: str = "b32"):
   if preset == "demo":
     return demo(c)
   raise ValueError(f"configs/clip_vl.py:<preset> with preset in "
-                   f"{sorted(PRESETS) + ['demo', 'tiny']}")
+                   f"{sorted(PRESETS) + [p + '_paper' for p in PRESETS] + ['demo', 'tiny']}")
 
 
 def demo(c):
@@ -104,6 +128,8 @@ def demo(c):
   c.model.dtype = "float32"
   c.model.normalization = "half"
   c.clip.pretrain.enabled = True
+  c.clip.ensemble_eval = False  # the demo's vocabulary has no template words
+  c.data.resize = "bilinear"    # the demo's published numbers (README) were measured so
   # Matched budgets as in configs/demo.py: RandLoRA r = 16 (N = 4 bases per layer) and LoRA
   # rank 2 train about the same number of parameters; both at scale 2.
   c.adapter.r, c.adapter.alpha = 16, 32.0

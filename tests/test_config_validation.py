@@ -45,8 +45,11 @@ BAD_VALUES = [
     ("export.merged", None),
     # Task selection and the CLIP fields (tasks/clip_vl.py).
     ("task", "detection"), ("eval_at_start", "no"), ("model.zero_shot_head", 1),
-    ("model.zero_shot_templates", ("a photo of a dog",)), ("model.zero_shot_templates", ()),
+    ("model.zero_shot_templates", ("a photo of a dog",)), ("model.zero_shot_templates", "x{}"),
     ("clip.preset", "g14"), ("clip.prompt", "An image of"), ("clip.logit_scale", "log"),
+    ("clip.mode", "authors"), ("clip.require_checkpoint", 1), ("clip.ensemble_eval", "yes"),
+    ("clip.paper_epochs", None), ("data.fraction", 1.5), ("data.fraction", -0.5),
+    ("data.resize", "nearest"),
     ("clip.context_length", -1), ("clip.pretrain.enabled", "yes"), ("clip.pretrain.steps", 0),
     ("clip.pretrain.batch_size", 1), ("clip.pretrain.lr", 0.0), ("clip.pretrain.text_width", 30),
     ("clip.pretrain.text_layers", 0),

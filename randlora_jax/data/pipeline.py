@@ -37,6 +37,11 @@ NORMALIZATION = {
 }
 
 
+# Resampling filters by name (`data.resize`): bilinear here by default, bicubic as CLIP's own
+# preprocessing (and the authors' RandomResizedCrop) does.
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
 class DataError(ValueError):
   """A dataset that cannot be used as configured (unknown name, missing split, ...)."""
 
@@ -138,6 +143,13 @@ def kshot_indices(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
   return np.sort(np.concatenate(picked))
 
 
+def fraction_indices(n: int, fraction: float, seed: int) -> np.ndarray:
+  """Sorted indices of int(fraction * n) examples drawn at random with a fixed seed (the
+  authors' data-ratio subsets: a random permutation's first part, sorted)."""
+  perm = np.random.default_rng(seed).permutation(n)
+  return np.sort(perm[:int(fraction * n)])
+
+
 # ----------------------------------------------------------------------------- preprocessing
 
 
@@ -150,16 +162,18 @@ def _to_rgb(image: np.ndarray) -> np.ndarray:
   return image[..., :3].astype(np.uint8)
 
 
-def _resize_box(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-  """Crop `box` (x0, y0, x1, y1) and resize it to size x size in one bilinear resample."""
+def _resize_box(image: np.ndarray, box: tuple[int, int, int, int], size: int,
+                resample: str = "bilinear") -> np.ndarray:
+  """Crop `box` (x0, y0, x1, y1) and resize it to size x size in one resample (`RESAMPLE`)."""
   if box == (0, 0, image.shape[1], image.shape[0]) and image.shape[:2] == (size, size):
     return image
-  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box))
+  return np.asarray(Image.fromarray(image).resize((size, size), RESAMPLE[resample], box=box))
 
 
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
                         scale: tuple[float, float] = (0.5, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                        resample: str = "bilinear") -> np.ndarray:
   """Inception-style crop: area fraction in `scale`, aspect ratio (log-uniform) in `ratio`."""
   h, w = image.shape[:2]
   for _ in range(10):
@@ -168,31 +182,34 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
     cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
     if 0 < cw <= w and 0 < ch <= h:
       y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-      return _resize_box(image, (x0, y0, x0 + cw, y0 + ch), size)
-  return center_crop_resize(image, size)  # no valid crop in 10 tries: the whole image
+      return _resize_box(image, (x0, y0, x0 + cw, y0 + ch), size, resample)
+  return center_crop_resize(image, size, resample)  # no valid crop in 10 tries: the whole image
 
 
-def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+def center_crop_resize(image: np.ndarray, size: int, resample: str = "bilinear") -> np.ndarray:
   """Largest centred square, resized to size x size."""
   h, w = image.shape[:2]
   s = min(h, w)
   y0, x0 = (h - s) // 2, (w - s) // 2
-  return _resize_box(image, (x0, y0, x0 + s, y0 + s), size)
+  return _resize_box(image, (x0, y0, x0 + s, y0 + s), size, resample)
 
 
 def train_transform(size: int, scale=(0.5, 1.0), flip: bool = True, image_key="image",
-                    label_key="label") -> Callable[[dict, np.random.Generator], dict]:
+                    label_key="label", resample: str = "bilinear"
+                    ) -> Callable[[dict, np.random.Generator], dict]:
   def fn(record, rng):
-    image = random_resized_crop(_to_rgb(record[image_key]), rng, size, tuple(scale))
+    image = random_resized_crop(_to_rgb(record[image_key]), rng, size, tuple(scale),
+                                resample=resample)
     if flip and rng.uniform() < 0.5:
       image = image[:, ::-1]
     return {"image": np.ascontiguousarray(image), "label": np.int32(record[label_key])}
   return fn
 
 
-def eval_transform(size: int, image_key="image", label_key="label") -> Callable[[dict], dict]:
+def eval_transform(size: int, image_key="image", label_key="label",
+                   resample: str = "bilinear") -> Callable[[dict], dict]:
   def fn(record):
-    return {"image": center_crop_resize(_to_rgb(record[image_key]), size),
+    return {"image": center_crop_resize(_to_rgb(record[image_key]), size, resample),
             "label": np.int32(record[label_key])}
   return fn
 

@@ -27,12 +27,18 @@ import dataclasses
 import functools
 import json
 import os
+from typing import Sequence
+
+from randlora_jax.data.pipeline import DataError
 
 PAPER_PROMPT = "An image of {}"   # the authors' single prompt (train and evaluation)
 KSHOT_EPOCHS = 10                 # the authors' epochs for every k-shot run
 ARCHIVE_COMMAND = ("python -m randlora_jax.data.archives {name} --archive_dir=<dir with the "
                    "extracted archive> --data_dir={data_dir}")
 TFDS_COMMAND = "tfds build {name} --file_format=array_record --data_dir={data_dir}"
+# Templates for a dataset outside the registry (CLIP's generic ones).
+GENERIC_TEMPLATES = ("a photo of a {}.", "an image of a {}.", "a picture of a {}.",
+                     "a rendering of a {}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,10 +159,28 @@ def find(tfds_name: str) -> VLDataset | None:
   return _BY_TFDS.get(tfds_name)
 
 
+def class_names(tfds_name: str, builder_names: Sequence[str]) -> list[str]:
+  """The names prompts are written with: the registry's curated ones for a registry dataset
+  (checked against the builder's label count), else the builder's with "_" -> " "."""
+  entry = find(tfds_name)
+  if entry is None:
+    return [n.replace("_", " ") for n in builder_names]
+  if entry.num_classes != len(builder_names):
+    raise DataError(f"dataset {tfds_name!r} has {len(builder_names)} classes but the VL registry "
+                    f"names {entry.num_classes} for {entry.key} (randlora_jax/data/vl_datasets.json)")
+  return list(entry.classnames)
+
+
+def templates(tfds_name: str) -> tuple[str, ...]:
+  """The dataset's zero-shot template ensemble (GENERIC_TEMPLATES outside the registry)."""
+  entry = find(tfds_name)
+  return entry.templates if entry is not None else GENERIC_TEMPLATES
+
+
 def epochs_for(entry: VLDataset, fraction: float) -> int:
   """The authors' epochs: their per-dataset table with a data fraction, else 10 (k-shot)."""
   return entry.fraction_epochs if fraction > 0 else KSHOT_EPOCHS
 
 
-__all__ = ["KSHOT_EPOCHS", "PAPER_DATASETS", "PAPER_PROMPT", "REGISTRY", "VLDataset",
-           "epochs_for", "find", "get"]
+__all__ = ["GENERIC_TEMPLATES", "KSHOT_EPOCHS", "PAPER_DATASETS", "PAPER_PROMPT", "REGISTRY",
+           "VLDataset", "class_names", "epochs_for", "find", "get", "templates"]

@@ -23,7 +23,8 @@ SPECIALS = ("<bos>", "<eos>", "<unk>")  # ids 0, 1, 2; padding reuses <eos> as C
 
 
 class WordTokenizer:
-  """Lower-cased words of an embedded vocabulary: ``<bos> w1 ... wn <eos> <eos>...``.
+  """Lower-cased words (runs of a-z and 0-9) of an embedded vocabulary:
+  ``<bos> w1 ... wn <eos> <eos>...``; other characters are dropped.
 
   Ids: <bos> 0, <eos> 1 (also the padding, as in OpenAI's CLIP), <unk> 2, then the words.
   The text tower pools the FIRST <eos> (its config's eos_token_id = 1).
@@ -41,7 +42,7 @@ class WordTokenizer:
     return len(self.words)
 
   def split(self, text: str) -> list[str]:
-    return re.findall(r"[a-z]+", text.lower())
+    return re.findall(r"[a-z0-9]+", text.lower())
 
   def __call__(self, texts: Sequence[str]) -> np.ndarray:
     out = np.full((len(texts), self.max_length), self.eos_id, np.int32)

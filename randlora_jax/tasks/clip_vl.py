@@ -1,7 +1,9 @@
 """Task ``clip_vl``: fine-tune BOTH CLIP towers on an image-classification dataset, the way
 the paper's vision-language runs did (shared/reference/llm-and-vl.md, section 2).
 
-* Text: one prompt per class, ``config.clip.prompt`` ("An image of {}"), tokenised once.
+* Text: one prompt per class, ``config.clip.prompt`` ("An image of {}"), tokenised once, with
+  the class names of the VL registry (``randlora_jax.data.vl_datasets``: curated names, e.g.
+  EuroSAT "annual crop land"; a dataset outside it uses its builder's names).
 * Training loss: the batch's images against the prompts of THEIR OWN labels (B texts through
   the text tower, duplicates included), features L2-normalised,
   ``logits = scale * img @ txt.T`` (B x B), and image->text cross-entropy whose target for
@@ -11,8 +13,18 @@ the paper's vision-language runs did (shared/reference/llm-and-vl.md, section 2)
   parameter (ln 100 ~ 4.6 for a trained CLIP), as the paper's code did; ``'exp'`` by its
   exponential (100), as CLIP was pretrained. bench/RESULTS.md ("CLIP vision-language")
   measures both.
-* Evaluation: each test image against all classes' prompt embeddings, top-1; with
-  ``config.eval_at_start`` the loop also scores the model before the first step (zero-shot).
+* Evaluation: each test image against all classes' prompt embeddings, top-1 (``accuracy``:
+  the single prompt, the paper's protocol) and, with ``config.clip.ensemble_eval``, against
+  the mean of each class's template embeddings (``acc/ensemble``: the dataset's templates,
+  CLIP's usual zero-shot protocol); with ``config.eval_at_start`` the loop also scores the model
+  before the first step (zero-shot: ``initial_test_accuracy``, ``initial_acc/ensemble``).
+* Modes (``config.clip.mode``, checked by `check_mode`): ``ours`` (PEFT's scale, adapters on
+  q, k, v, fc1, fc2 train) or ``paper``: the authors' VL code, whose layers use lora_alpha = 1,
+  i.e. s = 1/r (PEFT's alpha / r), and whose attention adapters never receive a gradient (their
+  merged weight is written through ``.data``), so only the MLP adapters train: adapters on fc1,
+  fc2 with alpha = lora_alpha = 1 compute the same function.
+* Data: ``data.fraction`` (the paper's 50% / 100% rows) or ``data.kshot``; with
+  ``clip.paper_epochs`` the epochs are the authors' (`vl_datasets.epochs_for`).
 * k-shot: the subset is repeated until an epoch holds at least ``MIN_BATCHES`` batches.
 * Methods: ``randlora`` / ``lora`` (adapters on ``config.adapter.targets`` in both towers),
   ``full`` (everything, logit_scale included), ``head`` (the two projections only).
@@ -30,6 +42,7 @@ import numpy as np
 import optax
 
 from randlora_jax import data, methods, optim, sharding
+from randlora_jax.data import vl_datasets
 from randlora_jax.models import clip as clip_lib
 from randlora_jax.models import loading
 from randlora_jax.models import tokenizer as tok_lib
@@ -39,18 +52,24 @@ from randlora_jax.train import validate
 from randlora_jax.train.validate import ConfigError
 
 MIN_BATCHES = 10  # a k-shot epoch is at least this many batches (the paper's repetition)
+TEXT_CHUNK = 256  # prompts per text-tower call when embedding a template ensemble
+PAPER_MODE = {"adapter.alpha": 1.0, "adapter.lora_alpha": 1.0, "adapter.targets": ("fc1", "fc2"),
+              "clip.prompt": vl_datasets.PAPER_PROMPT, "clip.logit_scale": "raw"}
 
 
 @dataclasses.dataclass
 class CLIPExperiment(setup_lib.Experiment):
   clip_config: clip_lib.CLIPConfig
   class_tokens: np.ndarray  # (num_classes, L): the prompt of each class
+  # (num_classes * T, L): every class with each of the T templates (class-major), or None
+  ensemble_tokens: np.ndarray | None = None
 
   @property
   def fingerprint(self) -> dict:
     fp = setup_lib.fingerprint(self.config, self.vit_config)
     fp.update(task="clip_vl", text=repr(self.clip_config.text.replace(dtype=None, remat=False)),
-              prompt=self.config.clip.prompt, logit_scale=self.config.clip.logit_scale)
+              prompt=self.config.clip.prompt, logit_scale=self.config.clip.logit_scale,
+              mode=self.config.clip.mode)
     return fp
 
 
@@ -60,12 +79,48 @@ HEADS = methods.TaskHeads("clip_vl", probe=(r"(^|/)(visual_projection|text_proje
 
 
 def class_names(config) -> list[str]:
+  """The names prompts are written with (`vl_datasets.class_names`)."""
   builder = data.get_builder(config.data.name, config.data.data_dir or None)
   names = getattr(builder.info.features[config.data.label_key], "names", None)
   if not names:
     raise ConfigError(f"dataset {config.data.name!r}: label {config.data.label_key!r} has no "
                       "class names to write prompts with")
-  return [n.replace("_", " ") for n in names]
+  return vl_datasets.class_names(config.data.name, names)
+
+
+def check_mode(config) -> None:
+  """`clip.mode=paper` is a promise about the config: the fields of PAPER_MODE must hold."""
+  if config.clip.mode != "paper":
+    return
+  flat = {k: config[k.split(".")[0]][k.split(".")[1]] for k in PAPER_MODE}
+  wrong = [f"{k}={flat[k]!r} (paper: {v!r})" for k, v in PAPER_MODE.items()
+           if (tuple(flat[k]) if isinstance(v, tuple) else flat[k]) != v]
+  if wrong:
+    raise ConfigError("clip.mode=paper but " + ", ".join(wrong) +
+                      "; use configs/clip_vl.py:<size>_paper or clip.mode=ours")
+
+
+def check_distinct(names, tokens: np.ndarray, tokenizer: str) -> None:
+  """Different class names must get different token ids, or their prompts are one class."""
+  seen: dict[bytes, str] = {}
+  clashes = []
+  for name, row in zip(names, tokens):
+    other = seen.setdefault(row.tobytes(), name)
+    if other != name:
+      clashes.append((other, name))
+  if clashes:
+    shown = "; ".join(f"{a!r} and {b!r}" for a, b in clashes[:5])
+    raise ConfigError(f"the {tokenizer} encodes different class names identically ({shown}"
+                      f"{'; ...' if len(clashes) > 5 else ''}): their prompts would be one "
+                      f"class; give model.checkpoint (a CLIP tokenizer) or rename the classes")
+
+
+def num_epochs(config) -> float:
+  """config.num_epochs, or the authors' per-dataset epochs with clip.paper_epochs."""
+  entry = vl_datasets.find(config.data.name)
+  if config.clip.paper_epochs and entry is not None:
+    return vl_datasets.epochs_for(entry, config.data.fraction)
+  return config.num_epochs
 
 
 def repeat_to_batches(source, batch_size: int, min_batches: int = MIN_BATCHES):
@@ -138,6 +193,11 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
   may replace the parameters (None: `config.model.checkpoint`, the embedded pretrained
   tiny CLIP when `config.clip.pretrain.enabled`, or the random init)."""
   validate.check_config(config)
+  if config.clip.require_checkpoint and not config.model.checkpoint:
+    raise ConfigError("this preset needs pretrained CLIP weights: pass --config.model.checkpoint="
+                      "<CLIPModel directory or hub id> (configs/clip_vl.py:tiny trains a random-"
+                      "init CLIP)")
+  check_mode(config)
   patterns = setup_lib.trainable_patterns(config, HEADS)
   if mesh is None:
     mesh = sharding.make_mesh(*validate.resolve_mesh(config, jax.device_count()))
@@ -157,6 +217,8 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
     from randlora_jax.tasks import clip_demo  # pylint: disable=g-import-not-at-top
     checkpoint = clip_demo.pretrained_checkpoint(config)
   prompts = [config.clip.prompt.format(n) for n in names]
+  templates = vl_datasets.templates(config.data.name) if config.clip.ensemble_eval else ()
+  ensemble_prompts = [t.format(n) for n in names for t in templates]
   loaded_cfg = loaded = None
   if checkpoint:
     try:
@@ -167,13 +229,18 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
     loaded = loaded["params"]
   ccfg = clip_config(config, loaded_cfg)
   if not checkpoint:  # random init: a word vocabulary over the prompts
-    words = [w for p in prompts for w in tok_lib.WordTokenizer([], 1).split(p)]
+    words = [w for p in prompts + ensemble_prompts for w in tok_lib.WordTokenizer([], 1).split(p)]
     tokenize = tok_lib.WordTokenizer(words, config.clip.context_length or ccfg.text.max_length)
   class_tokens = np.asarray(tokenize(prompts), np.int32)
-  if class_tokens.shape[1] > ccfg.text.max_length or class_tokens.max() >= ccfg.text.vocab_size:
-    raise ConfigError(f"prompts tokenise to {class_tokens.shape} ids up to {class_tokens.max()}; "
-                      f"the text tower takes {ccfg.text.max_length} tokens from a vocabulary of "
-                      f"{ccfg.text.vocab_size}")
+  check_distinct(names, class_tokens, "CLIP tokenizer" if checkpoint else
+                 "fallback word tokenizer (a-z and 0-9 words only)")
+  ensemble_tokens = (np.asarray(tokenize(ensemble_prompts), np.int32) if ensemble_prompts
+                     else None)
+  for toks in (class_tokens,) + ((ensemble_tokens,) if ensemble_tokens is not None else ()):
+    if toks.shape[1] > ccfg.text.max_length or toks.max() >= ccfg.text.vocab_size:
+      raise ConfigError(f"prompts tokenise to {toks.shape} ids up to {toks.max()}; the text "
+                        f"tower takes {ccfg.text.max_length} tokens from a vocabulary of "
+                        f"{ccfg.text.vocab_size}")
 
   images = jnp.zeros((1, ccfg.vision.image_size, ccfg.vision.image_size,
                       ccfg.vision.num_channels), jnp.float32)
@@ -199,7 +266,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
   trainable, frozen = optim.partition(params, mask)
   trainable_sh, frozen_sh = optim.partition(param_sh, mask)  # the shardings, split alike
 
-  steps = config.total_steps or math.ceil(config.num_epochs * len(train_src) / config.batch_size)
+  steps = config.total_steps or math.ceil(num_epochs(config) * len(train_src) / config.batch_size)
   schedule = step_lib.make_schedule(config.optim.lr[config.method], steps,
                                     config.optim.warmup_steps, config.optim.end_lr_fraction)
   tx = step_lib.make_optimizer(schedule, weight_decay=config.optim.weight_decay,
@@ -209,7 +276,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
   strip = lambda cfg: dataclasses.asdict(cfg.replace(dtype=None, param_dtype=None))
   adapter_config = setup_lib.adapter_config(
       config, "clip_vl", model={"vision": strip(ccfg.vision), "text": strip(ccfg.text)},
-      dataset=config.data.name, num_classes=num_classes, prompts=prompts)
+      dataset=config.data.name, num_classes=num_classes, prompts=prompts, mode=config.clip.mode)
 
   return CLIPExperiment(
       config=config, mesh=mesh, model=model, vit_config=ccfg.vision, frozen=frozen, state=state,
@@ -217,7 +284,8 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
       train_source=train_src, test_source=test_src, num_classes=num_classes,
       total_steps=steps, local_batch_size=local_batch,
       trainable_count=optim.count(params, mask), total_count=optim.count(params),
-      adapter_config=adapter_config, clip_config=ccfg, class_tokens=class_tokens)
+      adapter_config=adapter_config, clip_config=ccfg, class_tokens=class_tokens,
+      ensemble_tokens=ensemble_tokens)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -245,50 +313,73 @@ def make_train_step(exp: CLIPExperiment):
 
 
 class Evaluator:
-  """`evaluator(state)`: top-1 of every test image against all classes' prompts. The class
-  embeddings are computed once per evaluation, then every batch of images is scored."""
+  """`evaluator(state)`: top-1 of every test image against all classes' prompts (and, with an
+  ensemble, against each class's renormalised mean template embedding). The class embeddings
+  are computed once per evaluation, then every batch of images is scored."""
 
   def __init__(self, exp: CLIPExperiment):
     self.exp = exp
     c = exp.config
     model, tokens, mode = exp.model, jnp.asarray(exp.class_tokens), c.clip.logit_scale
     self.transform = data.eval_transform(exp.vit_config.image_size, c.data.image_key,
-                                         c.data.label_key)
+                                         c.data.label_key, resample=c.data.resize)
     self.local_batch = c.eval_batch_size // jax.process_count()
     rep = sharding.replicated(exp.mesh)
     shardings = (exp.state_shardings.trainable, exp.frozen_shardings)
 
-    def class_embeddings(trainable, frozen):
+    def encode(trainable, frozen, ids):
       params = optim.combine(trainable, frozen)
-      return model.apply({"params": params}, tokens, method=clip_lib.CLIP.encode_text)
+      return model.apply({"params": params}, ids, method=clip_lib.CLIP.encode_text)
 
     def eval_step(trainable, frozen, class_embeds, batch):
       params = optim.combine(trainable, frozen)
       img = model.apply({"params": params}, data.normalize(batch["image"], c.model.normalization),
                         method=clip_lib.CLIP.encode_image)
-      logits = scale_of(params["logit_scale"], mode) * img @ class_embeds.T
-      mask = batch["mask"]
-      correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-      loss = step_lib.cross_entropy(logits, batch["label"])
-      return {"correct": (correct * mask).sum(), "loss": (loss * mask).sum(), "count": mask.sum()}
+      scale, mask, labels = scale_of(params["logit_scale"], mode), batch["mask"], batch["label"]
+      out = {"count": mask.sum()}
+      for name, embeds in class_embeds.items():  # "single" (the paper's) and "ensemble"
+        logits = scale * img @ embeds.T
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        out["correct_" + name] = (correct * mask).sum()
+        if name == "single":
+          out["loss"] = (step_lib.cross_entropy(logits, labels) * mask).sum()
+      return out
 
-    self.class_embeddings = jax.jit(class_embeddings, in_shardings=shardings, out_shardings=rep)
+    self.tokens = tokens
+    self.encode = jax.jit(encode, in_shardings=shardings + (rep,), out_shardings=rep)
     self.step = jax.jit(eval_step, in_shardings=shardings + (rep, sharding.batch_sharding(
         exp.mesh)), out_shardings=rep)
 
+  def ensemble_embeddings(self, trainable) -> jax.Array:
+    """(num_classes, D): per class the mean of its unit template embeddings, renormalised;
+    the prompts go through the text tower TEXT_CHUNK at a time (one compiled shape)."""
+    toks = self.exp.ensemble_tokens
+    n = len(toks)
+    padded = np.concatenate([toks, np.repeat(toks[:1], -n % TEXT_CHUNK, axis=0)])
+    embeds = jnp.concatenate([self.encode(trainable, self.exp.frozen,
+                                          jnp.asarray(padded[i:i + TEXT_CHUNK]))
+                              for i in range(0, len(padded), TEXT_CHUNK)])[:n]
+    mean = embeds.reshape(len(self.exp.class_tokens), -1, embeds.shape[-1]).mean(1)
+    return clip_lib.l2_normalize(mean)
+
   def __call__(self, state) -> dict[str, float]:
-    class_embeds = self.class_embeddings(state.trainable, self.exp.frozen)
-    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    class_embeds = {"single": self.encode(state.trainable, self.exp.frozen, self.tokens)}
+    if self.exp.ensemble_tokens is not None:
+      class_embeds["ensemble"] = self.ensemble_embeddings(state.trainable)
+    totals: dict[str, float] = {}
     for batch in data.eval_batches(self.exp.test_source, batch_size=self.local_batch,
                                    transform=self.transform, process_index=jax.process_index(),
                                    process_count=jax.process_count()):
       out = self.step(state.trainable, self.exp.frozen, class_embeds,
                       sharding.shard_batch(batch, self.exp.mesh))
       for k, v in jax.device_get(out).items():
-        totals[k] += float(v)
-    n = max(totals["count"], 1.0)
-    return {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n,
-            "count": totals["count"]}
+        totals[k] = totals.get(k, 0.0) + float(v)
+    n = max(totals.get("count", 0.0), 1.0)
+    res = {"accuracy": totals.get("correct_single", 0.0) / n, "loss": totals.get("loss", 0.0) / n,
+           "count": totals.get("count", 0.0)}
+    if "ensemble" in class_embeds:
+      res["acc/ensemble"] = totals.get("correct_ensemble", 0.0) / n
+    return res
 
 
 def make_evaluator(exp: CLIPExperiment, workdir=None) -> Evaluator:  # pylint: disable=unused-argument

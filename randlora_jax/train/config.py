@@ -37,8 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Vision-only CLIP (classification): a FROZEN head built from a CLIPModel checkpoint's text
   # tower: per class the mean of the normalised template embeddings, renormalised, x100.
   c.model.zero_shot_head = False
-  c.model.zero_shot_templates = ("a photo of a {}.", "an image of a {}.", "a picture of a {}.",
-                                 "a rendering of a {}.")
+  # () : the dataset's own templates (randlora_jax.data.vl_datasets), else GENERIC_TEMPLATES.
+  c.model.zero_shot_templates = ()
 
   # Adapters. targets: regexes on layer names (q_proj k_proj v_proj o_proj fc1 fc2).
   c.adapter = ml_collections.ConfigDict()
@@ -57,9 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_split = "train"
   c.data.test_split = "test"
   c.data.kshot = 0            # >0: k examples per class from the train split (fixed seed)
-  c.data.kshot_seed = 0
+  c.data.kshot_seed = 0       # also the seed of the data.fraction subset
+  c.data.fraction = 0.0       # >0 (<= 1): a fixed random fraction of the train split (the paper's 0.5 / 1.0)
   c.data.crop_scale = (0.5, 1.0)   # RandomResizedCrop area range
   c.data.flip = True
+  c.data.resize = "bilinear"  # bilinear | bicubic (CLIP's preprocessing, the authors' crops)
   c.data.image_key = "image"
   c.data.label_key = "label"
   c.data.max_test_examples = 0     # >0: evaluate on the first n test examples only
@@ -97,6 +99,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.clip.prompt = "An image of {}"
   c.clip.logit_scale = "raw"  # raw: x the log-space parameter (~4.6, the paper's code) | exp: x100
   c.clip.context_length = 0   # 0: the tokenizer's / text tower's own
+  # ours | paper: a label the config must match (validate.check_clip_mode): paper = the
+  # authors' VL code (s = 1/r: alpha = lora_alpha = 1; only the MLP adapters train).
+  c.clip.mode = "ours"
+  c.clip.require_checkpoint = False  # the b32/l14/h14 presets: refuse to run without weights
+  c.clip.ensemble_eval = True  # also score with the dataset's template ensemble (acc/ensemble)
+  c.clip.paper_epochs = False  # num_epochs from the authors' table (vl_datasets.epochs_for)
   # Demo only: a tiny CLIP pretrained once on embedded captioned images (cached).
   c.clip.pretrain = ml_collections.ConfigDict(dict(
       enabled=False, steps=600, batch_size=128, lr=2e-3, text_width=64, text_layers=2,

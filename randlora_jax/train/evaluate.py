@@ -19,7 +19,7 @@ class Evaluator:
     self.exp = exp
     c = exp.config
     self.transform = data.eval_transform(exp.vit_config.image_size, c.data.image_key,
-                                         c.data.label_key)
+                                         c.data.label_key, resample=c.data.resize)
     self.local_batch = c.eval_batch_size // jax.process_count()
     rep = sharding.replicated(exp.mesh)
     self.step = jax.jit(step_lib.make_eval_step(exp.model, c.model.normalization),

@@ -42,7 +42,7 @@ class ExportError(RuntimeError):
 def _train_iterator(exp: setup_lib.Experiment):
   d = exp.config.data
   transform = data.train_transform(exp.vit_config.image_size, tuple(d.crop_scale), d.flip,
-                                   d.image_key, d.label_key)
+                                   d.image_key, d.label_key, resample=d.resize)
   return iter(data.train_dataset(exp.train_source, batch_size=exp.local_batch_size,
                                  seed=exp.config.seed, transform=transform,
                                  process_index=jax.process_index(),
@@ -198,10 +198,15 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
 
 
 def initial_accuracy(metrics_path: str) -> dict[str, float]:
-  """{'initial_test_accuracy': ...} from the step-0 evaluation (`eval_at_start`), if any
+  """{'initial_test_accuracy': ..., 'initial_acc/...': ...} from the step-0 evaluation
+  (`eval_at_start`), if any
   (read back from metrics.jsonl, so a resumed run reports it too)."""
   rows = [r for r in metrics_lib.read_jsonl(metrics_path) if r["step"] == 0 and r["split"] == "test"]
-  return {"initial_test_accuracy": rows[0]["accuracy"]} if rows else {}
+  if not rows:
+    return {}
+  # A task's further scores (clip_vl's template-ensemble zero-shot "acc/ensemble") come too.
+  return {"initial_test_accuracy": rows[0]["accuracy"],
+          **{"initial_" + k: v for k, v in rows[0].items() if k.startswith("acc/")}}
 
 
 def to_host(tree):

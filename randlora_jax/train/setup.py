@@ -137,7 +137,8 @@ def check_targets(config, plain_abstract) -> None:
 
 def zero_shot_kernel(config, vcfg: ViTConfig):
   """The frozen zero-shot head of a vision-only CLIP run (`model.zero_shot_head`), from the
-  text tower of the CLIPModel checkpoint and the dataset's class names."""
+  text tower of the CLIPModel checkpoint, the dataset's class names and templates (the VL
+  registry's, or `model.zero_shot_templates` when given)."""
   from randlora_jax.models import clip as clip_lib, tokenizer as tok_lib
   if methods.get(config.method).trains_probe:
     raise ConfigError(f"method {config.method!r} with model.zero_shot_head: the head is "
@@ -145,23 +146,25 @@ def zero_shot_kernel(config, vcfg: ViTConfig):
   if not config.model.checkpoint or not vcfg.projection_dim:
     raise ConfigError("model.zero_shot_head needs model.checkpoint = a CLIPModel directory "
                       "(both towers and the projections)")
-  names = data.get_builder(config.data.name, config.data.data_dir or None).info.features[
+  from randlora_jax.data import vl_datasets
+  raw = data.get_builder(config.data.name, config.data.data_dir or None).info.features[
       config.data.label_key].names
   try:
+    names = vl_datasets.class_names(config.data.name, raw)  # the registry's curated names
     ccfg, loaded = clip_lib.load_clip(config.model.checkpoint)
     tokenize = tok_lib.load_tokenizer(config.model.checkpoint)
   except (OSError, ValueError) as e:
     raise ConfigError(f"model.zero_shot_head: {e}") from None
-  return clip_lib.zero_shot_head(ccfg, loaded["params"], tokenize,
-                                 [n.replace("_", " ") for n in names],
-                                 tuple(config.model.zero_shot_templates))
+  templates = (tuple(config.model.zero_shot_templates)
+               or vl_datasets.templates(config.data.name))
+  return clip_lib.zero_shot_head(ccfg, loaded["params"], tokenize, names, templates)
 
 
 # ----------------------------------------------------------------------------- data
 
 
 def load_data(config, process_index: int, process_count: int):
-  """(train source (k-shot subset if asked), test source, num_classes)."""
+  """(train source (k-shot or fraction subset if asked), test source, num_classes)."""
   d = config.data
   builder = data.get_builder(d.name, d.data_dir or None)
   train_src = data.data_source(builder, d.train_split)
@@ -174,6 +177,11 @@ def load_data(config, process_index: int, process_count: int):
     labels = data.labels_of(train_src, d.label_key)
     validate.check_kshot(config, labels, num_classes)
     train_src = data.Subset(train_src, data.kshot_indices(labels, d.kshot, d.kshot_seed))
+  if d.fraction > 0:  # the paper's 50% / 100% rows
+    train_src = data.Subset(train_src, data.fraction_indices(len(train_src), d.fraction,
+                                                             d.kshot_seed))
+    if len(train_src) == 0:
+      raise ConfigError(f"data.fraction={d.fraction} of {d.name!r} ({d.train_split}) is empty")
   if d.max_test_examples > 0:
     test_src = data.Subset(test_src, np.arange(min(d.max_test_examples, len(test_src))))
   return train_src, test_src, num_classes

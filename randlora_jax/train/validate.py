@@ -171,6 +171,9 @@ register(
     _field("data.image_key", text(nonempty=True)),
     _field("data.label_key", text(nonempty=True)),
     _field("data.max_test_examples", integer(0)),
+    Field("data.fraction", "a number in [0, 1] (0: the whole split), not with data.kshot > 0",
+          lambda v, c: _is_num(v) and 0 <= v <= 1 and not (v > 0 and c.data.kshot > 0)),
+    _field("data.resize", one_of(("bilinear", "bicubic"))),
 
     *(_field(f"optim.lr.{m}", _LR) for m in METHODS),
     _field("optim.weight_decay", number(ge=0)),
@@ -222,20 +225,24 @@ register(
 
 # Task selection and the CLIP fields (task clip_vl, vision-only CLIP's zero-shot head).
 def _templates(v, c) -> bool:
-  return (isinstance(v, (tuple, list)) and len(v) > 0
-          and all(isinstance(t, str) and "{}" in t for t in v))
+  return isinstance(v, (tuple, list)) and all(isinstance(t, str) and "{}" in t for t in v)
 
 
 register(
     _field("task", one_of(TASKS)),
     _field("eval_at_start", boolean()),
     _field("model.zero_shot_head", boolean()),
-    _field("model.zero_shot_templates", ('a non-empty tuple of strings holding "{}"', _templates)),
+    _field("model.zero_shot_templates", ('a tuple of strings holding "{}" (empty: the '
+                                         "dataset's own)", _templates)),
     _field("clip.preset", one_of(CLIP_PRESETS)),
     _field("clip.prompt", ('a string holding "{}" (where the class name goes)',
                            lambda v, c: isinstance(v, str) and "{}" in v)),
     _field("clip.logit_scale", one_of(("raw", "exp"))),
     _field("clip.context_length", ("an integer >= 0 (0: the tokenizer's own)", integer(0)[1])),
+    _field("clip.mode", one_of(("ours", "paper"))),
+    _field("clip.require_checkpoint", boolean()),
+    _field("clip.ensemble_eval", boolean()),
+    _field("clip.paper_epochs", boolean()),
     _field("clip.pretrain.enabled", boolean()),
     _field("clip.pretrain.steps", integer(1)),
     _field("clip.pretrain.batch_size", integer(2)),
