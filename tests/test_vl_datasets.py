@@ -36,6 +36,9 @@ def test_registry_holds_the_22_datasets_with_their_class_counts_and_templates():
   assert vl_datasets.get("CIFAR100").classnames[1] == "aquarium fish"
   assert vl_datasets.get("SUN397").classnames[0] == "abbey"
   assert len(vl_datasets.get("ImageNet").templates) == 80
+  # The zero-shot heads' templates: the dataset's own, CLIP's generic four outside the registry.
+  assert vl_datasets.templates("sklearn_digits") == ('a photo of the number: "{}".',)
+  assert vl_datasets.templates("synthetic_shapes/left_shape") == vl_datasets.GENERIC_TEMPLATES
   # The authors' epoch table for a data fraction; k-shot runs train 10 epochs.
   assert vl_datasets.epochs_for(vl_datasets.get("DTD"), 0.5) == 76
   assert vl_datasets.epochs_for(vl_datasets.get("SVHN"), 1.0) == 4
@@ -219,7 +222,7 @@ def test_voc2007_cropped_has_one_example_per_object(tmp_path):
     _same(_records(builder, split), want[split])
 
 
-def test_ucf101_midframes_from_coops_split_file(tmp_path):
+def test_ucf101_midframes_from_coops_split_file(tmp_path, capsys):
   rng = np.random.default_rng(4)
   base = tmp_path / "src" / "UCF-101-midframes"
   split_file, want = {}, {}
@@ -232,6 +235,10 @@ def test_ucf101_midframes_from_coops_split_file(tmp_path):
       split_file[name].append([rel, label, f"Class_{label}"])
       want[split].append((_decoded(str(base / rel)), label))
   (base / "split_zhou_UCF101.json").write_text(json.dumps(split_file))
+  # The documented command (python -m randlora_jax.data.archives ...) prepares it.
+  archives.main(["ucf101_midframes", f"--archive_dir={tmp_path / 'src'}",
+                 f"--data_dir={tmp_path / 'tfds'}"])
+  assert "train 3, validation 1, test 2" in capsys.readouterr().out
   builder = _build("ucf101_midframes", tmp_path / "src", tmp_path)
   for split in want:
     _same(_records(builder, split), want[split])
