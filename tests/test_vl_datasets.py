@@ -45,6 +45,21 @@ def test_registry_holds_the_22_datasets_with_their_class_counts_and_templates():
   assert vl_datasets.epochs_for(vl_datasets.get("DTD"), 0.0) == 10
 
 
+def test_the_docs_dataset_table_is_the_registrys():
+  """docs/clip_vl.md's table of the 22 says what the registry holds (no drift)."""
+  import re
+  doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "clip_vl.md")).read()
+  rows = re.findall(r"^\| (\w+) \| `([^`]+)` \| (\d+) \| (\d+) \| (\S+) / (\S+) \| (\d+) \| "
+                    r"([^|]+) \|$", doc, flags=re.M)
+  assert [r[0] for r in rows] == list(vl_datasets.PAPER_DATASETS)
+  for key, tfds_name, classes, templates, train, test, epochs, source in rows:
+    e = vl_datasets.get(key)
+    assert (tfds_name, int(classes), int(templates), train, test, int(epochs)) == (
+        e.tfds_name, e.num_classes, len(e.templates), e.train_split, e.test_split,
+        e.fraction_epochs), key
+    assert source.startswith("archives.py") == (e.source == "archive"), key
+
+
 @pytest.mark.parametrize("key,raw,curated", [
     ("EuroSAT", "HerbaceousVegetation", "brushland or shrubland"),
     ("Caltech101", "faces_easy", "centered face"),

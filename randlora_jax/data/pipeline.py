@@ -75,7 +75,8 @@ def get_builder(name: str, data_dir: str | None = None, source_dir: str | None =
   except Exception as e:  # DatasetNotFoundError, unknown config, ...
     raise DataError(f"unknown dataset {name!r}: {e}".split("\n")[0] +
                     f"\n(embedded datasets: {EMBEDDED}/shapes, {EMBEDDED}/left_shape; "
-                    f"real: {', '.join(real.NAMES)})") from None
+                    f"real: {', '.join(real.NAMES)}; from archives: "
+                    f"{', '.join(archives.NAMES)})") from None
   if not _is_prepared(builder):
     buildable = name.startswith(EMBEDDED) or name in real.NAMES or (
         name in archives.NAMES and source_dir)
