@@ -60,7 +60,17 @@ PRESETS = {
     "phi3_mini": lambda vocab: DecoderConfig.phi3_mini(),
     "llama3_8b": lambda vocab: DecoderConfig.llama3_8b(),
 }
-HEADS = methods.TaskHeads("causal_lm")  # nothing new, nothing to probe: no method 'head'
+HEADS = methods.TaskHeads("causal_lm")
+# Validation batches hold at most this many bytes of float32 logits per device (rows x cutoff
+# x vocab x 4): `eval_batch_size` 256 at cutoff 256 would be 40 GB for Qwen2's 151,936 ids.
+EVAL_LOGITS_BYTES = 1 << 30
+
+
+def validation_batch_size(config, vocab_size: int, data_parallel: int) -> int:
+  """The global validation batch: `eval_batch_size`, or fewer rows (a multiple of the data-
+  parallel size) when their logits would pass `EVAL_LOGITS_BYTES` per device."""
+  per_device = max(1, EVAL_LOGITS_BYTES // (4 * config.lm.cutoff * vocab_size))
+  return min(config.eval_batch_size, data_parallel * per_device)  # nothing new, nothing to probe: no method 'head'
 
 
 def trainable_patterns(method: str) -> tuple[str, ...]:
@@ -265,7 +275,8 @@ def make_train_step(exp: LMExperiment):
     params = optim.combine(trainable, frozen)
     rngs = {"dropout": jax.random.fold_in(jax.random.key(seed), step)}  # adapter dropout
     logits = model.apply({"params": params}, batch["input_ids"],
-                         attention_mask=batch["attention_mask"], rngs=rngs)
+                         attention_mask=batch["attention_mask"],
+                         segment_ids=batch.get("segment_ids"), rngs=rngs)  # packed rows
     loss, acc, _ = weighted_lm_loss(logits, batch["input_ids"], _weights(batch))
     return loss, acc
 
@@ -333,7 +344,9 @@ class Evaluator:
                                                     exp.frozen_shardings,
                                                     sharding.batch_sharding(exp.mesh)),
                             out_shardings=rep)
-    self.eval_batch = max(c.eval_batch_size // jax.process_count(), 1)
+    rows = validation_batch_size(c, exp.decoder_config.vocab_size,
+                                 sharding.data_parallel_size(exp.mesh))
+    self.eval_batch = max(rows // jax.process_count(), 1)
 
   def validation(self, state) -> dict[str, float]:
     tot = {"loss": 0.0, "correct": 0.0, "count": 0.0}
