@@ -125,6 +125,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.lm.eval_batch_size = 8
   c.lm.num_beams = 4
   c.lm.max_new_tokens = 32
+  c.lm.early_stopping = "false"  # beam stop rule, transformers' early_stopping: false | never | true
+  c.lm.max_eval_prompt_tokens = 1024  # longer evaluation prompts keep their last n tokens (0: all)
   # Demo only: a tiny decoder pretrained once on an embedded corpus (cached).
   # questions: instruction-formatted questions about the facts among the pretraining text.
   c.lm.pretrain = ml_collections.ConfigDict(dict(enabled=False, steps=300, batch_size=32,
