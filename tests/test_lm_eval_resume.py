@@ -148,7 +148,7 @@ def test_evaluate_only_on_exported_adapter_and_merged_checkpoint(cs_dir, tmp_pat
 
 
 def _cmd(workdir, cs_dir, *extra):
-  flags = [f"--config.{k}={','.join(v) if isinstance(v, tuple) else v}"
+  flags = [f"--config.{k}={v}"
            for k, v in _overrides(cs_dir).items()]
   return [sys.executable, os.path.join(ROOT, "train.py"),
           f"--config={os.path.join(ROOT, 'configs', 'commonsense.py')}:tiny",
