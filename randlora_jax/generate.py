@@ -56,6 +56,8 @@ class GenerationConfig:
     if self.early_stopping not in (False, True, "never"):
       raise ValueError(f"early_stopping must be False, True or 'never', got "
                        f"{self.early_stopping!r}")
+    if self.early_stopping != "never":  # 0 / 1 as the bools they equal
+      object.__setattr__(self, "early_stopping", bool(self.early_stopping))
     if isinstance(self.eos_token_id, (list, tuple)):
       object.__setattr__(self, "eos_token_id", tuple(int(e) for e in self.eos_token_id))
     if self.method not in ("greedy", "sample", "beam"):
