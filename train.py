@@ -6,6 +6,11 @@
 
 Overrides: any field, e.g. `--config.method=lora --config.batch_size=64`. See
 `randlora_jax/train/config.py` for every field.
+
+Decoder LLMs (task causal_lm): `--evaluate_only=<dir>` scores an exported adapter
+(<workdir>/export/adapter) or merged checkpoint (<workdir>/export/merged) with the same config,
+without training (docs/llm_eval.md). A SIGTERM during any evaluation saves the scores so far and
+exits 0; the same command again scores only what is missing.
 """
 
 import json
@@ -18,6 +23,8 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config file.")
 flags.DEFINE_string("workdir", "/tmp/randlora_jax", "Checkpoints, metrics, exports, summary.")
+flags.DEFINE_string("evaluate_only", "", "causal_lm: score this exported adapter or merged "
+                    "checkpoint directory instead of training (results under --workdir).")
 
 
 def fail(e: Exception) -> None:
@@ -42,17 +49,24 @@ def main(argv):
     sharding.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
 
   from randlora_jax import checkpoint as ckpt_lib
+  from randlora_jax.evaluation.commonsense import EvaluationStopped
   from randlora_jax.train import demo, loop
 
   # ---- build and run
   try:
-    if config.methods:
+    if FLAGS.evaluate_only:
+      if config.task != "causal_lm":
+        raise validate.ConfigError(f"--evaluate_only is for task causal_lm, not {config.task!r}")
+      from randlora_jax.tasks import causal_lm
+      summary = causal_lm.evaluate_export(config, FLAGS.evaluate_only, FLAGS.workdir)
+      print(json.dumps(summary, indent=2))
+    elif config.methods:
       demo.compare(config, FLAGS.workdir)
     else:
       load = demo.pretrained_loader(config) if config.pretrain.enabled else None
       summary = loop.train(config, FLAGS.workdir, load_pretrained=load)
       print(json.dumps(summary, indent=2))
-  except loop.Preempted as e:
+  except (loop.Preempted, EvaluationStopped) as e:
     # Not a failure: the state is saved; the scheduler restarts the same command.
     print(f"{e}: {shlex.join(['python', *sys.argv])}", file=sys.stderr)
     sys.exit(0)

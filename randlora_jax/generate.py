@@ -12,11 +12,12 @@ as given.
 
 * ``greedy``: argmax;
 * ``sample``: temperature, then top-k, then top-p (nucleus), in transformers' order;
-* ``beam``: beam search as transformers does it (2K candidates per step, a hypothesis ending
-  in EOS scored sum(log p) / generated_length ** length_penalty, only the top K candidates
-  may finish, running beams finish at the length limit).
+* ``beam``: beam search as transformers' ``generate`` does it: max(2, 1 + #EOS ids) x K
+  candidates per step, a hypothesis ending in EOS scored sum(log p) / generated_length **
+  length_penalty, only the top K candidates may finish, running beams finish at the length
+  limit; ``early_stopping`` is transformers' stop rule (see `GenerationConfig`).
 
-Rows stop at ``eos_token_id``; what follows is ``pad_token_id``.
+Rows stop at any of ``eos_token_id`` (one id or several); what follows is ``pad_token_id``.
 """
 
 from __future__ import annotations
@@ -42,10 +43,23 @@ class GenerationConfig:
   top_p: float = 1.0  # 1: off
   num_beams: int = 4
   length_penalty: float = 1.0
-  eos_token_id: int | None = None
+  # transformers' rule (its default False, which the paper's evaluation ran): once K
+  # hypotheses have finished, a row takes no new one when its best running beam's score over
+  # the CURRENT length ** length_penalty does not beat the worst finished one. "never": the
+  # same test with the longest possible length when length_penalty > 0 (exact: no better
+  # hypothesis is ever refused). True: as False, and a row also stops at K finished.
+  early_stopping: bool | str = False
+  eos_token_id: int | tuple[int, ...] | None = None  # several: stop on any
   pad_token_id: int = 0
 
   def __post_init__(self):
+    if self.early_stopping not in (False, True, "never"):
+      raise ValueError(f"early_stopping must be False, True or 'never', got "
+                       f"{self.early_stopping!r}")
+    if self.early_stopping != "never":  # 0 / 1 as the bools they equal
+      object.__setattr__(self, "early_stopping", bool(self.early_stopping))
+    if isinstance(self.eos_token_id, (list, tuple)):
+      object.__setattr__(self, "eos_token_id", tuple(int(e) for e in self.eos_token_id))
     if self.method not in ("greedy", "sample", "beam"):
       raise ValueError(f"method must be 'greedy', 'sample' or 'beam', got {self.method!r}")
     if self.max_new_tokens < 1:
@@ -99,21 +113,32 @@ def _step(model, variables, tok, cache, kv_valid, slot, position):
   return logits[:, 0], cache, kv_valid
 
 
+def _eos_ids(gen: GenerationConfig) -> tuple[int, ...]:
+  e = gen.eos_token_id
+  return () if e is None else (e,) if isinstance(e, int) else tuple(e)
+
+
 def _static(gen: GenerationConfig) -> tuple:
-  """What changes the compiled program (the rest is passed as traced scalars)."""
-  return gen.method, gen.max_new_tokens, gen.num_beams, gen.top_k
+  """What changes the compiled program (the rest is passed as traced values)."""
+  return (gen.method, gen.max_new_tokens, gen.num_beams, gen.top_k, gen.early_stopping,
+          len(_eos_ids(gen)))
+
+
+def _is_eos(tok, eos):
+  """tok (...) in the EOS ids eos (E,) (E = 0: never)."""
+  return (tok[..., None] == eos).any(-1)
 
 
 def _dynamic(gen: GenerationConfig) -> dict:
-  eos = -1 if gen.eos_token_id is None else gen.eos_token_id
-  return {"eos": jnp.int32(eos), "pad": jnp.int32(gen.pad_token_id),
+  return {"eos": jnp.asarray(_eos_ids(gen), jnp.int32).reshape(-1),
+          "pad": jnp.int32(gen.pad_token_id),
           "temperature": jnp.float32(gen.temperature), "top_p": jnp.float32(gen.top_p),
           "length_penalty": jnp.float32(gen.length_penalty)}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _sample_loop(model, static, dyn, variables, ids, mask, rng):
-  method, max_new, _, top_k = static
+  method, max_new, _, top_k, _, _ = static
   b, s = ids.shape
   logits, cache, kv_valid, lengths = _prefill(model, variables, ids, mask, s + max_new)
   eos, pad = dyn["eos"], dyn["pad"]
@@ -129,7 +154,7 @@ def _sample_loop(model, static, dyn, variables, ids, mask, rng):
     rng, key = jax.random.split(rng)
     tok = jnp.where(done, pad, pick(logits, key))
     out = out.at[:, t].set(tok)
-    done = done | (tok == eos)
+    done = done | _is_eos(tok, eos)
     logits, cache, kv_valid = _step(model, variables, tok, cache, kv_valid, s + t, lengths + t)
     return logits, cache, kv_valid, done, out, rng
 
@@ -141,9 +166,13 @@ def _sample_loop(model, static, dyn, variables, ids, mask, rng):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _beam_loop(model, static, dyn, variables, ids, mask):
-  _, n, k, _ = static
+  """transformers' `_beam_search` (generation/utils.py, v4.50+ and v5) with static shapes:
+  the loop always runs `n` steps; a row that transformers would have stopped takes no new
+  finished hypothesis, so its result is the one transformers returns."""
+  _, n, k, _, early_stopping, n_eos = static
   b, s = ids.shape
-  eos, pad = dyn["eos"], dyn["pad"]
+  eos, pad, lp = dyn["eos"], dyn["pad"], dyn["length_penalty"]
+  keep = max(2, 1 + n_eos) * k  # candidates per step: enough that K of them do not end
   logits, cache, kv_valid, lengths = _prefill(model, variables, ids, mask, s + n)
   rep = lambda x: jnp.repeat(x, k, axis=0)
   cache = jax.tree.map(lambda c: jnp.repeat(c, k, axis=1), cache)  # (L, B*K, ...)
@@ -152,40 +181,56 @@ def _beam_loop(model, static, dyn, variables, ids, mask):
   seqs = jnp.full((b, k, n), pad, jnp.int32)
   fin_scores = jnp.full((b, k), NEG, jnp.float32)
   fin_seqs = jnp.full((b, k, n), pad, jnp.int32)
+  fin_flags = jnp.zeros((b, k), bool)  # which finished slots hold a hypothesis
+  may_improve = jnp.ones((b,), bool)  # transformers' "early stop heuristic unsatisfied"
   vocab = logits.shape[-1]
+  first_k = (jnp.arange(keep) < k)[None]
 
   def body(t, carry):
-    logits, cache, kv_valid, running, seqs, fin_scores, fin_seqs = carry
+    logits, cache, kv_valid, running, seqs, fin_scores, fin_seqs, fin_flags, may_improve = carry
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k, vocab)
     cand = (running[:, :, None] + logp).reshape(b, k * vocab)
-    top, idx = jax.lax.top_k(cand, 2 * k)  # (B, 2K)
+    top, idx = jax.lax.top_k(cand, keep)  # (B, keep), best first
     beam, tok = idx // vocab, (idx % vocab).astype(jnp.int32)
     cand_seqs = jnp.take_along_axis(seqs, beam[:, :, None], axis=1).at[:, :, t].set(tok)
-    ends = (tok == eos) | (t == n - 1)
-    # finished: only the top K candidates may finish (transformers' rule)
-    norm = top / (t + 1.0) ** dyn["length_penalty"]
-    new_fin = jnp.where(ends & (jnp.arange(2 * k) < k)[None], norm, NEG)
-    all_scores = jnp.concatenate([fin_scores, new_fin], axis=1)
-    all_seqs = jnp.concatenate([fin_seqs, cand_seqs], axis=1)
-    fin_scores, keep = jax.lax.top_k(all_scores, k)
-    fin_seqs = jnp.take_along_axis(all_seqs, keep[:, :, None], axis=1)
-    # running: the best K candidates that did not end
-    run_scores = jnp.where(tok == eos, NEG, top)
-    running, keep = jax.lax.top_k(run_scores, k)
-    src = jnp.take_along_axis(beam, keep, axis=1)  # parent beam of each kept candidate
-    seqs = jnp.take_along_axis(cand_seqs, keep[:, :, None], axis=1)
-    next_tok = jnp.take_along_axis(tok, keep, axis=1).reshape(b * k)
+    ends = _is_eos(tok, eos) | (t == n - 1)
+    # finished: only the top K candidates, and only while the row may still improve
+    # (early_stopping=True: also only until K have finished)
+    open_row = may_improve
+    if early_stopping is True:
+      open_row = open_row & ~fin_flags.all(-1)
+    new = ends & first_k & open_row[:, None]
+    norm = jnp.where(new, top / (t + 1.0) ** lp, NEG)
+    all_scores = jnp.concatenate([fin_scores, norm], axis=1)
+    fin_scores, sel = jax.lax.top_k(all_scores, k)
+    fin_seqs = jnp.take_along_axis(jnp.concatenate([fin_seqs, cand_seqs], axis=1),
+                                   sel[:, :, None], axis=1)
+    fin_flags = jnp.take_along_axis(jnp.concatenate([fin_flags, new], axis=1), sel, axis=1)
+    # running: the best K candidates that did not end (transformers adds -1e9 to the others)
+    running, sel = jax.lax.top_k(jnp.where(ends, top + NEG, top), k)
+    src = jnp.take_along_axis(beam, sel, axis=1)  # parent beam of each kept candidate
+    seqs = jnp.take_along_axis(cand_seqs, sel[:, :, None], axis=1)
+    next_tok = jnp.take_along_axis(tok, sel, axis=1).reshape(b * k)
+    # the stop heuristic, after t + 1 generated tokens: can the best running beam still beat
+    # the worst of K finished hypotheses?
+    length = jnp.float32(t + 1)
+    if early_stopping == "never":
+      length = jnp.where(lp > 0, jnp.float32(n), length)
+    best_possible = running[:, 0] / length ** lp
+    may_improve = may_improve & (~fin_flags.all(-1) | (best_possible > fin_scores.min(-1)))
     rows = (jnp.arange(b)[:, None] * k + src).reshape(b * k)
     cache = jax.tree.map(lambda c: c[:, rows], cache)
     logits, cache, kv_valid = _step(model, variables, next_tok, cache, kv_valid[rows], s + t,
                                     lengths + t)
-    return logits, cache, kv_valid, running, seqs, fin_scores, fin_seqs
+    return (logits, cache, kv_valid, running, seqs, fin_scores, fin_seqs, fin_flags,
+            may_improve)
 
-  carry = (logits, cache, kv_valid, running, seqs, fin_scores, fin_seqs)
+  carry = (logits, cache, kv_valid, running, seqs, fin_scores, fin_seqs, fin_flags, may_improve)
   carry = jax.lax.fori_loop(0, n, body, carry)
   best = carry[6][:, 0]
   # tokens after a hypothesis' EOS are padding
-  after = jnp.cumsum(best == eos, axis=-1) - (best == eos) > 0
+  hit = _is_eos(best, eos)
+  after = jnp.cumsum(hit, axis=-1) - hit > 0
   return jnp.where(after, pad, best), carry[5][:, 0]
 
 

@@ -82,9 +82,9 @@ def test_cutoff_eos_and_prompt_mask():
   assert tok.decode(ids[n_prompt:]) == RECORD["output"]
 
   rows = data_lib.PackedSource([RECORD] * 3, tok, cutoff=64)
-  flat = rows.ids.reshape(-1).tolist()
-  one = tok.encode(full)[:64] + [1]  # each example cut to `cutoff`, then its EOS
-  assert len(rows) == 3 * len(one) // 64 and flat == (one * 3)[:len(flat)]
+  one = tok.encode(full)[:64]  # each example cut to `cutoff` (no room for EOS), one per row
+  assert len(rows) == 3 and rows.ids.tolist() == [one] * 3
+  assert (rows.segment_ids == 1).all() and (rows.weights[:, 0] == 0).all()
 
 
 def test_read_records_and_validation_split(tmp_path):

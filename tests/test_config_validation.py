@@ -61,7 +61,7 @@ BAD_VALUES = [
     ("lm.fields.input", 3), ("lm.fields.answer", None),
     ("lm.num_beams", 0), ("lm.max_new_tokens", 0), ("lm.pretrain.enabled", "yes"),
     ("lm.pretrain.steps", 0), ("lm.pretrain.batch_size", 0), ("lm.pretrain.lr", 0.0),
-    ("lm.pretrain.questions", -1),
+    ("lm.pretrain.questions", -1), ("lm.early_stopping", "False"), ("lm.max_eval_prompt_tokens", -1),
 ]
 
 

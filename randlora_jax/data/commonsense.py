@@ -8,8 +8,11 @@ those fields (`tfds_records`).
 * Tokenisation as the paper's script: the full prompt truncated to `cutoff` tokens, EOS
   appended when it fits; the loss covers prompt AND response unless `mask_prompt` (then the
   prompt's tokens get weight 0).
-* Packing (option): examples (each with its EOS) concatenated and cut into rows of `cutoff`;
-  attention then crosses example boundaries (the plain causal mask), as naive packing does.
+* Packing (option): whole examples (tokenised as above) placed into rows of `cutoff` tokens
+  (best fit, in order of decreasing length), each with its own `segment_ids` (1, 2, ... per
+  row; 0 padding): the decoder attends within a segment only and restarts positions, and an
+  example's first token is never a target, so every example's loss terms are those it has
+  alone in a padded row (tests/test_packing.py). Fewer rows, less padding (bench/packing.py).
 * The held-out validation split: `val_size` (120) records drawn with a fixed seed.
 * Per-process reading: `TokenizedSource` tokenises lazily, so a process tokenises only the
   records of its own shard (the grain pipeline slices ``[process_index::process_count]``);
@@ -199,32 +202,55 @@ class TokenizedSource:
     return pad_row(ids, w, self.cutoff, self.tok.pad_id)
 
 
+def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+  """Indices of items grouped into bins of `capacity`: each item, longest first, goes into
+  the fullest bin it fits (best fit decreasing); bins in order of creation."""
+  free: list[list[int]] = [[] for _ in range(capacity + 1)]  # room left -> open bins
+  bins: list[list[int]] = []
+  for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+    n = lengths[i]
+    if n > capacity:
+      raise ValueError(f"an item of {n} > capacity {capacity}")
+    room = next((r for r in range(n, capacity + 1) if free[r]), None)
+    if room is None:
+      b, room = len(bins), capacity
+      bins.append([])
+    else:
+      b = free[room].pop()
+    bins[b].append(i)
+    free[room - n].append(b)
+  return bins
+
+
 class PackedSource:
-  """Rows of exactly `cutoff` tokens cut from the concatenation of the examples (each with
-  its EOS); the last partial row is dropped."""
+  """Rows of `cutoff` tokens, each holding whole examples (`pack`) with `segment_ids`; the
+  first token of each example has loss weight 0 (in its own row it would be no target)."""
 
   def __init__(self, records: list[dict], tok: TextTokenizer, cutoff: int,
                mask_prompt: bool = False):
-    ids, weights = [], []
-    for r in records:
-      i, w = tokenize_example(tok, r, cutoff, mask_prompt)
-      if i[-1] != tok.eos_id:
-        i, w = i + [tok.eos_id], w + [1.0]
-      ids += i
-      weights += w
-    n = len(ids) // cutoff
-    if n == 0:
-      raise DataFormatError(f"packing {len(records)} records gives {len(ids)} tokens, fewer "
-                            f"than one row of {cutoff}")
-    self.ids = np.asarray(ids[:n * cutoff], np.int32).reshape(n, cutoff)
-    self.weights = np.asarray(weights[:n * cutoff], np.float32).reshape(n, cutoff)
+    examples = [tokenize_example(tok, r, cutoff, mask_prompt) for r in records]
+    if not examples:
+      raise DataFormatError("packing needs at least one record")
+    bins = pack([len(ids) for ids, _ in examples], cutoff)
+    self.ids = np.full((len(bins), cutoff), tok.pad_id, np.int32)
+    self.weights = np.zeros((len(bins), cutoff), np.float32)
+    self.segment_ids = np.zeros((len(bins), cutoff), np.int32)
+    for row, members in enumerate(bins):
+      at = 0
+      for seg, i in enumerate(members, 1):
+        ids, w = examples[i]
+        self.ids[row, at:at + len(ids)] = ids
+        self.weights[row, at + 1:at + len(ids)] = w[1:]
+        self.segment_ids[row, at:at + len(ids)] = seg
+        at += len(ids)
+    self.num_examples = len(examples)
 
   def __len__(self) -> int:
     return len(self.ids)
 
   def __getitem__(self, i) -> dict:
-    return {"input_ids": self.ids[i], "attention_mask": np.ones_like(self.ids[i]),
-            "loss_weights": self.weights[i]}
+    return {"input_ids": self.ids[i], "attention_mask": (self.segment_ids[i] > 0).astype(np.int32),
+            "loss_weights": self.weights[i], "segment_ids": self.segment_ids[i]}
 
 
 def batches(source, batch_size: int, process_index: int = 0, process_count: int = 1):

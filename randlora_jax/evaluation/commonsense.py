@@ -5,15 +5,30 @@ weights; the prediction is the FIRST match of the task's regex in the text after
 "### Response:"; exact match with the record's ``answer`` (no match: wrong); per-task
 accuracy and their mean.
 
+Beam search stops by transformers' default rule (``early_stopping=False``), as the paper's
+evaluation (transformers' ``generate``) did; ``"never"`` and ``True`` are its other rules.
+
 Log-likelihood option (faster: one forward per option, no decoding): every option of the
 task, written as the response "the correct answer is {option}", scored by the sum of its
 tokens' log-probabilities after the evaluation prompt; the best is the prediction.
+
+Over-long prompts: a prompt of more than ``max_prompt_tokens`` tokens keeps its LAST
+``max_prompt_tokens`` (left truncation, as lm-eval cuts contexts): the end of the instruction,
+its answer format and "### Response:" stay, the start of the template and of a long passage
+go. Nothing is cut with ``max_prompt_tokens=0``.
+
+Resumable scoring (`evaluate` with ``results_dir``): each task's per-record hits are written
+to ``<results_dir>/<task>.json`` after every batch, with a key naming what was evaluated and
+how; a run stopped in between (``should_stop``) raises `EvaluationStopped`, and a rerun with
+the same key scores only the records that have no hit yet.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +49,16 @@ TASK_PATTERNS = {
     "openbookqa": r"answer1|answer2|answer3|answer4|answer5",
 }
 RESPONSE_PREFIX = "the correct answer is "
+
+
+class EvaluationStopped(Exception):
+  """`should_stop` asked the evaluation to stop; the hits so far are saved (the message says
+  where and how to go on)."""
+
+
+def truncate_prompt(ids: list[int], max_prompt_tokens: int) -> list[int]:
+  """The last `max_prompt_tokens` ids of an over-long prompt (0: all)."""
+  return ids[-max_prompt_tokens:] if 0 < max_prompt_tokens < len(ids) else ids
 
 
 def options(task: str) -> list[str]:
@@ -78,21 +103,23 @@ def _left_pad(rows: list[list[int]], pad_id: int, multiple: int = 64):
 
 
 def generate_responses(model, params, tok, records: Sequence[dict], *, batch_size: int = 8,
-                       num_beams: int = 4, max_new_tokens: int = 32) -> list[str]:
+                       num_beams: int = 4, max_new_tokens: int = 32,
+                       early_stopping: bool | str = False, max_prompt_tokens: int = 0
+                       ) -> list[str]:
   """The paper's generation: eval prompt, beam search (or greedy with num_beams=1); returns
   prompt + generated text per record (the caller takes what follows "### Response:")."""
   out = []
   for start in range(0, len(records), batch_size):
     chunk = records[start:start + batch_size]
     prompts = [data_lib.eval_prompt(r) for r in chunk]
-    rows = [tok.encode(p) for p in prompts]
+    rows = [truncate_prompt(tok.encode(p), max_prompt_tokens) for p in prompts]
     n = len(rows)
     rows += [rows[-1]] * (batch_size - n)  # a fixed batch shape
     ids, mask = _left_pad(rows, tok.pad_id)
     new = gen_lib.generate(model, {"params": params}, ids, mask,
                            method="beam" if num_beams > 1 else "greedy", num_beams=num_beams,
                            max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id,
-                           pad_token_id=tok.pad_id)
+                           pad_token_id=tok.pad_id, early_stopping=early_stopping)
     for p, row in zip(prompts, new[:n]):
       out.append(p + tok.decode([int(t) for t in row if t != tok.pad_id]))
   return out
@@ -111,9 +138,11 @@ def _option_logprob_fn(model):
 
 
 def continuation_logprobs(model, params, tok, pairs: Sequence[tuple[str, str]], *,
-                          batch_size: int = 8, fn=None) -> tuple[list[float], list[bool]]:
+                          batch_size: int = 8, fn=None, max_prompt_tokens: int = 0
+                          ) -> tuple[list[float], list[bool]]:
   """(sum log p(continuation | context), whether the continuation is the greedy one) for each
-  (context, continuation) pair; the continuation's tokens are those after the context's."""
+  (context, continuation) pair; the continuation's tokens are those after the context's (the
+  context's cut by `truncate_prompt`)."""
   fn = fn or _option_logprob_fn(model)
   out, greedy = [], []
   for start in range(0, len(pairs), batch_size):
@@ -123,6 +152,8 @@ def continuation_logprobs(model, params, tok, pairs: Sequence[tuple[str, str]], 
       c = tok.encode(ctx)
       full = tok.encode(ctx + cont)
       k = next((i for i, (a, b) in enumerate(zip(c, full)) if a != b), min(len(c), len(full)))
+      if 0 < max_prompt_tokens < k:
+        full, k = full[k - max_prompt_tokens:], max_prompt_tokens
       rows.append(full)
       spans.append((k, len(full)))
     n = len(rows)
@@ -142,29 +173,74 @@ def continuation_logprobs(model, params, tok, pairs: Sequence[tuple[str, str]], 
 
 
 def loglik_predictions(model, params, tok, task: str, records: Sequence[dict], *,
-                       batch_size: int = 8) -> list[str]:
+                       batch_size: int = 8, max_prompt_tokens: int = 0) -> list[str]:
   """The best-scoring option of each record (log-likelihood multiple choice)."""
   opts = options(task)
   pairs = [(data_lib.eval_prompt(r), RESPONSE_PREFIX + o) for r in records for o in opts]
-  lps, _ = continuation_logprobs(model, params, tok, pairs, batch_size=batch_size)
+  lps, _ = continuation_logprobs(model, params, tok, pairs, batch_size=batch_size,
+                                 max_prompt_tokens=max_prompt_tokens)
   lps = np.asarray(lps).reshape(len(records), len(opts))
   return [opts[i] for i in lps.argmax(-1)]
 
 
+def _read_hits(path: str, key: dict) -> list[bool]:
+  """The hits saved for `key` in `path` ([] when there are none, or they are another
+  evaluation's)."""
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return []
+  return list(saved.get("hits", [])) if saved.get("key") == key else []
+
+
+def _write_hits(path: str, key: dict, task: str, hits: list[bool], total: int) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  done = {"task": task, "key": key, "scored": len(hits), "total": total,
+          "accuracy": float(np.mean(hits)) if len(hits) == total and total else None,
+          "hits": hits}
+  with open(path + ".tmp", "w") as f:
+    json.dump(done, f)
+  os.replace(path + ".tmp", path)  # a kill mid-write leaves the previous file
+
+
 def evaluate(model, params, tok, tasks: dict[str, Sequence[dict]], *, mode: str = "generate",
-             batch_size: int = 8, num_beams: int = 4, max_new_tokens: int = 32
-             ) -> dict[str, float]:
-  """Per-task accuracy and the mean (`summarize`), by generation or log-likelihood."""
+             batch_size: int = 8, num_beams: int = 4, max_new_tokens: int = 32,
+             early_stopping: bool | str = False, max_prompt_tokens: int = 0,
+             results_dir: str | None = None, key: dict | None = None,
+             should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
+  """Per-task accuracy and the mean (`summarize`), by generation or log-likelihood; resumable
+  through `results_dir` (module docstring)."""
+  if mode not in ("generate", "loglik"):
+    raise ValueError(f"mode must be 'generate' or 'loglik', got {mode!r}")
+  key = dict(key or {}, mode=mode, num_beams=num_beams, max_new_tokens=max_new_tokens,
+             early_stopping=early_stopping, max_prompt_tokens=max_prompt_tokens)
   per_task = {}
   for task, records in tasks.items():
-    answers = [r["answer"] for r in records]
-    if mode == "generate":
-      texts = generate_responses(model, params, tok, records, batch_size=batch_size,
-                                 num_beams=num_beams, max_new_tokens=max_new_tokens)
-      per_task[task] = score(task, texts, answers)
-    elif mode == "loglik":
-      preds = loglik_predictions(model, params, tok, task, records, batch_size=batch_size)
-      per_task[task] = float(np.mean([p == a for p, a in zip(preds, answers)]))
-    else:
-      raise ValueError(f"mode must be 'generate' or 'loglik', got {mode!r}")
+    path = os.path.join(results_dir, f"{task}.json") if results_dir else None
+    hits = _read_hits(path, dict(key, n=len(records))) if path else []
+    for start in range(len(hits), len(records), batch_size):
+      chunk = records[start:start + batch_size]
+      if mode == "generate":
+        texts = generate_responses(model, params, tok, chunk, batch_size=batch_size,
+                                   num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                   early_stopping=early_stopping,
+                                   max_prompt_tokens=max_prompt_tokens)
+        preds = [extract_answer(task, t) for t in texts]
+      else:
+        preds = loglik_predictions(model, params, tok, task, chunk, batch_size=batch_size,
+                                   max_prompt_tokens=max_prompt_tokens)
+      hits += [p == r["answer"] for p, r in zip(preds, chunk)]
+      if path:
+        _write_hits(path, dict(key, n=len(records)), task, hits, len(records))
+      last = task == list(tasks)[-1] and len(hits) == len(records)
+      if should_stop is not None and not last and should_stop():
+        where = f"; scores so far in {results_dir}" if results_dir else ""
+        raise EvaluationStopped(f"evaluation stopped after {len(hits)} of {len(records)} "
+                                f"records of {task}{where}: rerun the same command to score "
+                                "the rest")
+    per_task[task] = float(np.mean(hits)) if hits else 0.0
   return summarize(per_task)

@@ -17,7 +17,10 @@ rematerialised (`DecoderConfig.remat`). The same call serves training (no cache)
 generation: a KV cache ``{'k', 'v'}`` of shape (layers, batch, slots, kv_heads, head_dim) is
 scanned with the blocks; new keys are written at ``cache_index``. Attention is masked by SLOT
 (causal) and by a per-slot validity mask, while RoPE uses the given POSITIONS, so left- and
-right-padded batches decode correctly from one shared slot counter.
+right-padded batches decode correctly from one shared slot counter. Packed rows (several
+examples per row, training) pass ``segment_ids``: a token attends only to earlier tokens of
+its own segment, and positions restart at 0 in each segment, so every example is computed
+exactly as it would be alone in a row.
 """
 
 from __future__ import annotations
@@ -198,8 +201,9 @@ class RMSNorm(nn.Module):
     return w.astype(self.dtype) * y.astype(self.dtype)
 
 
-def attention(q, k, v, q_slots, kv_valid, scale):
-  """Causal-by-slot GQA attention: q (B,T,H,hd), k/v (B,S,KV,hd), q_slots (T,), kv_valid (B,S).
+def attention(q, k, v, q_slots, kv_valid, scale, segment_ids=None):
+  """Causal-by-slot GQA attention: q (B,T,H,hd), k/v (B,S,KV,hd), q_slots (T,), kv_valid (B,S);
+  `segment_ids` (B, T = S, no cache): attention stays within a segment.
 
   Logits and softmax in float32; a query with no visible key (a padding token) attends
   uniformly instead of producing NaN.
@@ -209,6 +213,8 @@ def attention(q, k, v, q_slots, kv_valid, scale):
   qg = q.reshape(b, t, kvh, h // kvh, hd)
   logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
   visible = (jnp.arange(k.shape[1])[None, :] <= q_slots[:, None])[None] & kv_valid[:, None, :]
+  if segment_ids is not None:
+    visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
   logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -231,7 +237,7 @@ class Block(nn.Module):
     return RMSNorm(cfg.rms_norm_eps, cfg.family == "gemma", cfg.dtype, cfg.param_dtype, name=name)
 
   @nn.compact
-  def __call__(self, x, cache, positions, kv_valid, cache_index):
+  def __call__(self, x, cache, positions, kv_valid, cache_index, segment_ids):
     cfg = self.config
     b, t, _ = x.shape
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
@@ -258,7 +264,7 @@ class Block(nn.Module):
       values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
       new_cache = {"k": keys, "v": values}
     out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), q_slots, kv_valid,
-                    hd ** -0.5)
+                    hd ** -0.5, segment_ids)
     x = x + self._dense("o_proj", cfg.hidden_size, cfg.o_bias)(out)
 
     y = self._norm("post_attention_layernorm")(x)
@@ -286,6 +292,8 @@ class Decoder(nn.Module):
       writes the T new keys at slots ``[cache_index, cache_index + T)`` and `kv_valid` (B, S)
       says which slots hold real tokens after the write. Returns (logits, new cache).
     select: (B,) index of ONE position per row whose logits are wanted -> (B, V) (prefill).
+    segment_ids: (B, T) packed rows (no cache): attention within equal ids only; default
+      positions restart at each segment's first token.
   """
 
   config: DecoderConfig
@@ -293,12 +301,16 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, *, attention_mask=None, positions=None, cache=None,
-               cache_index=None, kv_valid=None, select=None):
+               cache_index=None, kv_valid=None, select=None, segment_ids=None):
     cfg = self.config
     dense = self.dense or _default_dense
     b, t = input_ids.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
+    if segment_ids is not None and cache is not None:
+      raise ValueError("segment_ids are for packed training rows, not with a cache")
+    if positions is None and segment_ids is not None:
+      positions = segment_positions(segment_ids)
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
     if cache is None:
@@ -319,9 +331,10 @@ class Decoder(nn.Module):
     # each layer its own dropout key (adapter dropout in training; no key otherwise)
     stack = nn.scan(block, variable_axes={"params": 0},
                     split_rngs={"params": True, "dropout": True},
-                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=cfg.num_layers)
-    x, new_cache = stack(cfg, dense, name="layers")(x, cache, positions, kv_valid, cache_index)
+    x, new_cache = stack(cfg, dense, name="layers")(x, cache, positions, kv_valid, cache_index,
+                                                    segment_ids)
 
     if select is not None:
       x = jnp.take_along_axis(x, select[:, None, None].astype(jnp.int32), axis=1)[:, 0]
@@ -334,6 +347,14 @@ class Decoder(nn.Module):
                                 param_dtype=cfg.param_dtype, name="lm_head")(x)
     logits = logits.astype(jnp.float32)
     return logits if cache is None else (logits, new_cache)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """(B, T) each token's index within its segment (a run of equal ids)."""
+  t = jnp.arange(segment_ids.shape[1])
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
 
 
 def init_cache(cfg: DecoderConfig, batch: int, slots: int, dtype=None) -> dict[str, jax.Array]:

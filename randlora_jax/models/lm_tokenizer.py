@@ -31,8 +31,12 @@ class LMTokenizer:
   def vocab_size(self) -> int:
     return len(self.hf)
 
-  def encode(self, text: str) -> list[int]:
-    return list(self.hf(text, add_special_tokens=True)["input_ids"])
+  @property
+  def bos_id(self) -> int | None:
+    return self.hf.bos_token_id
+
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    return list(self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.hf.decode(list(ids), skip_special_tokens=True)

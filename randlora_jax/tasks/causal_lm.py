@@ -15,7 +15,11 @@
   into the weights, then ``lm.eval_mode`` 'generate' (4-beam, 32 tokens, regex, the paper's
   protocol) or 'loglik' (option log-likelihood) over ``lm.eval_dir/<task>/test.json`` for
   each of ``lm.eval_tasks`` (evaluation/commonsense.py). The summary's ``test_accuracy`` is
-  the mean over the tasks; ``acc/<task>`` each.
+  the mean over the tasks; ``acc/<task>`` each. Scores are saved per task as they come in
+  (``<workdir>/eval/<task>.json``); a SIGTERM / SIGINT during this evaluation saves them and
+  stops the process with status 0, and the same command again scores only what is missing.
+  `evaluate_export` scores an exported adapter or merged checkpoint alone
+  (``train.py --evaluate_only=<dir>``; docs/llm_eval.md).
 * Methods: randlora / lora (adapters on ``adapter.targets``, adapter dropout
   ``adapter.dropout`` in the layers), full; a decoder has no head to probe (methods registry).
 """
@@ -31,6 +35,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from randlora_jax import adapter as adapter_lib
@@ -42,6 +47,7 @@ from randlora_jax.evaluation import commonsense as eval_lib
 from randlora_jax.models import hf_decoder, lm_tokenizer
 from randlora_jax.models.decoder import Decoder, DecoderConfig
 from randlora_jax.train import setup as setup_lib
+from randlora_jax.train import preemption
 from randlora_jax.train import step as step_lib
 from randlora_jax.train import validate
 from randlora_jax.train.validate import ConfigError
@@ -60,7 +66,17 @@ PRESETS = {
     "phi3_mini": lambda vocab: DecoderConfig.phi3_mini(),
     "llama3_8b": lambda vocab: DecoderConfig.llama3_8b(),
 }
-HEADS = methods.TaskHeads("causal_lm")  # nothing new, nothing to probe: no method 'head'
+HEADS = methods.TaskHeads("causal_lm")
+# Validation batches hold at most this many bytes of float32 logits per device (rows x cutoff
+# x vocab x 4): `eval_batch_size` 256 at cutoff 256 would be 40 GB for Qwen2's 151,936 ids.
+EVAL_LOGITS_BYTES = 1 << 30
+
+
+def validation_batch_size(config, vocab_size: int, data_parallel: int) -> int:
+  """The global validation batch: `eval_batch_size`, or fewer rows (a multiple of the data-
+  parallel size) when their logits would pass `EVAL_LOGITS_BYTES` per device."""
+  per_device = max(1, EVAL_LOGITS_BYTES // (4 * config.lm.cutoff * vocab_size))
+  return min(config.eval_batch_size, data_parallel * per_device)  # nothing new, nothing to probe: no method 'head'
 
 
 def trainable_patterns(method: str) -> tuple[str, ...]:
@@ -265,7 +281,8 @@ def make_train_step(exp: LMExperiment):
     params = optim.combine(trainable, frozen)
     rngs = {"dropout": jax.random.fold_in(jax.random.key(seed), step)}  # adapter dropout
     logits = model.apply({"params": params}, batch["input_ids"],
-                         attention_mask=batch["attention_mask"], rngs=rngs)
+                         attention_mask=batch["attention_mask"],
+                         segment_ids=batch.get("segment_ids"), rngs=rngs)  # packed rows
     loss, acc, _ = weighted_lm_loss(logits, batch["input_ids"], _weights(batch))
     return loss, acc
 
@@ -302,6 +319,38 @@ def merged_params(params, method: str, adapter_config: dict):
   return params
 
 
+EARLY_STOPPING = {"false": False, "never": "never", "true": True}  # lm.early_stopping
+
+
+def _digest(host_tree) -> str:
+  h = hashlib.sha256()
+  for x in jax.tree.leaves(host_tree):
+    h.update(np.ascontiguousarray(x).tobytes())
+  return h.hexdigest()
+
+
+def score_tasks(exp: LMExperiment, params, results_dir: str | None, key: dict) -> dict:
+  """The configured commonsense evaluation of plain decoder `params` (an adapter merged in),
+  saved per task in `results_dir` under `key` and resumed from it; a SIGTERM / SIGINT stops
+  it after the current batch (`eval_lib.EvaluationStopped`)."""
+  c = exp.config
+  if not exp.eval_tasks:
+    return {"accuracy": float("nan"), "count": 0.0}
+  watch = preemption.PreemptionWatch()
+  sync_points = iter(range(exp.total_steps + 1, 2**31))  # after the training's
+  try:
+    res = eval_lib.evaluate(
+        Decoder(exp.decoder_config), params, exp.tokenizer, exp.eval_tasks,
+        mode=c.lm.eval_mode, batch_size=c.lm.eval_batch_size, num_beams=c.lm.num_beams,
+        max_new_tokens=c.lm.max_new_tokens, early_stopping=EARLY_STOPPING[c.lm.early_stopping],
+        max_prompt_tokens=c.lm.max_eval_prompt_tokens, results_dir=results_dir, key=key,
+        should_stop=lambda: watch.should_stop(next(sync_points)))
+  finally:
+    watch.close()
+  res["count"] = float(sum(len(v) for v in exp.eval_tasks.values()))
+  return res
+
+
 class Evaluator:
   """`evaluator(state)`: validation loss at every call; at the last step, the commonsense
   evaluation of the best (lowest validation loss) state seen.
@@ -317,6 +366,7 @@ class Evaluator:
     rep = sharding.replicated(exp.mesh)
     self.best = None  # (val loss, step, host copy of the trainable partition)
     self.saved = ckpt_lib.BestCheckpoint(os.path.join(workdir, "best")) if workdir else None
+    self.results_dir = os.path.join(workdir, "eval") if workdir else None
     # laid out now: the loop donates exp.state to the first step
     self._target = ckpt_lib.abstract(exp.state.trainable, exp.state_shardings.trainable)
     self._restored = self.saved is None
@@ -333,7 +383,9 @@ class Evaluator:
                                                     exp.frozen_shardings,
                                                     sharding.batch_sharding(exp.mesh)),
                             out_shardings=rep)
-    self.eval_batch = max(c.eval_batch_size // jax.process_count(), 1)
+    rows = validation_batch_size(c, exp.decoder_config.vocab_size,
+                                 sharding.data_parallel_size(exp.mesh))
+    self.eval_batch = max(rows // jax.process_count(), 1)
 
   def validation(self, state) -> dict[str, float]:
     tot = {"loss": 0.0, "correct": 0.0, "count": 0.0}
@@ -380,17 +432,72 @@ class Evaluator:
       return {"accuracy": float("nan"), "count": 0.0}
     trainable = jax.device_put(self.best[2], exp.state_shardings.trainable)
     params = merged_params(optim.combine(trainable, exp.frozen), c.method, exp.adapter_config)
-    plain = Decoder(exp.decoder_config)
-    res = eval_lib.evaluate(plain, params, exp.tokenizer, exp.eval_tasks, mode=c.lm.eval_mode,
-                            batch_size=c.lm.eval_batch_size, num_beams=c.lm.num_beams,
-                            max_new_tokens=c.lm.max_new_tokens)
-    res["count"] = float(sum(len(v) for v in exp.eval_tasks.values()))
-    return res
+    key = {"trainable_sha256": _digest(self.best[2]), "step": int(self.best[1]),
+           "fingerprint": json.loads(json.dumps(exp.fingerprint))}
+    return score_tasks(exp, params, self.results_dir, key)
+
+
+def _fill(structure, loaded, where: str):
+  """`loaded` (nested dicts, an export's pruned tree) laid out as `structure` (a partition
+  with None leaves); a missing or misshapen array is an error naming it."""
+  def one(path, like):
+    node = loaded
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    for k in path:
+      node = node.get(getattr(k, "key", k)) if isinstance(node, dict) else None
+    if node is None:
+      raise ConfigError(f"{where} has no {name}: not an adapter of this config's model and "
+                        "adapter settings")
+    if tuple(node.shape) != tuple(like.shape):
+      raise ConfigError(f"{where}: {name} has shape {tuple(node.shape)}, this config's model "
+                        f"needs {tuple(like.shape)}")
+    return np.asarray(node, like.dtype)
+  return jax.tree_util.tree_map_with_path(one, structure)
+
+
+def evaluate_export(config, export_dir: str, workdir: str) -> dict:
+  """Scores an export alone: ``<dir>/adapter_config.json`` + ``params/`` (`export_adapter`:
+  the adapter is put on this config's base model and merged) or a merged checkpoint
+  (`export_merged`: the decoder's whole parameter tree). The config is the training run's
+  (base checkpoint, tokenizer, evaluation settings). Per-task scores go to
+  ``<workdir>/eval_only/``; a stopped run resumes there."""
+  exp = build(config)
+  export_dir = os.path.abspath(export_dir)
+  if os.path.isfile(os.path.join(export_dir, "adapter_config.json")):
+    tree, saved_cfg = ckpt_lib.load_adapter(export_dir)
+    mine = json.loads(json.dumps(exp.adapter_config))
+    differ = sorted(k for k in ("method", "r", "alpha", "seed", "targets", "model")
+                    if k in saved_cfg and k in mine and saved_cfg[k] != mine[k])
+    if differ:
+      raise ConfigError(f"{export_dir}/adapter_config.json differs from this config in "
+                        f"{differ}: evaluate with the config the adapter was trained with")
+    host = _fill(jax.tree.map(lambda x: x, exp.state.trainable), tree, export_dir)
+    trainable = jax.device_put(host, exp.state_shardings.trainable)
+    params = merged_params(optim.combine(trainable, exp.frozen), config.method,
+                           exp.adapter_config)
+    key = {"adapter_sha256": _digest(host)}
+  elif os.path.isdir(export_dir):
+    try:
+      loaded = ckpt_lib.load_params(export_dir)
+    except Exception as e:  # noqa: BLE001  (Orbax raises many kinds)
+      raise ConfigError(f"--evaluate_only {export_dir}: neither an adapter export "
+                        f"(adapter_config.json) nor a merged checkpoint ({ckpt_lib.one_line(e)})"
+                        ) from None
+    plain = jax.eval_shape(lambda: Decoder(exp.decoder_config).init(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    host = _fill(plain, loaded, export_dir)
+    params = jax.device_put(host, sharding.shardings(host, exp.mesh, hf_decoder.DECODER_RULES))
+    key = {"merged_sha256": _digest(host)}
+  else:
+    raise ConfigError(f"--evaluate_only {export_dir}: no such directory")
+  res = score_tasks(exp, params, os.path.join(workdir, "eval_only"), key)
+  res.pop("count", None)
+  return {"evaluated": export_dir, **res}
 
 
 def make_evaluator(exp: LMExperiment, workdir: str | None = None):
   return Evaluator(exp, workdir)
 
 
-__all__ = ["LMExperiment", "build", "make_evaluator", "make_train_step", "train_iterator",
+__all__ = ["LMExperiment", "build", "evaluate_export", "make_evaluator", "make_train_step", "train_iterator",
            "merged_params", "weighted_lm_loss"]

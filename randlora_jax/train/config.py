@@ -125,7 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lm.val_size = 120         # records held out for the validation loss (best state kept)
   c.lm.cutoff = 256           # tokens per example (EOS appended when it fits)
   c.lm.mask_prompt = False    # True: loss on the response only (the paper trains on both)
-  c.lm.packing = False        # True: examples concatenated into full rows of `cutoff`
+  c.lm.packing = False        # True: whole examples packed into rows of `cutoff` (segment ids)
   c.lm.eval_dir = ""          # <eval_dir>/<task>/test.json for each of eval_tasks
   c.lm.eval_tasks = ()        # boolq piqa social_i_qa hellaswag winogrande ARC-Easy ...
   c.lm.max_eval_examples = 0  # >0: the first n records of each task only
@@ -133,6 +133,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.lm.eval_batch_size = 8
   c.lm.num_beams = 4
   c.lm.max_new_tokens = 32
+  c.lm.early_stopping = "false"  # beam stop rule, transformers' early_stopping: false | never | true
+  c.lm.max_eval_prompt_tokens = 1024  # longer evaluation prompts keep their last n tokens (0: all)
   # Demo only: a tiny decoder pretrained once on an embedded corpus (cached).
   # questions: instruction-formatted questions about the facts among the pretraining text.
   c.lm.pretrain = ml_collections.ConfigDict(dict(enabled=False, steps=300, batch_size=32,

@@ -281,6 +281,8 @@ register(
     _field("lm.eval_batch_size", integer(1)),
     _field("lm.num_beams", integer(1)),
     _field("lm.max_new_tokens", integer(1)),
+    _field("lm.early_stopping", one_of(("false", "never", "true"))),
+    _field("lm.max_eval_prompt_tokens", integer(0)),
     _field("lm.pretrain.enabled", boolean()),
     _field("lm.pretrain.steps", integer(1)),
     _field("lm.pretrain.batch_size", integer(1)),
