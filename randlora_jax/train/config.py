@@ -44,7 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.adapter = ml_collections.ConfigDict()
   c.adapter.targets = ("q_proj", "k_proj", "v_proj", "fc1", "fc2")
   c.adapter.r = 8             # RandLoRA rank (smaller r: more bases, more parameters)
-  c.adapter.alpha = 160.0     # RandLoRA scale s = alpha / r (PEFT's default s = 20)
+  c.adapter.alpha = 160.0     # RandLoRA scale numerator (PEFT's default s = 20)
+  # peft: s = alpha / r (upstream PEFT) | paper: s = alpha / r / sqrt(N) per layer, N its
+  # number of bases (the authors' PEFT fork, which ran the paper's LLM experiments)
+  c.adapter.scaling = "peft"
   c.adapter.seed = 0          # basis seed
   c.adapter.distribution = "uniform"
   c.adapter.lora_rank = 32
