@@ -16,7 +16,9 @@ as given.
   in EOS scored sum(log p) / generated_length ** length_penalty, only the top K candidates
   may finish, running beams finish at the length limit).
 
-Rows stop at ``eos_token_id``; what follows is ``pad_token_id``.
+Rows stop at any of ``eos_token_id`` (one id or several: a checkpoint's generation_config.json
+may list more than one, e.g. Qwen2-Instruct's ``<|im_end|>`` and ``<|endoftext|>``); what
+follows is ``pad_token_id``.
 """
 
 from __future__ import annotations
@@ -42,10 +44,14 @@ class GenerationConfig:
   top_p: float = 1.0  # 1: off
   num_beams: int = 4
   length_penalty: float = 1.0
-  eos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None  # any of them ends a row
   pad_token_id: int = 0
 
   def __post_init__(self):
+    eos = self.eos_token_id
+    if eos is not None:
+      eos = int(eos) if np.ndim(eos) == 0 else tuple(int(e) for e in eos)
+      object.__setattr__(self, "eos_token_id", eos)
     if self.method not in ("greedy", "sample", "beam"):
       raise ValueError(f"method must be 'greedy', 'sample' or 'beam', got {self.method!r}")
     if self.max_new_tokens < 1:
@@ -99,14 +105,20 @@ def _step(model, variables, tok, cache, kv_valid, slot, position):
   return logits[:, 0], cache, kv_valid
 
 
+def _is_eos(tok, eos):
+  """Whether each token is one of the EOS ids `eos` (1-D)."""
+  return (tok[..., None] == eos).any(-1)
+
+
 def _static(gen: GenerationConfig) -> tuple:
   """What changes the compiled program (the rest is passed as traced scalars)."""
   return gen.method, gen.max_new_tokens, gen.num_beams, gen.top_k
 
 
 def _dynamic(gen: GenerationConfig) -> dict:
-  eos = -1 if gen.eos_token_id is None else gen.eos_token_id
-  return {"eos": jnp.int32(eos), "pad": jnp.int32(gen.pad_token_id),
+  eos = gen.eos_token_id
+  eos = () if eos is None else (eos,) if isinstance(eos, int) else eos
+  return {"eos": jnp.asarray(eos or (-1,), jnp.int32), "pad": jnp.int32(gen.pad_token_id),
           "temperature": jnp.float32(gen.temperature), "top_p": jnp.float32(gen.top_p),
           "length_penalty": jnp.float32(gen.length_penalty)}
 
@@ -129,7 +141,7 @@ def _sample_loop(model, static, dyn, variables, ids, mask, rng):
     rng, key = jax.random.split(rng)
     tok = jnp.where(done, pad, pick(logits, key))
     out = out.at[:, t].set(tok)
-    done = done | (tok == eos)
+    done = done | _is_eos(tok, eos)
     logits, cache, kv_valid = _step(model, variables, tok, cache, kv_valid, s + t, lengths + t)
     return logits, cache, kv_valid, done, out, rng
 
@@ -161,7 +173,7 @@ def _beam_loop(model, static, dyn, variables, ids, mask):
     top, idx = jax.lax.top_k(cand, 2 * k)  # (B, 2K)
     beam, tok = idx // vocab, (idx % vocab).astype(jnp.int32)
     cand_seqs = jnp.take_along_axis(seqs, beam[:, :, None], axis=1).at[:, :, t].set(tok)
-    ends = (tok == eos) | (t == n - 1)
+    ends = _is_eos(tok, eos) | (t == n - 1)
     # finished: only the top K candidates may finish (transformers' rule)
     norm = top / (t + 1.0) ** dyn["length_penalty"]
     new_fin = jnp.where(ends & (jnp.arange(2 * k) < k)[None], norm, NEG)
@@ -170,7 +182,7 @@ def _beam_loop(model, static, dyn, variables, ids, mask):
     fin_scores, keep = jax.lax.top_k(all_scores, k)
     fin_seqs = jnp.take_along_axis(all_seqs, keep[:, :, None], axis=1)
     # running: the best K candidates that did not end
-    run_scores = jnp.where(tok == eos, NEG, top)
+    run_scores = jnp.where(_is_eos(tok, eos), NEG, top)
     running, keep = jax.lax.top_k(run_scores, k)
     src = jnp.take_along_axis(beam, keep, axis=1)  # parent beam of each kept candidate
     seqs = jnp.take_along_axis(cand_seqs, keep[:, :, None], axis=1)
@@ -185,7 +197,8 @@ def _beam_loop(model, static, dyn, variables, ids, mask):
   carry = jax.lax.fori_loop(0, n, body, carry)
   best = carry[6][:, 0]
   # tokens after a hypothesis' EOS are padding
-  after = jnp.cumsum(best == eos, axis=-1) - (best == eos) > 0
+  is_eos = _is_eos(best, eos)
+  after = jnp.cumsum(is_eos, axis=-1) - is_eos > 0
   return jnp.where(after, pad, best), carry[5][:, 0]
 
 

@@ -108,7 +108,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Task causal_lm (randlora_jax/tasks/causal_lm.py): instruction tuning of a decoder LLM on
   # commonsense-format JSON / JSONL, scored by the paper's protocol (configs/commonsense.py).
   c.lm = ml_collections.ConfigDict()
-  c.lm.preset = "tiny"        # no checkpoint: tiny | qwen2_0_5b | phi3_mini | llama3_8b
+  c.lm.preset = "tiny"        # tiny (random init) | qwen2_0_5b | phi3_mini | llama3_8b | gemma
+                              # (those need model.checkpoint: a directory or a hub id)
   c.lm.tokenizer = ""         # directory with tokenizer.json ("": model.checkpoint's, or a BPE)
   c.lm.vocab_size = 512       # the BPE trained on the training file when there is no tokenizer
   c.lm.source = "json"        # json: lm.train_file | tfds: data.name's data.train_split
