@@ -122,9 +122,9 @@ def get_config(preset: str = "qwen2_0_5b_instruct"):
     c.model.dtype = "float32"
     c.adapter.r, c.adapter.alpha = 8, 16.0
     c.adapter.lora_rank, c.adapter.lora_alpha = 4, 8.0
-    # cutoff 192: every row of the tests' data (synthetic commonsense, <= 155 tokens with this
+    # cutoff 160: every row of the tests' data (synthetic commonsense, <= 155 tokens with this
     # 320-id BPE) is kept whole, answer and EOS included (tests/test_lm_inputs.py)
-    c.lm.cutoff, c.lm.val_size, c.lm.vocab_size = 192, 8, 320
+    c.lm.cutoff, c.lm.val_size, c.lm.vocab_size = 160, 8, 320
     c.lm.eval_tasks, c.lm.max_eval_examples = (), 4
     c.lm.num_beams, c.lm.max_new_tokens, c.lm.eval_batch_size = 2, 6, 4
     c.optim.warmup_steps = 1
