@@ -76,6 +76,7 @@ def _json_list(text: str, path: str) -> list[tuple[int, object]]:
   ws = " \t\r\n"
   i = len(text) - len(text.lstrip(ws)) + 1  # after '['
   out = []
+  line, counted = 1, 0  # lines counted up to offset `counted` (incrementally: large files)
   while True:
     while i < len(text) and text[i] in ws:
       i += 1
@@ -87,7 +88,9 @@ def _json_list(text: str, path: str) -> list[tuple[int, object]]:
     except json.JSONDecodeError as e:
       raise DataFormatError(f"{path}: line {e.lineno}, column {e.colno}: not JSON ({e.msg})"
                             ) from None
-    out.append((_line_of(text, i), value))
+    line += text.count("\n", counted, i)
+    counted = i
+    out.append((line, value))
     i = end
     while i < len(text) and text[i] in ws:
       i += 1
@@ -117,6 +120,29 @@ def _jsonl(text: str, path: str) -> list[tuple[int, object]]:
   return out
 
 
+def _is_valid(r, required) -> bool:
+  return (isinstance(r, dict) and all(isinstance(r.get(k), str) for k in required)
+          and all(isinstance(r[k], str) for k in ("input", "answer") if k in r)
+          and not r.get("input"))
+
+
+def _record_problem(r, required) -> str:
+  """What is wrong with a record `_is_valid` refused, in words."""
+  if not isinstance(r, dict):
+    return f"a record must be a JSON object with {list(required)}, got {type(r).__name__}"
+  missing = [k for k in required if k not in r]
+  if missing:
+    return (f"the record lacks {missing} (the commonsense format has instruction, input, "
+            "output, answer)")
+  for k in (*required, "input", "answer"):
+    if k in r and not isinstance(r[k], str):
+      got = "null" if r[k] is None else f"{type(r[k]).__name__} {json.dumps(r[k])[:40]}"
+      return f"field {k!r} must be a string, got {got}"
+  # The paper's data never fills `input`; its template for a filled one is not this one.
+  return ("field 'input' is not empty; the commonsense prompt has no input section (put it in "
+          "the instruction)")
+
+
 def read_records(path: str, required: Sequence[str] = FIELDS) -> list[dict]:
   """Records of a JSON list or a JSONL file. Every record is an object whose `required` fields
   (and `input` / `answer`, when present) are strings; anything else is a `DataFormatError`
@@ -133,27 +159,21 @@ def read_records(path: str, required: Sequence[str] = FIELDS) -> list[dict]:
     raise DataFormatError(f"{path}: line {line}, column {col}: not UTF-8 (byte "
                           f"0x{raw[e.start]:02x}); save the file as UTF-8") from None
   text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark
-  rows = _json_list(text, path) if text.lstrip().startswith("[") else _jsonl(text, path)
-  records = []
-  for line, r in rows:
-    where = f"{path}: line {line}"
-    if not isinstance(r, dict):
-      raise DataFormatError(f"{where}: a record must be a JSON object with "
-                            f"{list(required)}, got {type(r).__name__}")
-    missing = [k for k in required if k not in r]
-    if missing:
-      raise DataFormatError(f"{where}: the record lacks {missing} (the commonsense format "
-                            "has instruction, input, output, answer)")
-    for k in (*required, *(k for k in ("input", "answer") if k in r and k not in required)):
-      if not isinstance(r[k], str):
-        got = "null" if r[k] is None else f"{type(r[k]).__name__} {json.dumps(r[k])[:40]}"
-        raise DataFormatError(f"{where}: field {k!r} must be a string, got {got}")
-    if r.get("input"):
-      # The paper's data never fills `input`; its template for a filled one is not this one.
-      raise DataFormatError(f"{where}: field 'input' is not empty; the commonsense prompt "
-                            "has no input section (put it in the instruction)")
-    records.append(r)
-  return records
+  if text.lstrip().startswith("["):
+    try:  # the fast parser; each record's line is worked out only for an error message
+      values = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise DataFormatError(f"{path}: line {e.lineno}, column {e.colno}: not JSON ({e.msg})"
+                            ) from None
+    line_of = lambda i: _json_list(text, path)[i][0]
+  else:
+    rows = _jsonl(text, path)
+    values = [v for _, v in rows]
+    line_of = lambda i: rows[i][0]
+  for i, r in enumerate(values):
+    if not _is_valid(r, required):
+      raise DataFormatError(f"{path}: line {line_of(i)}: {_record_problem(r, required)}")
+  return values
 
 
 def split_validation(records, val_size: int, seed: int = 42):
