@@ -12,7 +12,8 @@ Presets (`configs/commonsense.py:<preset>`), each with its update scale (`adapte
   demo                 a tiny decoder pretrained once on an embedded corpus (cached), fine-tuned
                        by each method on an embedded generated commonsense-style set, scored by
                        the paper's protocol, 'peft' (its README numbers were measured so):
-                       `python train.py --config=configs/commonsense.py:demo --workdir=runs/llm_demo`
+                       `python train.py --config=configs/commonsense.py:demo \
+                          --workdir=runs/llm_demo`
   tiny                 test size, random init, a few steps (lm.train_file must be given), 'peft'
 The paper's other budgets: `<preset>_r<rank>` with a rank of `PAPER_RANKS` (e.g.
 `phi3_mini_r40`, `llama3_8b_r60`); alpha = 2r throughout.

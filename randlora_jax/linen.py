@@ -42,8 +42,8 @@ class RandLoraDense(nn.Module):
     dropout: adapter dropout rate (PEFT's randlora_dropout) on the adapter branch's input,
       active when the call has a 'dropout' rng (`adapter_dropout`).
 
-  `r`, `alpha`, `seed`, `distribution`, `sparse_dim`, `scaling` are `AdapterConfig`'s fields, spelled the
-  same (``RandLoraDense(features, **config.to_dict())``); `config` gives them as one.
+  `r`, `alpha`, `seed`, `distribution`, `sparse_dim`, `scaling` are `AdapterConfig`'s fields,
+  spelled the same (``RandLoraDense(features, **config.to_dict())``); `config` gives them as one.
   """
 
   features: int
