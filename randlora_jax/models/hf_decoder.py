@@ -1,8 +1,8 @@
 """HF decoder checkpoints (Llama, Qwen2, Phi-3, Gemma) <-> `Decoder` parameters.
 
 A directory (or a hub id, fetched by `loading.resolve`) holds ``config.json`` and
-``model.safetensors`` or ``model.safetensors.index.json`` + shards. Weights are placed straight into their mesh shardings with
-`jax.make_array_from_callback`: each device's block is read from a memory map of the
+``model.safetensors`` or ``model.safetensors.index.json`` + shards. Weights are placed straight
+into their mesh shardings with `jax.make_array_from_callback`: each device's block is read from a memory map of the
 safetensors file (only the bytes of that block are touched), transposed to Flax layout, and
 cast; no process ever holds a full copy of a tensor it does not own. No torch needed.
 
