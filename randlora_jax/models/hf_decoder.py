@@ -2,9 +2,10 @@
 
 A directory (or a hub id, fetched by `loading.resolve`) holds ``config.json`` and
 ``model.safetensors`` or ``model.safetensors.index.json`` + shards. Weights are placed straight
-into their mesh shardings with `jax.make_array_from_callback`: each device's block is read from a memory map of the
-safetensors file (only the bytes of that block are touched), transposed to Flax layout, and
-cast; no process ever holds a full copy of a tensor it does not own. No torch needed.
+into their mesh shardings with `jax.make_array_from_callback`: each device's block is read from
+a memory map of the safetensors file (only the bytes of that block are touched), transposed to
+Flax layout, and cast; no process ever holds a full copy of a tensor it does not own. No torch
+needed.
 
 Key names (transformers' own): ``model.embed_tokens.weight``,
 ``model.layers.N.self_attn.{q,k,v,o,qkv}_proj.{weight,bias}``,
