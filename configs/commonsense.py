@@ -22,8 +22,8 @@ The model presets need `--config.model.checkpoint=` a local HF directory or a hu
 
 Scale: 'paper' is s = alpha / r / sqrt(N) per layer (N = ceil(min(in, out) / r)), as the
 authors' PEFT fork that ran the paper's LLM experiments computes it; 'peft' is upstream PEFT's
-s = alpha / r, 3.6x-11.7x larger on Llama-3-8B at r = 30. `--config.adapter.scaling=peft`
-switches.
+s = alpha / r, sqrt(N) times larger: 5.9x (k, v) to 11.7x (q, up, down) on Llama-3-8B at
+r = 30 (bench/scale_table.py). `--config.adapter.scaling=peft` switches.
 
 Recipe (the paper's scripts): adapters on q_proj, k_proj, v_proj, up_proj, down_proj; alpha = 2r;
 basis seed 63098; lr 1e-4; batch 16; 100 warm-up steps then linear decay to 0; AdamW, weight
