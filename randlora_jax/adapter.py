@@ -79,9 +79,13 @@ class AdapterConfig:
   seed: int = 0  # a jax.random key is accepted and stored as its int (`bases.seed_from_key`)
   distribution: str = "uniform"
   sparse_dim: int | None = None  # very_sparse: min(in, out) of the largest adapted layer
+  scaling: str = "peft"  # 'peft': s = alpha / r; 'paper': alpha / r / sqrt(N) (ops.SCALINGS)
 
   def __post_init__(self):
     object.__setattr__(self, "seed", bases.seed_from_key(self.seed))  # validates range
+    if self.scaling not in ops.SCALINGS:
+      raise ValueError(f"unknown scaling {self.scaling!r}; expected one of "
+                       f"{list(ops.SCALINGS)}")
     if self.distribution not in bases.DISTRIBUTIONS:
       raise ValueError(f"unknown distribution {self.distribution!r}; expected one of "
                        f"{bases.DISTRIBUTIONS}")
@@ -95,7 +99,7 @@ class AdapterConfig:
 
   def layer_spec(self, in_features: int, out_features: int) -> ops.LayerSpec:
     return ops.LayerSpec(in_features, out_features, self.r, float(self.alpha),
-                         self.distribution, self.sparse_dim)
+                         self.distribution, self.sparse_dim, self.scaling)
 
 
 def peft_sparse_dim(in_outs) -> int:

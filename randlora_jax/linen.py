@@ -28,6 +28,7 @@ class RandLoraDense(nn.Module):
     r: rank of each random basis (PEFT default 32). Smaller r means MORE trainable
       parameters, N*(r + d) per layer with N = ceil(min(in, out) / r).
     alpha: scale numerator, s = alpha / r (PEFT default 640, i.e. s = 20).
+    scaling: 'peft' (s = alpha / r) or 'paper' (s = alpha / r / sqrt(N), the authors' fork).
     seed: int, `jax.random` key or uint32 scalar (may be traced); the same for every layer
       of a model (bases are shared, as in PEFT).
     distribution: 'uniform' | 'normal' | 'sparse' | 'very_sparse'.
@@ -41,8 +42,8 @@ class RandLoraDense(nn.Module):
     dropout: adapter dropout rate (PEFT's randlora_dropout) on the adapter branch's input,
       active when the call has a 'dropout' rng (`adapter_dropout`).
 
-  `r`, `alpha`, `seed`, `distribution`, `sparse_dim` are `AdapterConfig`'s fields, spelled the
-  same (``RandLoraDense(features, **config.to_dict())``); `config` gives them as one.
+  `r`, `alpha`, `seed`, `distribution`, `sparse_dim`, `scaling` are `AdapterConfig`'s fields,
+  spelled the same (``RandLoraDense(features, **config.to_dict())``); `config` gives them as one.
   """
 
   features: int
@@ -57,6 +58,7 @@ class RandLoraDense(nn.Module):
   seed: Any = 0
   distribution: str = "uniform"
   sparse_dim: int | None = None
+  scaling: str = "peft"
   path: str = "auto"
   backend: str | None = None
   mesh: Any = None
@@ -72,7 +74,7 @@ class RandLoraDense(nn.Module):
   def spec(self, in_features: int) -> ops.LayerSpec:
     # Not via `config`: the seed may be traced (one compiled step for several seeds).
     return ops.LayerSpec(in_features, self.features, self.r, float(self.alpha),
-                         self.distribution, self.sparse_dim)
+                         self.distribution, self.sparse_dim, self.scaling)
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 
 from randlora_jax import bases, update
 from randlora_jax.kernels import dispatch
-from randlora_jax.update import LayerSpec, init_gamma, init_lambda  # noqa: F401 (public API)
+from randlora_jax.update import (  # noqa: F401 (public API)
+    SCALINGS, LayerSpec, init_gamma, init_lambda)
 
 Path = Literal["auto", "merged", "factored"]
 

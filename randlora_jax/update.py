@@ -1,7 +1,8 @@
 """The RandLoRA update, defined once: the layer spec, the inits, dW and its adapter gradients.
 
 For a layer with kernel ``W0`` of Flax shape ``(in, out)``, let ``d = min(in, out)``,
-``D = max(in, out)``, ``N = ceil(d / r)`` and ``s = alpha / r``. The update is
+``D = max(in, out)``, ``N = ceil(d / r)`` and the scale ``s`` (`LayerSpec.scale`, below). The
+update is
 
     dW (D x d) = s * sum_{n<N} Bt_n diag(lambda[:, n]) A diag(gamma[n])
 
@@ -21,6 +22,11 @@ the D x d cotangent of dW (or, never formed, ``x^T g`` of the layer): `reduce` t
 ``dlambda[k, n] = s sum_j H[c, j] A[k, j] gamma[n, j]`` and
 ``dgamma[n, j] = s sum_k H[c, j] A[k, j] lambda[k, n]``.
 
+**Scale**, the one place it is computed (every path: layers, NNX, injection, the Qwix
+provider, the kernels, merge, export): ``scaling='peft'`` gives ``s = alpha / r`` (upstream
+PEFT); ``scaling='paper'`` gives ``s = alpha / r / sqrt(N)`` with this layer's N, as the
+authors' PEFT fork that ran the paper's commonsense experiments computes it.
+
 **Orientation** (PEFT): if ``in <= out`` the kernel update is ``dW^T`` (``spec.transposed``),
 otherwise ``dW``. This module works in the D x d frame and transposes at the edges.
 
@@ -31,11 +37,16 @@ these functions; the Pallas kernels tile the same formulas and are tested agains
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
 from randlora_jax import bases
+
+# adapter.scaling -> s(alpha, r, N); 'peft' is upstream PEFT's, 'paper' the authors' fork's.
+SCALINGS = {"peft": lambda alpha, r, n: alpha / r,
+            "paper": lambda alpha, r, n: alpha / r / math.sqrt(n)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +59,11 @@ class LayerSpec:
   alpha: float = 640.0
   distribution: str = "uniform"
   sparse_dim: int | None = None  # for 'very_sparse': min(in, out) of the largest adapted layer
+  scaling: str = "peft"  # 'peft': s = alpha / r; 'paper': s = alpha / r / sqrt(N)
 
   def __post_init__(self):
+    if self.scaling not in SCALINGS:
+      raise ValueError(f"unknown scaling {self.scaling!r}; expected one of {list(SCALINGS)}")
     if self.in_features < 1 or self.out_features < 1:
       raise ValueError(f"layer dims must be positive, got ({self.in_features}, {self.out_features})")
     if not isinstance(self.r, int) or self.r < 1:
@@ -77,7 +91,7 @@ class LayerSpec:
 
   @property
   def scale(self) -> float:
-    return self.alpha / self.r
+    return SCALINGS[self.scaling](self.alpha, self.r, self.num_bases)
 
   @property
   def transposed(self) -> bool:

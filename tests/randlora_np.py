@@ -30,8 +30,15 @@ def np_bases(seed: int, r: int, d: int, big: int, n: int, distribution="uniform"
   return a, bf
 
 
+def np_scale(alpha: float, r: int, n: int, scaling: str = "peft") -> float:
+  """s restated: 'peft' alpha / r (upstream PEFT); 'paper' alpha / r / sqrt(N) (the authors'
+  PEFT fork, commonsense_reasoning/peft/.../randlora/layer.py, N = ceil(d / r))."""
+  return {"peft": alpha / r, "paper": alpha / r / np.sqrt(n)}[scaling]
+
+
 def np_delta_kernel(lam, gamma, fin: int, fout: int, *, r: int, alpha: float, seed: int = 0,
-                    distribution="uniform", sparse_dim=None, explicit=None) -> np.ndarray:
+                    distribution="uniform", sparse_dim=None, explicit=None,
+                    scaling: str = "peft") -> np.ndarray:
   """Kernel-layout (in, out) dW = s * Bf @ Af (PEFT pairing), transposed when in <= out.
 
   `explicit` = (A (r, >=d), Bf (>=D, >=N*r)) replaces the hashed bases (PEFT's stored ones).
@@ -49,7 +56,7 @@ def np_delta_kernel(lam, gamma, fin: int, fout: int, *, r: int, alpha: float, se
     a = np.asarray(explicit[0], np.float64)[:r, :d]
     bf = np.asarray(explicit[1], np.float64)[:big, : n * r]
   af = (lam[:, :, None] * a[:, None, :] * gamma[None, :, :]).reshape(r * n, d)
-  dw = (alpha / r) * bf @ af  # (D, d)
+  dw = np_scale(alpha, r, n, scaling) * bf @ af  # (D, d)
   return dw.T if fin <= fout else dw
 
 
@@ -79,7 +86,7 @@ def np_merged(params, cfg: AdapterConfig, in_outs, sparse_dim=None):
       merged = np.stack([
           kk[i] + np_delta_kernel(lams[i], gams[i], fin, fout, r=cfg.r, alpha=cfg.alpha,
                                   seed=cfg.seed, distribution=cfg.distribution,
-                                  sparse_dim=sparse_dim)
+                                  sparse_dim=sparse_dim, scaling=cfg.scaling)
           for i in range(kk.shape[0])])
       out = {n: np.asarray(v, np.float64) for n, v in tree.items() if n not in (LAMBDA, GAMMA)}
       out["kernel"] = merged.reshape(k.shape)

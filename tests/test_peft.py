@@ -257,3 +257,45 @@ def test_readme_peft_snippet(tmp_path, monkeypatch):
   exec(compile(README_PEFT, "README[peft]", "exec"), namespace)
   assert (tmp_path / "vit_adapter" / peft_io.WEIGHTS_FILE).exists()
   assert namespace["logits"].shape == (1, 3)
+
+
+def test_paper_scaled_adapter_exports_as_the_peft_adapter_with_the_same_update(tmp_path):
+  """A scaling='paper' adapter (s = alpha / r / sqrt(N)) is written with lambda / sqrt(N) per
+  layer: upstream PEFT (alpha / r) then reproduces our outputs and every layer's dW, and the
+  file reads back as a 'peft'-scaled adapter with the same outputs."""
+  from peft import PeftModel
+
+  from randlora_np import np_delta_kernel
+
+  cfg = AdapterConfig(r=3, alpha=6.0, seed=1234, scaling="paper")
+  tmodel = _torch_model()
+  f = inject.randlora(FlaxMLP(), NAMES, cfg)
+  params = f.init_adapter(_frozen_from_torch(tmodel), jax.ShapeDtypeStruct((1, 12), jnp.float32))
+  params = randomize_adapter(params, jax.random.key(3))
+  ours = np.asarray(f.apply({"params": params}, _x()))
+  out = tmp_path / "paper"
+  written = peft_io.export_peft(str(out), params, cfg, in_outs=f.in_outs)
+  assert written["randlora_alpha"] == 6 and written["r"] == 3
+  with pytest.warns(UserWarning, match="missing adapter keys"):
+    peft_model = PeftModel.from_pretrained(tmodel, str(out)).eval()
+  with torch.no_grad():
+    np.testing.assert_allclose(peft_model(torch.from_numpy(_x())).numpy(), ours,
+                               rtol=RTOL, atol=ATOL)
+    for n, (fin, fout) in zip(NAMES, SIZES):
+      want = np_delta_kernel(params[n][LAMBDA], params[n][GAMMA], fin, fout, r=3, alpha=6.0,
+                             seed=1234, scaling="paper")
+      theirs = getattr(peft_model.base_model.model, n).get_delta_weight("default").numpy().T
+      np.testing.assert_allclose(theirs, want, rtol=1e-5, atol=1e-6)
+  # without the per-layer factor PEFT's output would differ (the factors are not all 1)
+  peft_io.export_peft(str(tmp_path / "as_peft"), params,
+                      AdapterConfig(r=3, alpha=6.0, seed=1234), in_outs=f.in_outs)
+  with pytest.warns(UserWarning, match="missing adapter keys"):
+    unscaled = PeftModel.from_pretrained(_torch_model(), str(tmp_path / "as_peft")).eval()
+  with torch.no_grad():
+    assert np.abs(unscaled(torch.from_numpy(_x())).numpy() - ours).max() > 1e-3
+
+  back, back_cfg, stored = peft_io.import_peft(str(out), params, in_outs=f.in_outs)
+  assert back_cfg.scaling == "peft"
+  g = inject.randlora(FlaxMLP(), NAMES, back_cfg)
+  np.testing.assert_allclose(g.apply({"params": back, "randlora_bases": stored}, _x()), ours,
+                             rtol=RTOL, atol=ATOL)

@@ -43,6 +43,7 @@ EVAL_TEMPLATE = (
 
 RESPONSE_MARK = "### Response:"
 FIELDS = ("instruction", "output")
+EVAL_FIELDS = ("instruction", "answer")  # what scoring an evaluation record needs
 
 
 class DataFormatError(ValueError):
@@ -68,30 +69,114 @@ def eval_prompt(record: dict) -> str:
   return EVAL_TEMPLATE.format(instruction=record["instruction"])
 
 
-def read_records(path: str) -> list[dict]:
-  """Records of a JSON list or a JSONL file; every record needs `instruction` and `output`."""
+def _line_of(text: str, offset: int) -> int:
+  return text.count("\n", 0, offset) + 1
+
+
+def _json_list(text: str, path: str) -> list[tuple[int, object]]:
+  """(line, value) of each element of a JSON array: the line where the element starts."""
+  dec = json.JSONDecoder()
+  ws = " \t\r\n"
+  i = len(text) - len(text.lstrip(ws)) + 1  # after '['
+  out = []
+  line, counted = 1, 0  # lines counted up to offset `counted` (incrementally: large files)
+  while True:
+    while i < len(text) and text[i] in ws:
+      i += 1
+    if i < len(text) and text[i] == "]" and not out:
+      i += 1
+      break
+    try:
+      value, end = dec.raw_decode(text, i)
+    except json.JSONDecodeError as e:
+      raise DataFormatError(f"{path}: line {e.lineno}, column {e.colno}: not JSON ({e.msg})"
+                            ) from None
+    line += text.count("\n", counted, i)
+    counted = i
+    out.append((line, value))
+    i = end
+    while i < len(text) and text[i] in ws:
+      i += 1
+    if i < len(text) and text[i] == ",":
+      i += 1
+      continue
+    if i < len(text) and text[i] == "]":
+      i += 1
+      break
+    line = _line_of(text, i)
+    raise DataFormatError(f"{path}: line {line}: not JSON (expected ',' or ']' after the "
+                          f"record that starts on line {out[-1][0]})")
+  if text[i:].strip():
+    raise DataFormatError(f"{path}: line {_line_of(text, i)}: not JSON (text after the list)")
+  return out
+
+
+def _jsonl(text: str, path: str) -> list[tuple[int, object]]:
+  out = []
+  for n, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      out.append((n, json.loads(line)))
+    except json.JSONDecodeError as e:
+      raise DataFormatError(f"{path}: line {n}, column {e.colno}: not JSON ({e.msg})") from None
+  return out
+
+
+def _is_valid(r, required) -> bool:
+  return (isinstance(r, dict) and all(isinstance(r.get(k), str) for k in required)
+          and all(isinstance(r[k], str) for k in ("input", "answer") if k in r)
+          and not r.get("input"))
+
+
+def _record_problem(r, required) -> str:
+  """What is wrong with a record `_is_valid` refused, in words."""
+  if not isinstance(r, dict):
+    return f"a record must be a JSON object with {list(required)}, got {type(r).__name__}"
+  missing = [k for k in required if k not in r]
+  if missing:
+    return (f"the record lacks {missing} (the commonsense format has instruction, input, "
+            "output, answer)")
+  for k in (*required, "input", "answer"):
+    if k in r and not isinstance(r[k], str):
+      got = "null" if r[k] is None else f"{type(r[k]).__name__} {json.dumps(r[k])[:40]}"
+      return f"field {k!r} must be a string, got {got}"
+  # The paper's data never fills `input`; its template for a filled one is not this one.
+  return ("field 'input' is not empty; the commonsense prompt has no input section (put it in "
+          "the instruction)")
+
+
+def read_records(path: str, required: Sequence[str] = FIELDS) -> list[dict]:
+  """Records of a JSON list or a JSONL file. Every record is an object whose `required` fields
+  (and `input` / `answer`, when present) are strings; anything else is a `DataFormatError`
+  naming the file, the line the record starts on and the field."""
   if not os.path.exists(path):
     raise DataFormatError(f"{path}: no such file")
-  with open(path) as f:
-    text = f.read()
+  with open(path, "rb") as f:
+    raw = f.read()
   try:
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-      records = json.loads(text)
-    else:
-      records = [json.loads(line) for line in text.splitlines() if line.strip()]
-  except json.JSONDecodeError as e:
-    raise DataFormatError(f"{path}: not JSON or JSONL ({e})") from None
-  for i, r in enumerate(records):
-    missing = [k for k in FIELDS if not isinstance(r, dict) or k not in r]
-    if missing:
-      raise DataFormatError(f"{path}: record {i} lacks {missing} (the commonsense format has "
-                            "instruction, input, output, answer)")
-    if r.get("input"):
-      # The paper's data never fills `input`; its template for a filled one is not this one.
-      raise DataFormatError(f"{path}: record {i} has a non-empty 'input'; the commonsense "
-                            "prompt has no input section (put it in the instruction)")
-  return records
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+    raise DataFormatError(f"{path}: line {line}, column {col}: not UTF-8 (byte "
+                          f"0x{raw[e.start]:02x}); save the file as UTF-8") from None
+  text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark
+  if text.lstrip().startswith("["):
+    try:  # the fast parser; each record's line is worked out only for an error message
+      values = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise DataFormatError(f"{path}: line {e.lineno}, column {e.colno}: not JSON ({e.msg})"
+                            ) from None
+    line_of = lambda i: _json_list(text, path)[i][0]
+  else:
+    rows = _jsonl(text, path)
+    values = [v for _, v in rows]
+    line_of = lambda i: rows[i][0]
+  for i, r in enumerate(values):
+    if not _is_valid(r, required):
+      raise DataFormatError(f"{path}: line {line_of(i)}: {_record_problem(r, required)}")
+  return values
 
 
 def split_validation(records, val_size: int, seed: int = 42):

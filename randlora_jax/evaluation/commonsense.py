@@ -118,7 +118,8 @@ def generate_responses(model, params, tok, records: Sequence[dict], *, batch_siz
     ids, mask = _left_pad(rows, tok.pad_id)
     new = gen_lib.generate(model, {"params": params}, ids, mask,
                            method="beam" if num_beams > 1 else "greedy", num_beams=num_beams,
-                           max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id,
+                           max_new_tokens=max_new_tokens,
+                           eos_token_id=getattr(tok, "eos_ids", tok.eos_id),
                            pad_token_id=tok.pad_id, early_stopping=early_stopping)
     for p, row in zip(prompts, new[:n]):
       out.append(p + tok.decode([int(t) for t in row if t != tok.pad_id]))

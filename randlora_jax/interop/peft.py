@@ -11,6 +11,10 @@ the shared bases ONCE at model level: ``base_model.randlora_A`` (r, 1, d_max) an
   PEFT's, and the bases PEFT needs are our hashed bases materialised at PEFT's global shape
   (`_find_dim`: the element-wise max of (out, in) over the adapted layers; min/max of that pair
   give d_max/D_max). Every layer's slice of them is the slice our hash generates.
+* A ``scaling='paper'`` adapter (s = alpha / r / sqrt(N)) is written as the PEFT adapter
+  with the same dW: PEFT scales by alpha / r, so each layer's lambda is stored divided by
+  sqrt(N) of that layer (dW is linear in lambda). The file is a plain PEFT adapter; imported
+  back it is a ``scaling='peft'`` adapter with the same update.
 * Import: PEFT's bases come from torch's generator and cannot be regenerated here, so the
   stored ones are used as explicit arrays (`ops.apply(..., explicit=(A, Bf))`), returned as the
   'randlora_bases' variables entry that `randlora_jax.inject.RandLoraModel.apply` understands.
@@ -149,8 +153,12 @@ def export_peft(out_dir: str, params, cfg: AdapterConfig, *,
   if not views:
     raise ValueError("params hold no RandLoRA layer")
   tensors: dict[str, np.ndarray] = {}
-  for name, *_, lam, gamma, _io in views:
-    tensors[f"{PREFIX}{name}.{LAMBDA}"] = np.asarray(lam, np.float32)
+  peft_cfg = AdapterConfig(**{**cfg.to_dict(), "scaling": "peft"})
+  for name, *_, lam, gamma, io in views:
+    # PEFT applies alpha / r: fold the rest of our scale into lambda (1 for 'peft')
+    rest = cfg.layer_spec(*io).scale / peft_cfg.layer_spec(*io).scale
+    tensors[f"{PREFIX}{name}.{LAMBDA}"] = np.asarray(np.asarray(lam, np.float64) * rest,
+                                                     np.float32)
     tensors[f"{PREFIX}{name}.{GAMMA}"] = np.asarray(gamma, np.float32)
   a, b = peft_bases(cfg, [v[-1] for v in views])
   tensors[A_KEY], tensors[B_KEY] = a, b

@@ -1,10 +1,11 @@
 """HF decoder checkpoints (Llama, Qwen2, Phi-3, Gemma) <-> `Decoder` parameters.
 
-A directory holds ``config.json`` and ``model.safetensors`` or ``model.safetensors.index.json``
-+ shards. Weights are placed straight into their mesh shardings with
-`jax.make_array_from_callback`: each device's block is read from a memory map of the
-safetensors file (only the bytes of that block are touched), transposed to Flax layout, and
-cast; no process ever holds a full copy of a tensor it does not own. No torch needed.
+A directory (or a hub id, fetched by `loading.resolve`) holds ``config.json`` and
+``model.safetensors`` or ``model.safetensors.index.json`` + shards. Weights are placed straight
+into their mesh shardings with `jax.make_array_from_callback`: each device's block is read from
+a memory map of the safetensors file (only the bytes of that block are touched), transposed to
+Flax layout, and cast; no process ever holds a full copy of a tensor it does not own. No torch
+needed.
 
 Key names (transformers' own): ``model.embed_tokens.weight``,
 ``model.layers.N.self_attn.{q,k,v,o,qkv}_proj.{weight,bias}``,
@@ -33,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from randlora_jax import sharding as sharding_lib
 from randlora_jax.models.decoder import Decoder, DecoderConfig
-from randlora_jax.models.loading import CheckpointError
+from randlora_jax.models.loading import CheckpointError, resolve
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -289,7 +290,7 @@ def load_decoder(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None
   With `mesh`, every leaf is created with its rule-given `NamedSharding`, each device's block
   read directly from disk. `config_overrides` set e.g. `dtype` (compute) or `remat`.
   """
-  directory = os.fspath(directory)
+  directory = resolve(directory)  # a hub id: its local snapshot
   cfg = config_from_hf(read_hf_config(directory), param_dtype=param_dtype, **config_overrides)
   store = SafetensorsDir(directory)
   check_keys(store, cfg)

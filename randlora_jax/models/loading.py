@@ -309,29 +309,55 @@ def tree_to_hf(tree: Mapping[str, Any], config: ViTConfig) -> dict[str, np.ndarr
 # Files
 
 
+# What a checkpoint directory needs from the hub: configs (config.json, generation_config.json,
+# tokenizer_config.json, the shard index), weights, tokenizers (tokenizer.json; CLIP's
+# vocab.json + merges.txt; sentencepiece's tokenizer.model). Never the *.bin / *.pth copies.
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "tokenizer.model")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
 def resolve(name_or_dir: str | os.PathLike) -> str:
-  """A local directory as is, else a hub id via `huggingface_hub.snapshot_download` (cache
-  first, then network); a clear error when neither works."""
+  """A local directory as is; a hub id ('openai/clip-vit-base-patch32') as its local snapshot
+  via `huggingface_hub.snapshot_download`: the cache first, then the network (unless
+  HF_HUB_OFFLINE). Every failure is one line naming the id and what to do."""
   path = os.fspath(name_or_dir)
   if os.path.isdir(path):
     return path
+  if not _HUB_ID.fullmatch(path) or path.startswith((".", "~")):
+    raise FileNotFoundError(f"{path!r}: no such directory (and not a hub id 'owner/name')")
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise FileNotFoundError(f"{path!r} is not a directory and huggingface_hub is not "
-                            "installed to fetch it from the hub") from e
-  patterns = ["*.json", "*.safetensors"]
-  errors = []
-  for local_only in (True, False):
-    try:
-      return huggingface_hub.snapshot_download(path, allow_patterns=patterns,
-                                               local_files_only=local_only)
-    except Exception as e:  # noqa: BLE001 -- any failure means: try the next way, then report
-      errors.append(f"{type(e).__name__}: {e}")
-  raise FileNotFoundError(
-      f"{path!r} is neither a local directory nor a hub id that could be fetched (offline?). "
-      f"Download it elsewhere (config.json + model.safetensors) and pass the directory. "
-      f"Hub errors: {' | '.join(errors)[:600]}")
+    from huggingface_hub import constants, errors  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise FileNotFoundError(f"{path!r} is not a directory, and huggingface_hub (needed to "
+                            "fetch a hub id) is not installed") from None
+  try:
+    return huggingface_hub.snapshot_download(path, allow_patterns=list(HUB_PATTERNS),
+                                             local_files_only=True)
+  except (errors.LocalEntryNotFoundError, errors.IncompleteSnapshotError, FileNotFoundError,
+          ValueError):
+    pass  # not (fully) in the cache: download
+  cache = constants.HF_HUB_CACHE
+  if constants.HF_HUB_OFFLINE:
+    raise FileNotFoundError(
+        f"hub id {path!r} is not in the hub cache ({cache}) and HF_HUB_OFFLINE is set: "
+        f"download it where the network allows (`hf download {path}`) into that cache, or "
+        f"pass a local directory")
+  try:
+    return huggingface_hub.snapshot_download(path, allow_patterns=list(HUB_PATTERNS))
+  except errors.GatedRepoError:
+    raise FileNotFoundError(f"hub id {path!r} is gated: accept its licence on the hub and log "
+                            f"in (`hf auth login` or HF_TOKEN), then rerun") from None
+  except errors.RepositoryNotFoundError:
+    raise FileNotFoundError(f"hub id {path!r} does not exist on the hub (or is private: log "
+                            f"in with `hf auth login` or HF_TOKEN); a local directory is "
+                            f"also accepted") from None
+  except Exception as e:  # noqa: BLE001  (no network, a proxy, a full disk, ...)
+    reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+    raise FileNotFoundError(
+        f"hub id {path!r} is not in the hub cache ({cache}) and could not be downloaded "
+        f"({reason}); download it where the network allows (`hf download {path}`), set "
+        f"HF_HUB_OFFLINE=1 to use only the cache, or pass a local directory") from None
 
 
 def read_safetensors(directory: str) -> dict[str, np.ndarray]:

@@ -64,8 +64,12 @@ class WordTokenizer:
 
 
 def load_tokenizer(directory: str | os.PathLike, max_length: int | None = None) -> Tokenizer:
-  """The tokenizer stored in a checkpoint directory (see module doc); `max_length` pads and
-  truncates HF tokenizers (default: the tokenizer's own model_max_length, 77 for CLIP)."""
+  """The tokenizer stored in a checkpoint directory or hub id (see module doc); `max_length`
+  pads and truncates HF tokenizers (default: the tokenizer's own model_max_length, 77 for
+  CLIP)."""
+  if not os.path.isdir(os.fspath(directory)):  # a hub id: its local snapshot
+    from randlora_jax.models.loading import resolve  # pylint: disable=g-import-not-at-top
+    directory = resolve(directory)
   directory = os.fspath(directory)
   has = lambda name: os.path.exists(os.path.join(directory, name))
   if has(WORDS_FILE):

@@ -1,9 +1,11 @@
 """Task ``causal_lm``: instruction fine-tuning of a decoder LLM, the paper's commonsense setup
 (shared/reference/llm-and-vl.md s.1).
 
-* Model: `models.decoder.Decoder`, from a local HF checkpoint (``model.checkpoint``: weights,
-  config and tokenizer.json read offline) or, without one, a random ``lm.preset`` shape with a
-  BPE trained on the training file (tests) or the embedded demo's pretrained one.
+* Model: `models.decoder.Decoder`, from an HF checkpoint (``model.checkpoint``: a local
+  directory or a hub id, fetched once by `loading.resolve`; weights, config, tokenizer and
+  generation_config.json's EOS ids) or, without one, the random ``lm.preset='tiny'`` shape with
+  a BPE trained on the training file (tests) or the embedded demo's pretrained one. The
+  full-size presets refuse to start without a checkpoint (`HUB_IDS` says which).
 * Data: ``lm.train_file`` (JSON / JSONL, commonsense format), or with ``lm.source='tfds'``
   the ``data.train_split`` of the prepared tfds dataset ``data.name`` (features mapped by
   ``lm.fields``, read lazily per process); ``lm.val_size`` records held out
@@ -44,7 +46,7 @@ from randlora_jax import methods, optim, sharding
 from randlora_jax import tree as tree_lib
 from randlora_jax.data import commonsense as data_lib
 from randlora_jax.evaluation import commonsense as eval_lib
-from randlora_jax.models import hf_decoder, lm_tokenizer
+from randlora_jax.models import hf_decoder, lm_tokenizer, loading
 from randlora_jax.models.decoder import Decoder, DecoderConfig
 from randlora_jax.train import setup as setup_lib
 from randlora_jax.train import preemption
@@ -66,7 +68,11 @@ PRESETS = {
     "phi3_mini": lambda vocab: DecoderConfig.phi3_mini(),
     "llama3_8b": lambda vocab: DecoderConfig.llama3_8b(),
 }
-HEADS = methods.TaskHeads("causal_lm")
+# lm.preset -> the checkpoint the paper used for it (named by the refusal when none is given).
+HUB_IDS = {"qwen2_0_5b": "Qwen/Qwen2-0.5B-Instruct",
+           "phi3_mini": "microsoft/Phi-3-mini-4k-instruct",
+           "llama3_8b": "meta-llama/Meta-Llama-3-8B", "gemma": "google/gemma-2b"}
+HEADS = methods.TaskHeads("causal_lm")  # nothing new, nothing to probe: no method 'head'
 # Validation batches hold at most this many bytes of float32 logits per device (rows x cutoff
 # x vocab x 4): `eval_batch_size` 256 at cutoff 256 would be 40 GB for Qwen2's 151,936 ids.
 EVAL_LOGITS_BYTES = 1 << 30
@@ -76,7 +82,7 @@ def validation_batch_size(config, vocab_size: int, data_parallel: int) -> int:
   """The global validation batch: `eval_batch_size`, or fewer rows (a multiple of the data-
   parallel size) when their logits would pass `EVAL_LOGITS_BYTES` per device."""
   per_device = max(1, EVAL_LOGITS_BYTES // (4 * config.lm.cutoff * vocab_size))
-  return min(config.eval_batch_size, data_parallel * per_device)  # nothing new, nothing to probe: no method 'head'
+  return min(config.eval_batch_size, data_parallel * per_device)
 
 
 def trainable_patterns(method: str) -> tuple[str, ...]:
@@ -90,12 +96,14 @@ class LMExperiment(setup_lib.Experiment):
   tokenizer: lm_tokenizer.LMTokenizer
   val_source: object
   eval_tasks: dict
+  train_data: str = ""  # `data_checksum`: a resume on other data is refused
 
   @property
   def fingerprint(self) -> dict:
     c = self.config
     fp = {"task": "causal_lm", "method": c.method,
-          "model": repr(self.decoder_config.replace(dtype=None, param_dtype=None))}
+          "model": repr(self.decoder_config.replace(dtype=None, param_dtype=None)),
+          "train_data": self.train_data}
     if methods.get(c.method).adapted:
       fp["adapter"] = c.adapter.to_dict()
     return fp
@@ -114,10 +122,11 @@ def _tokenizer(config, train_records, checkpoint: str):
   lm = config.lm
   directory = lm.tokenizer or checkpoint
   if directory:
-    try:
-      return lm_tokenizer.load(directory)
+    field = "lm.tokenizer" if lm.tokenizer else "model.checkpoint"
+    try:  # EOS ids: the checkpoint's generation_config.json's too
+      return lm_tokenizer.load(directory, generation_dir=checkpoint or None)
     except (OSError, ValueError) as e:
-      raise ConfigError(f"lm.tokenizer / model.checkpoint {directory!r}: {e}") from None
+      raise ConfigError(f"{field} {directory!r}: {e}") from None
   # No checkpoint: a BPE over the training texts, cached by content.
   texts = [data_lib.train_prompt(r) for r in train_records]
   key = hashlib.sha256(json.dumps([lm_tokenizer.BPE_VERSION, lm.vocab_size, texts]).encode()
@@ -129,7 +138,18 @@ def _tokenizer(config, train_records, checkpoint: str):
 
 
 def read_eval_tasks(config, eval_dir: str) -> dict[str, list[dict]]:
+  """Each task's records, read (and checked: instruction and answer strings) at the start, so
+  a bad evaluation file stops the run before training, not after it."""
   lm = config.lm
+  if eval_dir and not lm.eval_tasks:
+    present = sorted(t for t in eval_lib.TASK_PATTERNS
+                     if os.path.exists(os.path.join(eval_dir, t, "test.json")))
+    raise ConfigError(f"lm.eval_dir={eval_dir!r} is set but lm.eval_tasks is empty: nothing "
+                      f"would be scored; set lm.eval_tasks (tasks found there: {present})")
+  if lm.eval_tasks and not eval_dir:
+    raise ConfigError(f"lm.eval_tasks={tuple(lm.eval_tasks)} need lm.eval_dir (the directory "
+                      "holding <task>/test.json); or set lm.eval_tasks=() to train without "
+                      "the final evaluation")
   out = {}
   for task in lm.eval_tasks:
     if task not in eval_lib.TASK_PATTERNS:
@@ -137,11 +157,25 @@ def read_eval_tasks(config, eval_dir: str) -> dict[str, list[dict]]:
                         f"{list(eval_lib.TASK_PATTERNS)}")
     path = os.path.join(eval_dir, task, "test.json")
     try:
-      records = data_lib.read_records(path)
+      records = data_lib.read_records(path, required=data_lib.EVAL_FIELDS)
     except data_lib.DataFormatError as e:
       raise ConfigError(f"lm.eval_dir: {e}") from None
     out[task] = records[:lm.max_eval_examples] if lm.max_eval_examples else records
   return out
+
+
+def data_checksum(config, train_file: str) -> str:
+  """What identifies the training data in the run's fingerprint: the sha256 of the training
+  file's bytes (the validation split and a trained-here BPE follow from them), or the tfds
+  dataset, split and field mapping."""
+  if config.lm.source == "tfds":
+    return (f"tfds:{config.data.name}/{config.data.train_split} "
+            f"{json.dumps(config.lm.fields.to_dict(), sort_keys=True)}")
+  h = hashlib.sha256()
+  with open(train_file, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return "sha256:" + h.hexdigest()
 
 
 def read_train_records(config, train_file: str):
@@ -177,6 +211,15 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
                                      jax.process_count())
   lm = config.lm
   checkpoint, train_file, eval_dir = config.model.checkpoint, lm.train_file, lm.eval_dir
+  if not checkpoint and not lm.pretrain.enabled and lm.preset != "tiny":
+    raise ConfigError(
+        f"lm.preset={lm.preset!r} needs model.checkpoint (a local HF directory or a hub id, "
+        f"e.g. {HUB_IDS[lm.preset]!r}): without one it would train a random-init model")
+  if checkpoint:
+    try:  # once: weights, config, tokenizer and generation config all read from here
+      checkpoint = loading.resolve(checkpoint)
+    except OSError as e:
+      raise ConfigError(f"model.checkpoint: {e}") from None
   if not checkpoint and lm.pretrain.enabled:  # the embedded demo's pretrained decoder and data
     from randlora_jax.tasks import lm_demo  # pylint: disable=g-import-not-at-top
     checkpoint, demo_train, demo_eval = lm_demo.prepare(config)
@@ -184,6 +227,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   train_records, val_records, dataset = read_train_records(config, train_file)
   eval_tasks = read_eval_tasks(config, eval_dir)
   tok = _tokenizer(config, train_records, checkpoint)
+  train_data = data_checksum(config, train_file)
 
   dtype = jnp.dtype(config.model.dtype)
   remat = "full" if config.model.remat else "none"
@@ -249,7 +293,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
       train_source=train_src, test_source=None, num_classes=0, total_steps=steps,
       local_batch_size=local_batch, trainable_count=optim.count(params, mask),
       total_count=optim.count(params), adapter_config=adapter_config, decoder_config=dcfg,
-      tokenizer=tok, val_source=val_src, eval_tasks=eval_tasks)
+      tokenizer=tok, val_source=val_src, eval_tasks=eval_tasks, train_data=train_data)
 
 
 # ----------------------------------------------------------------------------- steps

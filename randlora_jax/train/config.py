@@ -44,7 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.adapter = ml_collections.ConfigDict()
   c.adapter.targets = ("q_proj", "k_proj", "v_proj", "fc1", "fc2")
   c.adapter.r = 8             # RandLoRA rank (smaller r: more bases, more parameters)
-  c.adapter.alpha = 160.0     # RandLoRA scale s = alpha / r (PEFT's default s = 20)
+  c.adapter.alpha = 160.0     # RandLoRA scale numerator (PEFT's default s = 20)
+  # peft: s = alpha / r (upstream PEFT) | paper: s = alpha / r / sqrt(N) per layer, N its
+  # number of bases (the authors' PEFT fork, which ran the paper's LLM experiments)
+  c.adapter.scaling = "peft"
   c.adapter.seed = 0          # basis seed
   c.adapter.distribution = "uniform"
   c.adapter.lora_rank = 32
@@ -113,7 +116,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Task causal_lm (randlora_jax/tasks/causal_lm.py): instruction tuning of a decoder LLM on
   # commonsense-format JSON / JSONL, scored by the paper's protocol (configs/commonsense.py).
   c.lm = ml_collections.ConfigDict()
-  c.lm.preset = "tiny"        # no checkpoint: tiny | qwen2_0_5b | phi3_mini | llama3_8b
+  c.lm.preset = "tiny"        # tiny (random init) | qwen2_0_5b | phi3_mini | llama3_8b | gemma
+                              # (those need model.checkpoint: a directory or a hub id)
   c.lm.tokenizer = ""         # directory with tokenizer.json ("": model.checkpoint's, or a BPE)
   c.lm.vocab_size = 512       # the BPE trained on the training file when there is no tokenizer
   c.lm.source = "json"        # json: lm.train_file | tfds: data.name's data.train_split

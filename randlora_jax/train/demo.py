@@ -78,6 +78,6 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
       f.write(table + "\n")
     with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(rows, f, indent=2)
+      json.dump(loop.strict_json(rows), f, indent=2, allow_nan=False)
   print(f"\n{config.data.name}, {rows[0]['steps'] if rows else 0} steps per method:\n{table}")
   return rows

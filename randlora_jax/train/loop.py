@@ -156,8 +156,10 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
   writer.write(final_step, "test", res)
   writer.close()
 
+  # The data the run trained on (causal_lm: its training file), as the export records it.
+  dataset = exp.adapter_config.get("dataset", config.data.name)
   summary = {
-      "method": config.method, "dataset": config.data.name, "steps": final_step,
+      "method": config.method, "dataset": dataset, "steps": final_step,
       "trainable_params": exp.trainable_count, "total_params": exp.total_count,
       "test_accuracy": res["accuracy"], "test_loss": res["loss"],
       **{k: v for k, v in res.items() if k.startswith("acc/")},  # per-task scores (causal_lm)
@@ -169,10 +171,13 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
   }
   # Host copies for the exports and the checksum; collective, so every process takes part.
   host_trainable = to_host(state.trainable)
-  summary["trainable_sha256"] = checksum(host_trainable)
-  # A task may export another state than the last (causal_lm: the best by validation loss).
+  # A task may export another state than the last (causal_lm: the best by validation loss);
+  # trainable_sha256 is the exported state's, last_trainable_sha256 the last step's.
   selected = getattr(evaluator, "selected_trainable", lambda: None)()
   export_trainable = host_trainable if selected is None else selected
+  summary["trainable_sha256"] = checksum(export_trainable)
+  if selected is not None:
+    summary["last_trainable_sha256"] = checksum(host_trainable)
   # Orbax saves are collective (every process enters them; process 0 writes host arrays).
   exports = os.path.join(workdir, "export")
   try:
@@ -191,10 +196,22 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
     ) from None
   if is_main:
     metrics_lib.plot_curves(writer.path, os.path.join(workdir, "curves.png"),
-                            title=f"{config.method} on {config.data.name}")
+                            title=f"{config.method} on {dataset}")
     with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+      json.dump(strict_json(summary), f, indent=2, allow_nan=False)
   return summary
+
+
+def strict_json(tree):
+  """`tree` with every non-finite float as None (JSON null): strict JSON readers (jq,
+  JavaScript, Go) reject the bare NaN / Infinity that json.dump writes by default."""
+  if isinstance(tree, dict):
+    return {k: strict_json(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [strict_json(v) for v in tree]
+  if isinstance(tree, (float, np.floating)) and not math.isfinite(tree):
+    return None
+  return tree
 
 
 def initial_accuracy(metrics_path: str) -> dict[str, float]:

@@ -27,6 +27,7 @@ from randlora_jax.models.clip import PRESETS as CLIP_PRESETS
 from randlora_jax.models.vit import FAMILIES, ViTConfig
 from randlora_jax.tasks import TASKS
 from randlora_jax.methods import METHODS
+from randlora_jax.update import SCALINGS
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -157,6 +158,7 @@ register(
     _field("adapter.alpha", number(gt=0)),
     _field("adapter.seed", integer(0, 2**32 - 1)),
     _field("adapter.distribution", one_of(DISTRIBUTIONS)),
+    _field("adapter.scaling", one_of(SCALINGS)),
     _field("adapter.lora_rank", integer(1)),
     _field("adapter.lora_alpha", number(gt=0)),
 
@@ -254,7 +256,7 @@ register(
 )
 
 # The causal-LM fields (task causal_lm, randlora_jax/tasks/causal_lm.py).
-LM_PRESETS = ("tiny", "qwen2_0_5b", "phi3_mini", "llama3_8b")
+LM_PRESETS = ("tiny", "qwen2_0_5b", "phi3_mini", "llama3_8b", "gemma")  # all but tiny: checkpoint
 LM_EVAL_TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy",
                  "ARC-Challenge", "openbookqa")
 register(
