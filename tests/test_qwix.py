@@ -20,7 +20,7 @@ from randlora_jax import adapter, optim
 from randlora_jax.adapter import AdapterConfig
 from randlora_jax.integrations.qwix import (GAMMA_SUFFIX, LAMBDA_SUFFIX, RandLoraProvider,
                                             RandLoraRule)
-from randlora_jax.nnx import RandLoraParam
+from randlora_jax.nnx import RANDLORA_PARAMS
 from randlora_np import np_delta_kernel
 
 # fp32 vs fp32 of the same math in another contraction order (merged weight fed to the
@@ -284,13 +284,14 @@ def test_nnx_clients_merge_and_train_only_lora_params():
   assert provider.layouts["attn/w_out"].in_axes == (1, 2)
   assert provider.layouts["w_mlp_out"].in_axes == (1,)  # used as .T under jit, found as (out, in)
   lora = nnx.state(model, nnx.LoRAParam)
-  assert all(isinstance(v, RandLoraParam) for v in jax.tree.leaves(
-      lora, is_leaf=lambda v: isinstance(v, nnx.Variable)))
+  assert {type(v) for v in jax.tree.leaves(lora, is_leaf=lambda v: isinstance(v, nnx.Variable))
+          } == {nnx.LoRAParam}  # exactly (Tunix's sampler sync compares types)
+  assert jax.tree.structure(nnx.state(model, RANDLORA_PARAMS)) == jax.tree.structure(lora)
   forward = nnx.jit(lambda m, x: m(x))
   np.testing.assert_allclose(forward(model, x), y0, rtol=1e-6, atol=1e-6)
 
   for path, var in nnx.iter_graph(model):
-    if isinstance(var, RandLoraParam):
+    if isinstance(var, nnx.LoRAParam):
       noise = 0.3 * jax.random.normal(jax.random.key(len(path)), var.shape)
       var[...] = noise if str(path[-1]).endswith(LAMBDA_SUFFIX) else var[...] + noise
   y = forward(model, x)
@@ -367,7 +368,7 @@ def test_nnx_scan_over_adapted_layers():
   np.testing.assert_allclose(forward(model, x), forward(plain, x), rtol=1e-6, atol=1e-6)
   noise = np.random.default_rng(0)
   for _, var in nnx.iter_graph(model):
-    if isinstance(var, RandLoraParam):
+    if isinstance(var, nnx.LoRAParam):
       var[...] = var[...] + 0.3 * noise.standard_normal(var.shape, np.float32)
 
   # Merged weights (adapter.merge on the state's dict, per-layer dW vmapped over the stack)
