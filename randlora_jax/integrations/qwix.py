@@ -502,10 +502,12 @@ class RandLoraProvider(ptq.PtqProvider):
                 layouts[key])
     return (w.astype(jnp.float32) + dw).astype(dtype or w.dtype)
 
-  def merge_nnx(self, model: nnx.Module) -> nnx.Module:
+  def merge_nnx(self, model: nnx.Module, *, keep_adapter: bool = False) -> nnx.Module:
     """NNX: a copy of `model` as the plain (un-intercepted) model class, W0 + dW in every
-    adapted weight (keeping the weight variable's metadata, e.g. its sharding names), adapter
-    leaves removed, quantised weights dequantised."""
+    adapted weight (keeping the weight variable's metadata, e.g. its sharding names),
+    quantised weights dequantised. The adapter leaves are removed, or with `keep_adapter`
+    kept as they are (unused by the plain class): then the copy has the adapted model's state
+    structure, so a trainer's `nnx.LoRAParam` state can be synced into it."""
     model = nnx.clone(model)
     if hasattr(type(model), "_unquantized_type"):
       model.__class__ = type(model)._unquantized_type  # pylint: disable=protected-access
@@ -516,8 +518,9 @@ class RandLoraProvider(ptq.PtqProvider):
       merged = self.merged_weight(key, w, getattr(module, lk)[...], getattr(module, gk)[...])
       setattr(module, name, nnx.Param(merged) if isinstance(node, ptq.WithAux)
               else node.replace(value=merged))
-      delattr(module, lk)
-      delattr(module, gk)
+      if not keep_adapter:
+        delattr(module, lk)
+        delattr(module, gk)
     for _, module in list(nnx.iter_modules(model)):
       for name, node in list(vars(module).items()):
         if isinstance(node, ptq.WithAux):
@@ -526,9 +529,10 @@ class RandLoraProvider(ptq.PtqProvider):
 
 
 @contextlib.contextmanager
-def lora_provider_is_randlora(**randlora: Any) -> Iterator[None]:
+def lora_provider_is_randlora(**randlora: Any) -> Iterator[list[RandLoraProvider]]:
   """While active, ``qwix.LoraProvider(...)`` builds a `RandLoraProvider` with the same
-  arguments plus `randlora` (RandLoRA's own fields: `seed`, `distribution`, ...).
+  arguments plus `randlora` (RandLoRA's own fields: `seed`, `distribution`, ...). Yields the
+  list of providers built so far (for their `layouts` / `metadata()`).
 
   For code that constructs Qwix's provider itself, with no switch of its own: MaxText's
   `lora_utils._build_lora_provider` (``qwix.LoraProvider(module_path=, rank=, alpha=,
@@ -537,19 +541,23 @@ def lora_provider_is_randlora(**randlora: Any) -> Iterator[None]:
   alpha=[, tile_size=, weight_qtype=])``). Both look the name up on the `qwix` module when
   they call it, which is what this replaces::
 
-      with lora_provider_is_randlora(seed=0):
+      with lora_provider_is_randlora(seed=0) as built:
         model = tunix_cli_model.apply_lora_to_model(base, mesh, lora_config)
+      provider = built[0]
   """
-  original = qwix.LoraProvider
+  original, built = qwix.LoraProvider, []
 
   def build(rules=None, **kwargs):
     if rules is not None:
-      return RandLoraProvider([dataclasses.replace(_as_randlora_rule(r), **randlora)
-                               for r in rules], disable_jit=kwargs.pop("disable_jit", False))
-    return RandLoraProvider(**kwargs, **randlora)
+      provider = RandLoraProvider([dataclasses.replace(_as_randlora_rule(r), **randlora)
+                                   for r in rules], disable_jit=kwargs.pop("disable_jit", False))
+    else:
+      provider = RandLoraProvider(**kwargs, **randlora)
+    built.append(provider)
+    return provider
 
   qwix.LoraProvider = build
   try:
-    yield
+    yield built
   finally:
     qwix.LoraProvider = original
