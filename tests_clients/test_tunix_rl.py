@@ -35,6 +35,7 @@ from flax import nnx  # noqa: E402
 from flax.nnx import filterlib  # noqa: E402
 from grain import python as grain  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
+from tunix.cli.utils import model as cli_model  # noqa: E402
 from tunix.generate import sampler as sampler_lib  # noqa: E402
 from tunix.rl import rl_cluster as rl_cluster_lib  # noqa: E402
 from tunix.rl import utils as rl_utils  # noqa: E402
@@ -184,6 +185,29 @@ def test_adapter_leaves_pass_the_samplers_lora_only_sync():
                             is_leaf=lambda v: isinstance(v, nnx.Variable))
   with pytest.raises(ValueError, match="Only LoRAParam is supported"):
     sampler.transformer_state = subclassed
+
+
+def test_tunix_cli_builds_randlora_under_the_switch():
+  """Tunix's CLI builds its adapter in `tunix.cli.utils.model.apply_lora_to_model`
+  (``qwix.LoraProvider(module_path=, rank=, alpha=)`` from the YAML's lora_config): run here,
+  unmodified, under `lora_provider_is_randlora` it builds RandLoRA, placed on the mesh."""
+  actor_mesh, _ = _meshes()
+  vocab = tc.MockVocab()
+  base = tc.ToyTransformer(config=tc.ModelConfig(vocab_size=vocab.GetPieceSize()),
+                           rngs=nnx.Rngs(0))
+  lora_config = {"module_path": ".*w1|.*w2", "rank": RANK, "alpha": ALPHA}
+  with lora_provider_is_randlora(seed=SEED) as built:
+    model = cli_model.apply_lora_to_model(base, actor_mesh, lora_config)
+  (provider,) = built
+  assert provider.metadata()["config"] == {**provider.metadata()["config"], "r": RANK,
+                                            "alpha": ALPHA, "seed": SEED}
+  lora = _pure(nnx.state(model, nnx.LoRAParam))
+  assert set(lora) == set(_pure(nnx.state(model, RANDLORA_PARAMS))) and len(lora) == 16
+  _, _, reference, _ = _models(actor_mesh)  # the same adapter through Tunix's test helper
+  for path, value in _pure(nnx.state(reference, nnx.LoRAParam)).items():
+    np.testing.assert_array_equal(lora[path], value)
+  assert all(v.sharding.mesh == actor_mesh
+             for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
 
 
 def test_grpo_trains_randlora_with_tunix_vanilla_rollout():

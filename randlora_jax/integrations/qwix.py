@@ -221,14 +221,17 @@ def _check_not_lost(rhs):
 
 
 def _adapter_leaves(name: str, spec: ops.LayerSpec, dtype):
-  """lambda/gamma for weight `name` in the current module, created on first use (PEFT init)."""
-  lam = flax_util.get_or_create_param(name + LAMBDA_SUFFIX,
-                                      lambda: ops.init_lambda(spec, dtype),
-                                      nnx_param_type=nnx.LoRAParam)
-  gamma = flax_util.get_or_create_param(name + GAMMA_SUFFIX,
-                                        lambda: ops.init_gamma(spec, dtype),
-                                        nnx_param_type=nnx.LoRAParam)
-  return lam, gamma
+  """lambda/gamma for weight `name` in the current module, created on first use (PEFT init).
+  Existing NNX leaves are taken in their own dtype (a model cast after adaptation, e.g. by
+  Tunix's rollout `data_type`, contracts weights of another dtype than its adapter's)."""
+  module = flax_util.get_current_module()
+  out = []
+  for suffix, init in ((LAMBDA_SUFFIX, ops.init_lambda), (GAMMA_SUFFIX, ops.init_gamma)):
+    existing = getattr(module, name + suffix, None) if isinstance(module, nnx.Module) else None
+    leaf_dtype = existing[...].dtype if isinstance(existing, nnx.Variable) else dtype
+    out.append(flax_util.get_or_create_param(
+        name + suffix, functools.partial(init, spec, leaf_dtype), nnx_param_type=nnx.LoRAParam))
+  return tuple(out)
 
 
 _STATICS = ("spec", "lhs_in", "rhs_in", "rhs_out", "dtype", "precision")
