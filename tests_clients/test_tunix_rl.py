@@ -46,7 +46,7 @@ from tunix.tests import test_common as tc  # noqa: E402
 
 from randlora_jax import adapter, tree  # noqa: E402
 from randlora_jax.integrations.qwix import lora_provider_is_randlora  # noqa: E402
-from randlora_jax.integrations.tunix import MergedRollout  # noqa: E402
+from randlora_jax.integrations.tunix import MergedRollout, check_tunix_checkpoint  # noqa: E402
 from randlora_jax.nnx import RANDLORA_PARAMS  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
@@ -303,3 +303,23 @@ def test_ppo_trains_randlora_actor():
   learner.train(_dataset(repeat=2), None)
   assert cluster.actor_trainer.train_steps == steps
   _assert_trained_only_lora(cluster, base0, lora0)
+
+
+DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "tunix.md"
+
+
+def test_docs_grpo_block_runs(tmp_path, monkeypatch):
+  """docs/tunix.md's GRPO block, as written; then its checkpoint carries the adapter."""
+  import re  # pylint: disable=import-outside-toplevel
+  (block,) = re.findall(r"<!-- tested in tests_clients/test_tunix_rl.py -->\s*```python\n(.*?)```",
+                        DOC.read_text(), flags=re.S)
+  monkeypatch.chdir(tmp_path)
+  ns = {"__name__": "docs_tunix"}
+  exec(compile(block, "docs/tunix.md", "exec"), ns)  # pylint: disable=exec-used
+  cluster, provider = ns["cluster"], ns["provider"]
+  assert isinstance(cluster.rollout, MergedRollout) and cluster.rollout.syncs == 4
+  actor_dir = os.path.join(ns["checkpoints"], "actor")
+  assert check_tunix_checkpoint(actor_dir, provider.metadata()) == 4
+  other = dict(provider.metadata(), config={**provider.metadata()["config"], "alpha": 4.0})
+  with pytest.raises(adapter.AdapterMismatch, match="'alpha' is 2.0 in the checkpoint but 4.0"):
+    check_tunix_checkpoint(actor_dir, other)
