@@ -129,11 +129,11 @@ def inject_nnx(model: nnx.Module, targets: Sequence[str], config: AdapterConfig 
 def adapter_metadata(model: nnx.Module) -> dict[str, Any]:
   """`adapter.metadata` of the `RandLoraLinear` layers of `model` (what a saved adapter must
   carry; `checkpoint.save_nnx_adapter`). Their configs must agree (`inject_nnx` makes it so)."""
-  layers_ = {tree.path_str(p): m for p, m in nnx.iter_modules(model)
+  adapted = {tree.path_str(p): m for p, m in nnx.iter_modules(model)
              if isinstance(m, RandLoraLinear)}
-  configs = {m.config for m in layers_.values()}
+  configs = {m.config for m in adapted.values()}
   if len(configs) != 1:
     raise ValueError(f"expected one AdapterConfig over the RandLoraLinear layers, found "
                      f"{len(configs)}")
   return adapter.metadata(configs.pop(), {p: (m.in_features, m.out_features)
-                                          for p, m in layers_.items()})
+                                          for p, m in adapted.items()})

@@ -103,7 +103,7 @@ class MergedRollout(vanilla_rollout.VanillaRollout):
 
   def __init__(self, rollout_actor: nnx.Module, tokenizer: Any, mesh: jax.sharding.Mesh,
                rollout_config: base_rollout.RolloutConfig, *, provider,
-               dtype: Any = jnp.bfloat16, **_):
+               dtype: Any = jnp.bfloat16):
     self._provider = provider
     self._base = {key: (module, name) for key, module, name
                   in provider.adapted_weights(rollout_actor)}  # the trainer's W0, read at sync
