@@ -50,11 +50,12 @@ test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -n 2 -q
 
 # Third-party clients that cannot share the main venv (transformers 4 Flax models, Tunix's
-# PeftTrainer): each in its own venv under .venvs/, never collected by `make test`.
+# PeftTrainer and RL trainers): each in its own venv under .venvs/, never collected by
+# `make test`. The Tunix RL tests run on 4 virtual CPU devices (actor and rollout meshes).
 test-clients:
 	test -x .venvs/tunix/bin/python || ($(PY) -m venv .venvs/tunix && .venvs/tunix/bin/pip install -q jax==0.10.2 jaxlib==0.10.2 flax==0.12.8 google-tunix==0.1.7 pytest && .venvs/tunix/bin/pip install -q -e . --no-deps)
 	test -x .venvs/tf4/bin/python || ($(PY) -m venv .venvs/tf4 && .venvs/tf4/bin/pip install -q jax==0.10.2 jaxlib==0.10.2 flax==0.12.8 optax==0.2.8 transformers==4.57.6 qwix==0.1.8 ml_collections chex orbax-checkpoint opt_einsum pytest && .venvs/tf4/bin/pip install -q -e . --no-deps)
-	.venvs/tunix/bin/python -m pytest tests_clients/test_tunix.py -q
+	XLA_FLAGS=--xla_force_host_platform_device_count=4 .venvs/tunix/bin/python -m pytest tests_clients/test_tunix.py tests_clients/test_tunix_rl.py -q
 	.venvs/tf4/bin/python -m pytest tests_clients/test_transformers4.py -q
 
 test-fast: $(TEST_STAMP)

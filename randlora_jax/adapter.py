@@ -23,6 +23,7 @@ Two layouts beyond a plain 2-D `(in, out)` kernel are handled:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any, Iterator, Mapping
 
@@ -100,6 +101,54 @@ class AdapterConfig:
   def layer_spec(self, in_features: int, out_features: int) -> ops.LayerSpec:
     return ops.LayerSpec(in_features, out_features, self.r, float(self.alpha),
                          self.distribution, self.sparse_dim, self.scaling)
+
+
+class AdapterMismatch(ValueError):
+  """A saved adapter was made with other settings (seed, r, layouts, ...) than the model it is
+  restored into: its lambda/gamma would multiply other bases."""
+
+
+METADATA_KEY = "randlora"  # where the metadata sits in a checkpoint's JSON (ours, Tunix's)
+
+
+def _layout_json(in_out) -> Any:
+  if isinstance(in_out, Layout):
+    return {"shape": list(in_out.shape), "in_axes": list(in_out.in_axes),
+            "out_axes": list(in_out.out_axes)}
+  return list(in_out)
+
+
+def metadata(config: AdapterConfig, in_outs: InOuts) -> dict[str, Any]:
+  """What, besides lambda/gamma, a saved adapter needs to rebuild its update anywhere: the
+  whole `config.to_dict()` (seed, r, alpha, distribution, ... : new fields travel as they are
+  added) and every adapted layer's path -> (in, out) or `Layout`. JSON-ready."""
+  return {"config": config.to_dict(),
+          "layouts": {path: _layout_json(v) for path, v in sorted(in_outs.items())}}
+
+
+def check_metadata(saved: Mapping[str, Any] | None, current: Mapping[str, Any],
+                   where: str) -> None:
+  """Raise `AdapterMismatch` (one line, naming the first field that differs) unless the
+  adapter saved in `where` was made as `current` (`metadata(...)`) is. A config field the
+  saved metadata lacks (written before the field existed) must hold its default."""
+  if not saved:
+    raise AdapterMismatch(f"{where}: holds no RandLoRA adapter metadata ('{METADATA_KEY}'): "
+                          "cannot tell its seed, r, alpha, distribution or layouts; re-save it "
+                          "with the metadata")
+  # JSON-normalised on both sides: tuples as lists, as read back from disk.
+  saved, current = json.loads(json.dumps(dict(saved))), json.loads(json.dumps(dict(current)))
+  defaults = AdapterConfig().to_dict()
+  for name in sorted(set(saved.get("config", {})) | set(current["config"])):
+    have = saved.get("config", {}).get(name, defaults.get(name))
+    want = current["config"].get(name, defaults.get(name))
+    if have != want:
+      raise AdapterMismatch(f"{where}: adapter field {name!r} is {have!r} in the checkpoint but "
+                            f"{want!r} in this model")
+  have, want = saved.get("layouts", {}), current["layouts"]
+  for path in sorted(set(have) | set(want)):
+    if have.get(path) != want.get(path):
+      raise AdapterMismatch(f"{where}: adapted layer {path!r} has layout {have.get(path)!r} in "
+                            f"the checkpoint but {want.get(path)!r} in this model")
 
 
 def peft_sparse_dim(in_outs) -> int:

@@ -295,6 +295,40 @@ def load_adapter(directory: str) -> tuple[Any, dict]:
     return params, json.load(f)
 
 
+def save_nnx_adapter(directory: str, model, metadata: dict) -> int:
+  """An NNX model's RandLoRA leaves alone (`nnx.RANDLORA_PARAMS`: lambda/gamma, MBs) with
+  their `metadata` (`provider.metadata()` / `nnx.adapter_metadata(model)`) in
+  `adapter_config.json`, so that `restore_nnx_adapter` can check it anywhere. Returns bytes."""
+  from flax import nnx
+  from randlora_jax.nnx import RANDLORA_PARAMS
+  return export_adapter(directory, nnx.to_pure_dict(nnx.state(model, RANDLORA_PARAMS)),
+                        {adapter_lib.METADATA_KEY: metadata})
+
+
+def restore_nnx_adapter(directory: str, model, metadata: dict) -> None:
+  """Loads `save_nnx_adapter`'s lambda/gamma into `model` (adapted the same way: its
+  `metadata` must equal the saved one, else `adapter.AdapterMismatch` names the field), each
+  onto the sharding and dtype of the variable it replaces."""
+  from flax import nnx
+  from randlora_jax.nnx import RANDLORA_PARAMS
+  params, saved = load_adapter(directory)
+  adapter_lib.check_metadata(saved.get(adapter_lib.METADATA_KEY), metadata,
+                             os.path.abspath(directory))
+  state = nnx.state(model, RANDLORA_PARAMS)
+  current = nnx.to_pure_dict(state)
+  want, got = set(tree_lib.leaf_paths(current)), set(tree_lib.leaf_paths(params))
+  if want != got:
+    raise adapter_lib.AdapterMismatch(
+        f"{os.path.abspath(directory)}: saved leaves differ from the model's "
+        f"(missing {sorted(want - got)[:3]}, extra {sorted(got - want)[:3]})")
+  by_path = dict(zip(tree_lib.leaf_paths(params), jax.tree.leaves(params)))
+  new = jax.tree_util.tree_map_with_path(
+      lambda p, old: jax.device_put(np.asarray(by_path[tree_lib.path_str(p)], old.dtype),
+                                    old.sharding), current)
+  nnx.replace_by_pure_dict(state, new)
+  nnx.update(model, state)
+
+
 def _fold(params, is_layer, fold_one):
   """Applies `fold_one(layer dict) -> kernel` to every adapted layer of a nested-dict tree;
   stacked layers (`nn.scan`: a leading layer axis on every leaf) are folded slice by slice."""

@@ -1,12 +1,16 @@
 """RandLoRA for Flax NNX: `RandLoraLinear` and in-place injection into NNX models.
 
 The math is `randlora_jax.ops.apply`, exactly as in the Linen `RandLoraDense`; this module only
-holds the parameters the NNX way. `randlora_lambda` / `randlora_gamma` are `RandLoraParam`
-variables (a subclass of `nnx.LoRAParam`), so the trainable set is a type filter:
+holds the parameters the NNX way. `randlora_lambda` / `randlora_gamma` are plain
+`nnx.LoRAParam` variables (the exact type: Tunix's sampler accepts a weight sync only if every
+variable's type IS `nnx.LoRAParam`, and its trainers, optimizers and adapter checkpoints select
+that type). The frozen bases are never variables (regenerated from the seed). To select
+RandLoRA's leaves alone (beside other LoRA adapters, e.g. Qwix's `lora_a`), `RANDLORA_PARAMS`
+is a filter keyed on the leaf's path name (the rules of `optim.DEFAULT_TRAINABLE`):
 
     inject_nnx(model, targets=["q_proj", "v_proj"], config=AdapterConfig(r=8))
-    opt = nnx.Optimizer(model, optax.adamw(1e-3), wrt=RandLoraParam)
-    grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, RandLoraParam))(model, batch)
+    opt = nnx.Optimizer(model, optax.adamw(1e-3), wrt=RANDLORA_PARAMS)
+    grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, RANDLORA_PARAMS))(model, batch)
     opt.update(model, grads)
 
 Kernels and biases stay the `nnx.Param` objects of the replaced `nnx.Linear` (same arrays,
@@ -22,17 +26,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from randlora_jax import adapter, layers, ops, tree
+from randlora_jax import adapter, layers, ops, optim, tree
 from randlora_jax.adapter import AdapterConfig
 
 
-class RandLoraParam(nnx.LoRAParam):
-  """The trainable RandLoRA leaves (lambda, gamma): `wrt=RandLoraParam` selects them.
+def _randlora_path(path, _) -> bool:
+  return optim.is_default_trainable(tree.path_str(path))
 
-  A subclass of `nnx.LoRAParam` (itself an `nnx.Param`): code that finds adapters by that type
-  (Tunix's `PeftTrainer`: optimizer `wrt=nnx.LoRAParam`, adapter-only checkpoints) trains and
-  saves exactly these leaves.
-  """
+
+# The NNX filter of RandLoRA's trainable leaves: `nnx.LoRAParam` variables named like lambda /
+# gamma ('.../randlora_lambda', '.../<weight>_randlora_gamma').
+RANDLORA_PARAMS = nnx.All(nnx.LoRAParam, _randlora_path)
 
 
 class RandLoraLinear(nnx.Module):
@@ -67,8 +71,8 @@ class RandLoraLinear(nnx.Module):
     self.kernel = kernel
     self.bias = bias if use_bias else None
     spec = self.spec
-    self.randlora_lambda = RandLoraParam(ops.init_lambda(spec, param_dtype))
-    self.randlora_gamma = RandLoraParam(ops.init_gamma(spec, param_dtype))
+    self.randlora_lambda = nnx.LoRAParam(ops.init_lambda(spec, param_dtype))
+    self.randlora_gamma = nnx.LoRAParam(ops.init_gamma(spec, param_dtype))
 
   @property
   def spec(self) -> ops.LayerSpec:
@@ -120,3 +124,16 @@ def inject_nnx(model: nnx.Module, targets: Sequence[str], config: AdapterConfig 
   for name, (parts, linear) in chosen.items():
     tree.set_path(model, parts, RandLoraLinear.from_linear(linear, config, path, backend, mesh))
   return in_outs
+
+
+def adapter_metadata(model: nnx.Module) -> dict[str, Any]:
+  """`adapter.metadata` of the `RandLoraLinear` layers of `model` (what a saved adapter must
+  carry; `checkpoint.save_nnx_adapter`). Their configs must agree (`inject_nnx` makes it so)."""
+  adapted = {tree.path_str(p): m for p, m in nnx.iter_modules(model)
+             if isinstance(m, RandLoraLinear)}
+  configs = {m.config for m in adapted.values()}
+  if len(configs) != 1:
+    raise ValueError(f"expected one AdapterConfig over the RandLoraLinear layers, found "
+                     f"{len(configs)}")
+  return adapter.metadata(configs.pop(), {p: (m.in_features, m.out_features)
+                                          for p, m in adapted.items()})

@@ -17,6 +17,13 @@ from randlora_jax.tree import leaf_paths, path_str  # noqa: F401 (path_str: part
 
 # 'randlora_lambda' beside a kernel (our layers), '<weight>_randlora_lambda' (the Qwix provider).
 DEFAULT_TRAINABLE: tuple[str, ...] = (r"(^|/|_)randlora_lambda$", r"(^|/|_)randlora_gamma$")
+_DEFAULT_RULES = tuple(re.compile(p) for p in DEFAULT_TRAINABLE)
+
+
+def is_default_trainable(path: str) -> bool:
+  """Whether a leaf path ('a/b/randlora_lambda') is a RandLoRA leaf by `DEFAULT_TRAINABLE`
+  (also the NNX filter `randlora_jax.nnx.RANDLORA_PARAMS`)."""
+  return any(rx.search(path) for rx in _DEFAULT_RULES)
 
 
 def trainable_mask(params, extra: Iterable[str] = (), *, defaults: bool = True):

@@ -9,7 +9,7 @@ from flax import nnx
 
 from randlora_jax import RandLoraDense
 from randlora_jax.adapter import AdapterConfig
-from randlora_jax.nnx import RandLoraLinear, RandLoraParam, inject_nnx
+from randlora_jax.nnx import RANDLORA_PARAMS, RandLoraLinear, inject_nnx
 from randlora_np import np_delta_kernel
 
 
@@ -64,17 +64,39 @@ def test_inject_keeps_kernels_and_matches_float64():
     inject_nnx(MLP(nnx.Rngs(0)), ["nothing"], cfg)
 
 
+def test_adapter_leaves_are_exactly_lora_param_and_filter_keys_on_names():
+  model = MLP(nnx.Rngs(0))
+  variables_before = {p for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
+  inject_nnx(model, ["fc"], AdapterConfig(r=4, alpha=8.0))
+  added = {p: v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)
+           and ("/".join(map(str, p)) not in {"/".join(map(str, q)) for q in variables_before})}
+  # Only lambda/gamma are new (no stored bases), and their type is exactly nnx.LoRAParam
+  # (Tunix's sampler compares `type(v)`, so a subclass would be refused).
+  assert {"/".join(map(str, p)) for p in added} == {
+      f"{l}/randlora_{w}" for l in ("fc0", "fc1") for w in ("lambda", "gamma")}
+  assert {type(v) for v in added.values()} == {nnx.LoRAParam}
+  assert {type(v) for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)
+          } == {nnx.Param, nnx.LoRAParam}
+  # Another LoRA adapter's LoRAParam (e.g. Qwix's lora_a) is not RandLoRA's.
+  model.other.lora_a = nnx.LoRAParam(jnp.zeros((5, 2)))
+  ours = nnx.state(model, RANDLORA_PARAMS).to_pure_dict()
+  assert set(ours) == {"fc0", "fc1"} and set(ours["fc0"]) == {"randlora_lambda", "randlora_gamma"}
+  assert "other" in nnx.state(model, nnx.LoRAParam).to_pure_dict()
+
+
 def test_optimizer_step_changes_only_lambda_gamma():
   model = MLP(nnx.Rngs(0))
   inject_nnx(model, ["fc"], AdapterConfig(r=4, alpha=8.0))
-  opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=RandLoraParam)
+  opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=RANDLORA_PARAMS)
   x = jax.random.normal(jax.random.key(1), (8, 12))
+  assert set(nnx.state(opt, nnx.optimizer.OptState).to_pure_dict()["opt_state"][0]["mu"]) == {
+      "fc0", "fc1"}  # Adam moments for the adapted layers only
   before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
 
   @nnx.jit
   def step(model, opt, x):
     loss_fn = lambda m: jnp.mean((m(x) - 1.0) ** 2)
-    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, RandLoraParam))(model)
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, RANDLORA_PARAMS))(model)
     opt.update(model, grads)
     return loss
 
@@ -100,7 +122,7 @@ import optax
 from flax import nnx
 
 from randlora_jax.adapter import AdapterConfig
-from randlora_jax.nnx import RandLoraParam, inject_nnx
+from randlora_jax.nnx import RANDLORA_PARAMS, inject_nnx
 
 
 class MLP(nnx.Module):  # an existing NNX model
@@ -114,13 +136,13 @@ class MLP(nnx.Module):  # an existing NNX model
 
 model = MLP(nnx.Rngs(0))
 inject_nnx(model, ["fc1", "fc2"], AdapterConfig(r=8, alpha=160.0))  # in place
-optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=RandLoraParam)
+optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=RANDLORA_PARAMS)
 
 
 @nnx.jit
 def step(model, optimizer, x, y):
   loss_fn = lambda m: jnp.mean((m(x) - y) ** 2)
-  loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, RandLoraParam))(model)
+  loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, RANDLORA_PARAMS))(model)
   optimizer.update(model, grads)
   return loss
 

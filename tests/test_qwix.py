@@ -19,9 +19,11 @@ from flax import nnx
 from randlora_jax import adapter, optim
 from randlora_jax.adapter import AdapterConfig
 from randlora_jax.integrations.qwix import (GAMMA_SUFFIX, LAMBDA_SUFFIX, RandLoraProvider,
-                                            RandLoraRule)
-from randlora_jax.nnx import RandLoraParam
+                                            RandLoraRule, lora_provider_is_randlora)
+from randlora_jax.nnx import RANDLORA_PARAMS
 from randlora_np import np_delta_kernel
+
+_QWIX_LORA_PROVIDER = qwix.LoraProvider
 
 # fp32 vs fp32 of the same math in another contraction order (merged weight fed to the
 # model's own einsum): a few ulps of O(1) outputs.
@@ -115,6 +117,53 @@ def test_rule_is_an_adapter_config():
   assert RandLoraProvider(module_path=".*", **cfg.to_dict())._config() == cfg
   with pytest.raises(ValueError, match="seed"):
     RandLoraRule(module_path=".*", seed=-1)
+
+
+def test_qwix_spelling_rank_is_r():
+  """`qwix.LoraProvider(module_path=, rank=, alpha=)` -> RandLoRA by the class name alone."""
+  by_rank = RandLoraProvider(module_path=".*", rank=3, alpha=6.0, seed=7)
+  assert by_rank._config() == RandLoraProvider(module_path=".*", r=3, alpha=6.0, seed=7)._config()
+  assert by_rank._config().r == 3
+  with pytest.raises(TypeError, match="rank= .* or r=, not both"):
+    RandLoraProvider(module_path=".*", rank=3, r=3, alpha=6.0)
+  assert RandLoraProvider(module_path=".*", rank=3, alpha=6.0, dropout=0.0)._config().r == 3
+  with pytest.raises(ValueError, match="dropout=0.1"):
+    RandLoraProvider(module_path=".*", rank=3, alpha=6.0, dropout=0.1)
+  with pytest.raises(TypeError, match="lora_b_initializer"):
+    RandLoraProvider(module_path=".*", rank=3, alpha=6.0, lora_b_initializer=None)
+  # Qwix's own rules, as `qwix.LoraProvider([qwix.LoraRule(...)])` takes them.
+  from_rules = RandLoraProvider([qwix.LoraRule(module_path=".*q.*", rank=3, alpha=6.0)])
+  (rule,) = from_rules._rules
+  assert isinstance(rule, RandLoraRule) and rule.module_path == ".*q.*" and rule.r == 3
+
+
+class MaxTextLoraConfig:  # the fields of MaxText's `config.lora` that its builder reads
+  lora_rank, lora_alpha, lora_weight_qtype, lora_tile_size = 3, 6.0, None, None
+
+
+def maxtext_build_lora_provider(lora, module_path):
+  """MaxText's `maxtext.utils.lora_utils._build_lora_provider` (AI-Hypercomputer/maxtext,
+  src/maxtext/utils/lora_utils.py), its construction replicated: MaxText cannot be installed
+  here (it needs a newer Python than this project's 3.11)."""
+  lora_kwargs = {"module_path": module_path, "rank": lora.lora_rank, "alpha": lora.lora_alpha,
+                 "dropout": 0.0, "weight_qtype": lora.lora_weight_qtype,
+                 "tile_size": lora.lora_tile_size}
+  return qwix.LoraProvider(**lora_kwargs)
+
+
+def test_maxtext_construction_builds_randlora_under_the_switch():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  with lora_provider_is_randlora(seed=SEED) as built:
+    provider = maxtext_build_lora_provider(MaxTextLoraConfig(), ".*")
+  assert qwix.LoraProvider is _QWIX_LORA_PROVIDER  # restored on exit
+  assert built == [provider] and isinstance(provider, RandLoraProvider)
+  assert provider._config() == AdapterConfig(r=3, alpha=6.0, seed=SEED)
+  model = qwix.apply_lora_to_model(NnxModel(nnx.Rngs(0)), provider, x, rngs=nnx.Rngs(1))
+  assert set(nnx.to_pure_dict(nnx.state(model, RANDLORA_PARAMS))["attn"]["q"]) == {
+      "kernel" + LAMBDA_SUFFIX, "kernel" + GAMMA_SUFFIX}
+  assert provider.metadata()["config"]["seed"] == SEED
+  # Outside the switch the same call is Qwix's LoRA again.
+  assert type(maxtext_build_lora_provider(MaxTextLoraConfig(), ".*")) is qwix.LoraProvider
 
 
 def test_qwix_own_lora_fails_on_gemma_style_module():
@@ -284,13 +333,14 @@ def test_nnx_clients_merge_and_train_only_lora_params():
   assert provider.layouts["attn/w_out"].in_axes == (1, 2)
   assert provider.layouts["w_mlp_out"].in_axes == (1,)  # used as .T under jit, found as (out, in)
   lora = nnx.state(model, nnx.LoRAParam)
-  assert all(isinstance(v, RandLoraParam) for v in jax.tree.leaves(
-      lora, is_leaf=lambda v: isinstance(v, nnx.Variable)))
+  assert {type(v) for v in jax.tree.leaves(lora, is_leaf=lambda v: isinstance(v, nnx.Variable))
+          } == {nnx.LoRAParam}  # exactly (Tunix's sampler sync compares types)
+  assert jax.tree.structure(nnx.state(model, RANDLORA_PARAMS)) == jax.tree.structure(lora)
   forward = nnx.jit(lambda m, x: m(x))
   np.testing.assert_allclose(forward(model, x), y0, rtol=1e-6, atol=1e-6)
 
   for path, var in nnx.iter_graph(model):
-    if isinstance(var, RandLoraParam):
+    if isinstance(var, nnx.LoRAParam):
       noise = 0.3 * jax.random.normal(jax.random.key(len(path)), var.shape)
       var[...] = noise if str(path[-1]).endswith(LAMBDA_SUFFIX) else var[...] + noise
   y = forward(model, x)
@@ -367,7 +417,7 @@ def test_nnx_scan_over_adapted_layers():
   np.testing.assert_allclose(forward(model, x), forward(plain, x), rtol=1e-6, atol=1e-6)
   noise = np.random.default_rng(0)
   for _, var in nnx.iter_graph(model):
-    if isinstance(var, RandLoraParam):
+    if isinstance(var, nnx.LoRAParam):
       var[...] = var[...] + 0.3 * noise.standard_normal(var.shape, np.float32)
 
   # Merged weights (adapter.merge on the state's dict, per-layer dW vmapped over the stack)

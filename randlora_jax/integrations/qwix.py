@@ -27,8 +27,9 @@ parameters:
   other front-end uses); biases stay the module's own business.
 
 The adapter leaves are created in the module's own scope next to the weight, named
-``<weight>_randlora_lambda`` / ``<weight>_randlora_gamma`` (Linen params; NNX `RandLoraParam`,
-a subclass of `nnx.LoRAParam`, so Tunix's `PeftTrainer` trains exactly them). Unlike
+``<weight>_randlora_lambda`` / ``<weight>_randlora_gamma`` (Linen params; NNX `nnx.LoRAParam`,
+exactly that type, so Tunix's `PeftTrainer`, RL trainers and sampler weight sync take them as
+LoRA; `randlora_jax.nnx.RANDLORA_PARAMS` selects them alone by name). Unlike
 `qwix.LoraProvider`, nothing is stored as a module attribute, so compact Linen modules (frozen
 outside `setup`) work.
 
@@ -45,16 +46,18 @@ reshaped weight (the chain back to the parameter may only transpose or cast), an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import opt_einsum
+import qwix
 from flax import nnx
 from qwix._src import qconfig
 from qwix._src.core import dot_general as qwix_dot_general
@@ -64,7 +67,6 @@ from qwix._src.utils import flax_util
 
 from randlora_jax import adapter, bases, layers, ops, tree
 from randlora_jax.adapter import AdapterConfig, Layout  # Layout: re-exported (provider.layouts)
-from randlora_jax.nnx import RandLoraParam
 
 LAMBDA_SUFFIX, GAMMA_SUFFIX = adapter.leaf_names("")  # '<weight>' + these, beside the weight
 # Primitives that leave a weight the same linear map (followed back from operand to parameter).
@@ -84,6 +86,37 @@ class RandLoraRule(qconfig.QuantizationRule, AdapterConfig):
     """The adapter part alone (hashable, comparable across rules)."""
     return AdapterConfig(**{f.name: getattr(self, f.name)
                             for f in dataclasses.fields(AdapterConfig)})
+
+
+def _qwix_spelling(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
+  """Keyword arguments of `qwix.LoraRule` / `qwix.LoraProvider` as a `RandLoraRule`'s: `rank`
+  is `r` (one meaning; giving both is an error); `dropout` (MaxText passes 0.0) must be 0;
+  Qwix's `lora_a/b_initializer` have no RandLoRA counterpart (lambda/gamma use PEFT's init)."""
+  kwargs = dict(kwargs)
+  if "rank" in kwargs:
+    if "r" in kwargs:
+      raise TypeError(f"{where}: give rank= (Qwix's name) or r=, not both; they are the same "
+                      "field")
+    kwargs["r"] = kwargs.pop("rank")
+  dropout = kwargs.pop("dropout", 0.0)
+  if dropout:
+    raise ValueError(f"{where}: dropout={dropout!r}: RandLoraProvider has no adapter dropout; "
+                     "use 0.0 (or RandLoraDense(dropout=...) outside Qwix)")
+  for name in ("lora_a_initializer", "lora_b_initializer"):
+    if name in kwargs:
+      raise TypeError(f"{where}: {name} is Qwix LoRA's; RandLoRA initialises lambda = 0 and "
+                      "gamma = 1/N (PEFT's init) and takes no initializer")
+  return kwargs
+
+
+def _as_randlora_rule(rule):
+  """A `qwix.LoraRule` (and only that) as the `RandLoraRule` with the same fields."""
+  if not isinstance(rule, qwix.LoraRule):
+    return rule
+  fields = {f.name: getattr(rule, f.name) for f in dataclasses.fields(rule)}
+  for name in ("lora_a_initializer", "lora_b_initializer"):  # defaults: not a user choice
+    fields.pop(name)
+  return RandLoraRule(**_qwix_spelling(fields, "qwix.LoraRule"))
 
 
 def _module_path() -> str:
@@ -188,14 +221,17 @@ def _check_not_lost(rhs):
 
 
 def _adapter_leaves(name: str, spec: ops.LayerSpec, dtype):
-  """lambda/gamma for weight `name` in the current module, created on first use (PEFT init)."""
-  lam = flax_util.get_or_create_param(name + LAMBDA_SUFFIX,
-                                      lambda: ops.init_lambda(spec, dtype),
-                                      nnx_param_type=RandLoraParam)
-  gamma = flax_util.get_or_create_param(name + GAMMA_SUFFIX,
-                                        lambda: ops.init_gamma(spec, dtype),
-                                        nnx_param_type=RandLoraParam)
-  return lam, gamma
+  """lambda/gamma for weight `name` in the current module, created on first use (PEFT init).
+  Existing NNX leaves are taken in their own dtype (a model cast after adaptation, e.g. by
+  Tunix's rollout `data_type`, contracts weights of another dtype than its adapter's)."""
+  module = flax_util.get_current_module()
+  out = []
+  for suffix, init in ((LAMBDA_SUFFIX, ops.init_lambda), (GAMMA_SUFFIX, ops.init_gamma)):
+    existing = getattr(module, name + suffix, None) if isinstance(module, nnx.Module) else None
+    leaf_dtype = existing[...].dtype if isinstance(existing, nnx.Variable) else dtype
+    out.append(flax_util.get_or_create_param(
+        name + suffix, functools.partial(init, spec, leaf_dtype), nnx_param_type=nnx.LoRAParam))
+  return tuple(out)
 
 
 _STATICS = ("spec", "lhs_in", "rhs_in", "rhs_out", "dtype", "precision")
@@ -272,16 +308,20 @@ class RandLoraProvider(ptq.PtqProvider):
   """Qwix provider for RandLoRA (and QRandLoRA with ``weight_qtype``); see module docstring.
 
   Usage: ``RandLoraProvider(module_path=..., r=..., alpha=..., seed=...)`` or
-  ``RandLoraProvider([RandLoraRule(...), ...])``. After the model ran once (init), `layouts`
-  maps 'module/path/weight' to the `Layout` of every adapted weight; `merge` / `merge_nnx`
-  use it.
+  ``RandLoraProvider([RandLoraRule(...), ...])``. Qwix's spelling is accepted as well, so
+  ``qwix.LoraProvider(module_path=..., rank=4, alpha=8.0)`` becomes RandLoRA by its name alone:
+  `rank` is `r`, `dropout` must be 0, `qwix.LoraRule` rules are converted. After the model ran
+  once (init), `layouts` maps 'module/path/weight' to the `Layout` of every adapted weight;
+  `merge` / `merge_nnx` / `metadata` use it.
   """
 
   def __init__(self, rules=None, *, disable_jit: bool = False, **kwargs):
     if rules is None:
-      rules = [RandLoraRule(**kwargs)]
+      rules = [RandLoraRule(**_qwix_spelling(kwargs, "RandLoraProvider"))]
     elif kwargs:
       raise ValueError("give either rules or the keyword arguments of one RandLoraRule")
+    else:
+      rules = [_as_randlora_rule(r) for r in rules]
     super().__init__(rules=rules, disable_jit=disable_jit)
     self.layouts: dict[str, Layout] = {}
 
@@ -422,6 +462,12 @@ class RandLoraProvider(ptq.PtqProvider):
       raise NotImplementedError("merging needs one RandLoraRule config for all layers")
     return configs.pop()
 
+  def metadata(self) -> dict[str, Any]:
+    """`adapter.metadata` of this provider's adapter (config and recorded layouts): what a
+    LoRA-only checkpoint must carry to be restored anywhere (`checkpoint.save_nnx_adapter`,
+    `integrations.tunix.carry_adapter_metadata`)."""
+    return adapter.metadata(self._config(), self._in_outs())
+
   def _in_outs(self) -> dict[str, Layout]:
     if not self.layouts:
       raise ValueError("no layout recorded: run the adapted model once (init) with this "
@@ -436,28 +482,85 @@ class RandLoraProvider(ptq.PtqProvider):
         k: _dequantized(flax_util.unbox(v)) for k, v in node.items()})
     return adapter.merge(params, self._config(), drop_adapter=True, in_outs=self._in_outs())
 
-  def merge_nnx(self, model: nnx.Module) -> nnx.Module:
+  def adapted_weights(self, model: nnx.Module) -> list[tuple[str, nnx.Module, str]]:
+    """('module/path/weight', module, weight attribute) of every adapted weight of NNX
+    `model` (a weight with `<weight>_randlora_lambda` beside it)."""
+    out = []
+    for path, module in nnx.iter_modules(model):
+      attrs = vars(module)
+      for name in list(attrs):
+        if adapter.leaf_names(name)[0] in attrs:
+          out.append((tree.join(tree.path_str(path), name), module, name))
+    return out
+
+  def merged_weight(self, key: str, w, lam, gamma, dtype=None) -> jax.Array:
+    """W0 + dW of adapted weight `key` ('module/path/weight'), in its stored layout, summed
+    in float32 and cast once to `dtype` (default: W0's float dtype); placed like W0."""
+    layouts = self._in_outs()
+    if key not in layouts:
+      raise ValueError(f"no layout recorded for {key!r} (recorded: {sorted(layouts)}); "
+                       "merge with adapter.merge and in_outs keyed by this model's paths")
+    w = _dequantized(w)
+    dw = _delta({"kernel": w, adapter.LAMBDA: lam, adapter.GAMMA: gamma}, self._config(),
+                layouts[key])
+    return (w.astype(jnp.float32) + dw).astype(dtype or w.dtype)
+
+  def merge_nnx(self, model: nnx.Module, *, keep_adapter: bool = False) -> nnx.Module:
     """NNX: a copy of `model` as the plain (un-intercepted) model class, W0 + dW in every
-    adapted weight, adapter leaves removed, quantised weights dequantised."""
+    adapted weight (keeping the weight variable's metadata, e.g. its sharding names),
+    quantised weights dequantised. The adapter leaves are removed, or with `keep_adapter`
+    kept as they are (unused by the plain class): then the copy has the adapted model's state
+    structure, so a trainer's `nnx.LoRAParam` state can be synced into it."""
     model = nnx.clone(model)
     if hasattr(type(model), "_unquantized_type"):
       model.__class__ = type(model)._unquantized_type  # pylint: disable=protected-access
-    cfg, layouts = self._config(), self._in_outs()
-    for path, module in list(nnx.iter_modules(model)):
-      attrs = dict(vars(module))
-      for name, node in attrs.items():
-        lk, gk = adapter.leaf_names(name)
-        if lk in attrs:
-          w = _dequantized(node if isinstance(node, ptq.WithAux) else node[...])
-          layer = {"kernel": w, adapter.LAMBDA: attrs[lk][...], adapter.GAMMA: attrs[gk][...]}
-          key = tree.join(tree.path_str(path), name)
-          if key not in layouts:
-            raise ValueError(f"no layout recorded for {key!r} (recorded: {sorted(layouts)}); "
-                             "merge with adapter.merge and in_outs keyed by this model's paths")
-          dw = _delta(layer, cfg, layouts[key])
-          setattr(module, name, nnx.Param((w.astype(jnp.float32) + dw).astype(w.dtype)))
-          delattr(module, lk)
-          delattr(module, gk)
-        elif isinstance(node, ptq.WithAux):
+    for key, module, name in self.adapted_weights(model):
+      lk, gk = adapter.leaf_names(name)
+      node = getattr(module, name)
+      w = node if isinstance(node, ptq.WithAux) else node[...]
+      merged = self.merged_weight(key, w, getattr(module, lk)[...], getattr(module, gk)[...])
+      setattr(module, name, nnx.Param(merged) if isinstance(node, ptq.WithAux)
+              else node.replace(value=merged))
+      if not keep_adapter:
+        delattr(module, lk)
+        delattr(module, gk)
+    for _, module in list(nnx.iter_modules(model)):
+      for name, node in list(vars(module).items()):
+        if isinstance(node, ptq.WithAux):
           setattr(module, name, nnx.Param(_dequantized(node)))
     return model
+
+
+@contextlib.contextmanager
+def lora_provider_is_randlora(**randlora: Any) -> Iterator[list[RandLoraProvider]]:
+  """While active, ``qwix.LoraProvider(...)`` builds a `RandLoraProvider` with the same
+  arguments plus `randlora` (RandLoRA's own fields: `seed`, `distribution`, ...). Yields the
+  list of providers built so far (for their `layouts` / `metadata()`).
+
+  For code that constructs Qwix's provider itself, with no switch of its own: MaxText's
+  `lora_utils._build_lora_provider` (``qwix.LoraProvider(module_path=, rank=, alpha=,
+  dropout=0.0, weight_qtype=, tile_size=)``) and Tunix's CLI
+  (`tunix.cli.utils.model.apply_lora_to_model`, ``qwix.LoraProvider(module_path=, rank=,
+  alpha=[, tile_size=, weight_qtype=])``). Both look the name up on the `qwix` module when
+  they call it, which is what this replaces::
+
+      with lora_provider_is_randlora(seed=0) as built:
+        model = tunix_cli_model.apply_lora_to_model(base, mesh, lora_config)
+      provider = built[0]
+  """
+  original, built = qwix.LoraProvider, []
+
+  def build(rules=None, **kwargs):
+    if rules is not None:
+      provider = RandLoraProvider([dataclasses.replace(_as_randlora_rule(r), **randlora)
+                                   for r in rules], disable_jit=kwargs.pop("disable_jit", False))
+    else:
+      provider = RandLoraProvider(**kwargs, **randlora)
+    built.append(provider)
+    return provider
+
+  qwix.LoraProvider = build
+  try:
+    yield built
+  finally:
+    qwix.LoraProvider = original
