@@ -242,6 +242,139 @@ def merged_matmul(x, kernel, lam, gamma, seed, spec: LayerSpec, dtype, precision
 
 
 # ----------------------------------------------------------------------------------------------
+# The merged path on a mesh (inside the layer's manual region, `layers.per_device`): W0 arrives
+# as this device's block, and the device forms only W0 + dW for that block.
+#
+# ``layout`` (static) says, per kernel dim (in, out), which mesh axes split it and whether the
+# layer gathers it: the axes that also split the batch (FSDP) are gathered, because this
+# device's tokens meet every row of W; a split of the output dim over an axis that does not
+# split the batch (tensor parallelism) stays, and the output keeps it. Forward: form the block
+# in the compute dtype, all-gather it (the bytes FSDP moves for W0 alone), one matmul. Backward:
+# gather the saved block again for dx; the weight cotangent x^T g is reduce-scattered back to
+# the blocks (what FSDP does for a trained weight) and each device reduces only its block to
+# partial dlambda/dgamma (the ``weight`` route), or takes H through its tokens without G (the
+# ``tokens`` route, `adapter_grad_flops`); the region's transpose psums the small partials.
+
+KernelLayout = tuple[tuple[tuple[str, ...], bool], tuple[tuple[str, ...], bool]]
+
+
+def _axis_index(axes: tuple[str, ...]):
+  return jax.lax.axis_index(axes if len(axes) > 1 else axes[0])
+
+
+def _block(spec: LayerSpec, layout: KernelLayout, local_shape, whole_gathered: bool = False):
+  """(i0, j0, big_l, dl): this device's block of W0 in the D x d frame of `update`.
+
+  ``whole_gathered``: the block after the gathers (gathered dims whole)."""
+  starts = []
+  for (axes, gathered), size in zip(layout, local_shape):
+    if not axes or (whole_gathered and gathered):
+      starts.append(0)
+    else:
+      starts.append(_axis_index(axes) * size)
+  sizes = [full if whole_gathered and gathered else size
+           for (_, gathered), size, full in zip(layout, local_shape,
+                                                  (spec.in_features, spec.out_features))]
+  if spec.transposed:  # kernel (in, out) = dW^T: in is the d side, out the D side
+    return starts[1], starts[0], sizes[1], sizes[0]
+  return starts[0], starts[1], sizes[0], sizes[1]
+
+
+def _gamma_block(gamma, j0, dl: int, spec: LayerSpec):
+  return gamma if dl == spec.d else jax.lax.dynamic_slice_in_dim(gamma, j0, dl, axis=1)
+
+
+def _dgamma_whole(dgamma, j0, spec: LayerSpec):
+  if dgamma.shape[1] == spec.d:
+    return dgamma
+  return jax.lax.dynamic_update_slice_in_dim(
+      jnp.zeros(spec.gamma_shape, dgamma.dtype), dgamma, j0, axis=1)
+
+
+def _form_block(kernel, lam, gamma, seed, spec, dtype, backend, precision, layout):
+  """(W0 + dW)[this device's block] in the compute dtype."""
+  i0, j0, big_l, dl = _block(spec, layout, kernel.shape)
+  gam = _gamma_block(gamma, j0, dl, spec)
+  blk = dict(offsets=(i0, j0), big_l=big_l)
+  fused = dispatch.merged_impl(spec, backend)
+  if fused is not None:
+    return fused(kernel, lam, gam, seed, spec, dtype, precision=precision, **blk)
+  fwd, _ = dispatch.delta_impl(spec, backend)
+  return (kernel.astype(jnp.float32) + fwd(lam, gam, seed, spec, **blk)).astype(dtype)
+
+
+def gather_kernel(w, layout: KernelLayout):
+  """The block ``w`` with its gathered dims made whole (inside the manual region)."""
+  for dim, (axes, gathered) in enumerate(layout):
+    if axes and gathered:
+      w = jax.lax.all_gather(w, axes if len(axes) > 1 else axes[0], axis=dim, tiled=True)
+  return w
+
+
+def _scatter_kernel(g, layout: KernelLayout):
+  """The transpose of `gather_kernel`: sum over the gathering axes, keep this device's block."""
+  for dim, (axes, gathered) in enumerate(layout):
+    if axes and gathered:
+      g = jax.lax.psum_scatter(g, axes if len(axes) > 1 else axes[0], scatter_dimension=dim,
+                               tiled=True)
+  return g
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _sharded_matmul(x, kernel, lam, gamma, seed, spec, dtype, precision, backend, layout, route):
+  w = _form_block(kernel, lam, gamma, seed, spec, dtype, backend, precision, layout)
+  return jnp.matmul(x, gather_kernel(w, layout), precision=precision)
+
+
+def _sharded_matmul_fwd(x, kernel, lam, gamma, seed, spec, dtype, precision, backend, layout,
+                        route):
+  w = _form_block(kernel, lam, gamma, seed, spec, dtype, backend, precision, layout)
+  y = jnp.matmul(x, gather_kernel(w, layout), precision=precision)
+  # the merged BLOCK (W0's shard size, compute dtype) is kept: under remat it lives only
+  # through this layer's backward, and it spares the backward a third formation of dW
+  return y, (x, w, jnp.zeros((0,), kernel.dtype), lam, gamma, seed)
+
+
+def _sharded_matmul_bwd(spec, dtype, precision, backend, layout, route, res, g):
+  x, w, kernel_like, lam, gamma, seed = res
+  dx = jnp.matmul(g.astype(dtype), gather_kernel(w, layout).T,
+                  precision=precision).astype(x.dtype)
+  x2 = x.reshape(-1, x.shape[-1])
+  g2 = g.reshape(-1, g.shape[-1])
+  # the weight cotangent, reduce-scattered in the compute dtype (FSDP's gradient bytes); XLA
+  # drops it with the tokens route when W0 is frozen
+  g_block = _scatter_kernel(_tn(x2, g2).astype(dtype), layout)
+  if route == "tokens":  # H for the gathered block through this device's tokens, no G
+    i0, j0, big_l, dl = _block(spec, layout, w.shape, whole_gathered=True)
+    big_side, small_side = (g2, x2) if spec.transposed else (x2, g2)
+    v = _mm(big_side.astype(jnp.float32), update.basis_b(spec, seed, rows=(i0, big_l)))
+    gam = _gamma_block(gamma, j0, dl, spec)
+    dlam, dgam = update.reduce(spec, _tn(v, small_side.astype(jnp.float32)), lam, gam, seed,
+                               col_offset=j0)
+  else:  # this device's block of the reduce-scattered G
+    i0, j0, big_l, dl = _block(spec, layout, w.shape)
+    gam = _gamma_block(gamma, j0, dl, spec)
+    _, bwd = dispatch.delta_impl(spec, backend)
+    kw = {} if backend == "xla" else {"precision": precision}
+    dlam, dgam = bwd(g_block, lam, gam, seed, spec, offsets=(i0, j0), big_l=big_l, **kw)
+  return (dx, g_block.astype(kernel_like.dtype), dlam.astype(lam.dtype),
+          _dgamma_whole(dgam, j0, spec).astype(gamma.dtype), None)
+
+
+_sharded_matmul.defvjp(_sharded_matmul_fwd, _sharded_matmul_bwd)
+
+
+def sharded_merged_matmul(x, kernel, lam, gamma, seed, spec: LayerSpec, dtype, layout,
+                          precision=None, backend: str | None = None, route: str = "weight"):
+  """``x @ gather(W0 + dW)`` inside a manual region where ``kernel`` is this device's block of
+  W0 (see above); dlambda/dgamma come back as this device's partial sums."""
+  if route not in ("weight", "tokens"):
+    raise ValueError(f"route must be 'weight' or 'tokens', got {route!r}")
+  return _sharded_matmul(x, kernel, lam, gamma, seed, spec, jnp.dtype(dtype), precision,
+                         resolve_backend(backend), layout, route)
+
+
+# ----------------------------------------------------------------------------------------------
 # Choosing the path: a per-device cost model of one training step (forward + backward).
 
 # Integer/float elementwise ops per generated basis entry (hash + uniform transform), as
@@ -335,7 +468,8 @@ def choose_path(tokens: int, spec: LayerSpec, path: Path = "auto", *, precision=
 
 def apply(x, kernel, lam, gamma, seed, spec: LayerSpec, *, path: Path = "auto",
           dtype=None, precision=None, explicit=None, save_merged: bool = False,
-          backend: str | None = None, adapter_input=None) -> jax.Array:
+          backend: str | None = None, adapter_input=None, layout: KernelLayout | None = None,
+          target=None) -> jax.Array:
   """``x @ (W0 + dW)`` for x (..., in) and frozen kernel (in, out); no bias.
 
   ``dtype`` is the compute dtype (default: x's). ``explicit`` = (A, Bf) arrays replace the
@@ -346,7 +480,16 @@ def apply(x, kernel, lam, gamma, seed, spec: LayerSpec, *, path: Path = "auto",
   ``adapter_input``: the adapter branch's own input (x with adapter dropout, same shape):
   ``x @ W0 + adapter_input @ dW``. Factored: one base matmul, as without it; merged:
   ``xd @ (W0 + dW) + (x - xd) @ W0``, a second base-sized matmul (`path_flops` counts it).
+  ``layout`` (inside the layer's manual region, `layers.per_device`): ``kernel`` is this
+  device's block of W0 split as `KernelLayout` says; the merged path then forms only that
+  block (`sharded_merged_matmul`), the others gather W0 first. ``target``: the chip the cost
+  model weighs the paths for (`targets.Target`; None: the host's platform).
   """
+  if layout is not None and any(axes for axes, _ in layout):
+    return _apply_block(x, kernel, lam, gamma, seed, spec, path=path, dtype=dtype,
+                        precision=precision, explicit=explicit, save_merged=save_merged,
+                        backend=backend, adapter_input=adapter_input, layout=layout,
+                        target=target)
   if x.shape[-1] != spec.in_features:
     raise ValueError(f"input last dim {x.shape[-1]} != in_features {spec.in_features}")
   backend = resolve_backend(backend)
@@ -357,7 +500,7 @@ def apply(x, kernel, lam, gamma, seed, spec: LayerSpec, *, path: Path = "auto",
     raise ValueError(f"adapter_input shape {xd.shape} != input shape {x.shape}")
   tokens = math.prod(x.shape[:-1])
   chosen = choose_path(tokens, spec, path, precision=precision, backend=backend,
-                       adapter_dropout=xd is not None)
+                       adapter_dropout=xd is not None, target=target)
   if explicit is not None:
     if chosen == "merged" and xd is None:
       w = kernel.astype(jnp.float32) + delta_kernel_reference(lam, gamma, seed, spec, explicit)
@@ -378,6 +521,38 @@ def apply(x, kernel, lam, gamma, seed, spec: LayerSpec, *, path: Path = "auto",
   y = jnp.matmul(x2, kernel.astype(dtype), precision=precision)
   y = y + factored_delta(xd2, lam, gamma, seed, spec).astype(dtype)
   return y.reshape(*x.shape[:-1], spec.out_features)
+
+
+def _apply_block(x, kernel, lam, gamma, seed, spec, *, path, dtype, precision, explicit,
+                 save_merged, backend, adapter_input, layout, target):
+  """`apply` on this device's block of W0 (see `sharded_merged_matmul`)."""
+  backend = resolve_backend(backend)
+  dtype = jnp.dtype(dtype or x.dtype)
+  x = x.astype(dtype)
+  xd = None if adapter_input is None else adapter_input.astype(dtype)
+  tokens = math.prod(x.shape[:-1])
+  shards = layout_shards(layout, kernel.shape, spec)
+  chosen = choose_path(tokens, spec, path, precision=precision, backend=backend,
+                       adapter_dropout=xd is not None, target=target, shards=shards)
+  if chosen == "merged" and explicit is None and not save_merged:
+    route = choose_route(tokens, spec, target=target, shards=shards, precision=precision)
+    y = sharded_merged_matmul(x if xd is None else xd, kernel, lam, gamma, seed, spec, dtype,
+                              layout, precision, backend, route)
+    if xd is not None:  # W0 sees all of x: add back what the dropped input left out
+      y = y + jnp.matmul(x - xd, gather_kernel(kernel.astype(dtype), layout),
+                         precision=precision)
+    return y
+  # the other paths need W0 whole: gather every split (in the compute dtype), compute the
+  # whole output, keep this device's columns where the output stays split
+  whole = tuple((axes, True) for axes, _ in layout)
+  y = apply(x, gather_kernel(kernel.astype(dtype), whole), lam, gamma, seed, spec, path=chosen,
+            dtype=dtype, precision=precision, explicit=explicit, save_merged=save_merged,
+            backend=backend, adapter_input=xd)
+  axes, gathered = layout[1]
+  if axes and not gathered:
+    size = kernel.shape[1]
+    y = jax.lax.dynamic_slice_in_dim(y, _axis_index(axes) * size, size, axis=y.ndim - 1)
+  return y
 
 
 def _factored_explicit(x, kernel, lam, gamma, spec, dtype, precision, explicit, xd=None):

@@ -117,7 +117,8 @@ def delta_impl(spec: update.LayerSpec, mode: str | None = None) -> tuple[Callabl
 def merged_impl(spec: update.LayerSpec, mode: str | None = None) -> Callable | None:
   """Fused ``(W0 + dW).astype(dtype)`` in one pass over W0, or None where XLA fuses it anyway.
 
-  Signature ``f(kernel, lam, gamma, seed, spec, dtype, precision=None)``.
+  Signature ``f(kernel, lam, gamma, seed, spec, dtype, precision=None, **block)``, ``block``
+  = ``offsets`` / ``big_l`` of `update.delta` (a shard: kernel holds that block of W0).
   """
   del spec
   mode = resolved_mode() if mode is None else resolve(mode)
@@ -125,8 +126,8 @@ def merged_impl(spec: update.LayerSpec, mode: str | None = None) -> Callable | N
     return None
   opts = kernel_options(mode)
 
-  def fused(kernel, lam, gamma, seed, spec, dtype, precision=None):
+  def fused(kernel, lam, gamma, seed, spec, dtype, precision=None, **block):
     return delta.delta_block(lam, gamma, seed, spec, w0=kernel, out_dtype=jnp.dtype(dtype),
-                             precision=precision, **opts)
+                             precision=precision, **block, **opts)
 
   return fused
