@@ -60,36 +60,63 @@ def weight_spec(mesh, shape) -> P:
   return P(*(split(e) for e in sharding.spec_for("kernel", shape, mesh)))
 
 
-def _gather(w, spec: P):
-  """The whole of a weight split by ``spec`` (inside the manual region)."""
-  for dim, entry in enumerate(spec):
-    if entry is not None:
-      w = jax.lax.all_gather(w, entry, axis=dim, tiled=True)
-  return w
+def _names(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
 
 
-def per_device(fn: Callable, x, kernel, weights, *, compute, mesh=None, batch_axes=None):
+def kernel_layout(kspec: P, batch_axes: Sequence[str]) -> ops.KernelLayout:
+  """`ops.KernelLayout` of a 2-D kernel split by ``kspec``: the input dim is always gathered
+  (every token meets every row); the output dim stays split over axes that do not split the
+  batch (tensor parallelism: the output keeps that split) and is gathered otherwise."""
+  entries = tuple(kspec) + (None,) * (2 - len(kspec))
+  ins, outs = _names(entries[0]), _names(entries[1])
+  return ((ins, True), (outs, bool(outs) and any(a in batch_axes for a in outs)))
+
+
+def per_device(fn: Callable, x, kernel, weights, *, compute, mesh=None, batch_axes=None,
+               blocks: bool = False):
   """``fn(x, kernel, weights)`` with x (an array, or a pytree of arrays with the same
   leading dim: e.g. the input and the adapter branch's dropped input) split over the batch
-  axes on its leading dim, the kernel W0 whole on every device (gathered in the ``compute``
-  dtype inside the region where the partition rules split it: FSDP) and ``weights``
-  (lambda, gamma, seed, ...; a pytree) replicated; see the module docstring. Without a
-  splitting mesh, just the call.
+  axes on its leading dim and ``weights`` (lambda, gamma, seed, ...; a pytree) replicated; see
+  the module docstring. Without a splitting mesh, just the call.
+
+  The kernel W0: ``blocks=False``: whole on every device (gathered in the ``compute`` dtype
+  inside the region where the partition rules split it: FSDP). ``blocks=True`` (a 2-D kernel):
+  ``fn(x, block, weights, layout)`` gets this device's block of W0 as the rules split it and
+  its `ops.KernelLayout`; the output keeps a split of the kernel's output dim over an axis
+  that does not split the batch (tensor parallelism).
+
+  The region is manual over the batch axes and the axes that split W0, and only those (other
+  mesh axes stay with GSPMD): forming W0 + dW and reducing its cotangent must happen per
+  device. Left to the partitioner, the weight-sized cotangent x^T g or a whole basis is
+  all-reduced (the module docstring).
   """
   mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
   axes = batch_axes_of(mesh, batch_axes)
   lead = jax.tree.leaves(x)[0]
   if not axes or lead.ndim < 2 or lead.shape[0] % math.prod(mesh.shape[a] for a in axes):
-    return fn(x, kernel, weights)
+    return fn(x, kernel, weights) if not blocks else fn(x, kernel, weights, None)
   kspec = weight_spec(mesh, kernel.shape)
+  manual = set(axes) | {a for e in kspec for a in _names(e)}
+  out_spec = P(axes)
+  if blocks:
+    layout = kernel_layout(kspec, axes)
+    outs, gathered = layout[1]
+    if outs and not gathered:
+      out_spec = P(axes, *([None] * (lead.ndim - 2)), outs if len(outs) > 1 else outs[0])
 
-  def local(x, kernel, weights):
-    return fn(x, _gather(kernel.astype(compute), kspec), weights)
+    def local(x, kernel, weights):
+      return fn(x, kernel, weights, layout)
+  else:
+    whole = tuple((_names(e), True) for e in kspec)
+
+    def local(x, kernel, weights):
+      return fn(x, ops.gather_kernel(kernel.astype(compute), whole), weights)
 
   # check_vma=False: the custom VJPs return device-varying cotangents for replicated inputs;
   # the transpose then psums exactly those (dlambda, dgamma) over the mesh.
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), kspec, P()), out_specs=P(axes),
-                       check_vma=False)(x, kernel, weights)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), kspec, P()), out_specs=out_spec,
+                       axis_names=manual, check_vma=False)(x, kernel, weights)
 
 
 def dense(x, kernel, bias, lam, gamma, seed, spec: ops.LayerSpec, *, dtype=None,
@@ -107,16 +134,16 @@ def dense(x, kernel, bias, lam, gamma, seed, spec: ops.LayerSpec, *, dtype=None,
   backend = ops.resolve_backend(backend)
   seed = bases.traced_seed(seed)
 
-  def local(xs, kernel, weights):
+  def local(xs, kernel, weights, layout):
     x, xd = xs
     lam, gamma, seed, explicit = weights
     return ops.apply(x, kernel, lam, gamma, seed, spec, path=path, dtype=compute,
                      precision=precision, explicit=explicit, backend=backend,
-                     adapter_input=xd)
+                     adapter_input=xd, layout=layout)
 
   xd = None if adapter_input is None else adapter_input.astype(compute)
   y = per_device(local, (x.astype(compute), xd), kernel, (lam, gamma, seed, explicit),
-                 compute=compute, mesh=mesh, batch_axes=batch_axes)
+                 compute=compute, mesh=mesh, batch_axes=batch_axes, blocks=True)
   if bias is not None:
     y = y + jnp.asarray(bias, y.dtype)
   return y

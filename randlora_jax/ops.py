@@ -393,8 +393,25 @@ PRECISION_PASSES = {
 VECTOR_OP_COST = {"tpu": 48, "gpu": 30, "cpu": 1}
 
 
+def layout_shards(layout: KernelLayout | None, local_shape, spec: LayerSpec) -> tuple[int, int]:
+  """(F, P) of a kernel block: F devices share the gathered dims (this block is 1/F of what
+  the gathers make whole), P split the output dim that stays split (tensor parallelism)."""
+  f = p = 1
+  if layout is None:
+    return 1, 1
+  for (axes, gathered), size, full in zip(layout, local_shape,
+                                          (spec.in_features, spec.out_features)):
+    if axes:
+      if gathered:
+        f *= full // size
+      else:
+        p *= full // size
+  return f, p
+
+
 def path_flops(tokens: int, spec: LayerSpec, backend: str = "xla",
-               adapter_dropout: bool = False) -> dict[str, dict[str, int]]:
+               adapter_dropout: bool = False, shards: tuple[int, int] = (1, 1),
+               route: str | None = None) -> dict[str, dict[str, int]]:
   """Per-path work of one training step over the frozen layer's, for ``tokens`` per device:
   ``gemm`` flops, ``hash`` basis entries generated, ``vector`` other elementwise ops.
 
@@ -407,7 +424,16 @@ def path_flops(tokens: int, spec: LayerSpec, backend: str = "xla",
   path takes it at no extra cost (x W0 + s * factored(xd)); the merged one cannot fold two
   inputs into one matmul, so it pays a second base-sized GEMM forward ((x - xd) W0 next to
   xd (W0 + dW)) and another for its dx in the backward: 4*T*D*d more.
+
+  ``shards = (F, P)`` (`layout_shards`): the merged path on a mesh (`sharded_merged_matmul`)
+  forms only its 1/(F*P) block, twice (forward; the backward keeps the block), reduces its
+  block of the reduce-scattered G (``route`` 'weight') or takes H through its tokens
+  ('tokens'; None: the cheaper), and its base GEMMs are 1/P of the layer's; the factored path
+  gathers W0 whole and computes the whole output (P times the base GEMMs of one block).
   """
+  f_sh, p_sh = shards
+  if (f_sh, p_sh) != (1, 1):
+    return _sharded_path_flops(tokens, spec, adapter_dropout, f_sh, p_sh, route)
   t, big, dd, nr = tokens, spec.D, spec.d, spec.nr
   form = 2 * big * dd * nr
   factor_ops = 3 * nr * dd  # Af = lambda * A * gamma (two multiplies, one convert)
@@ -429,6 +455,100 @@ def path_flops(tokens: int, spec: LayerSpec, backend: str = "xla",
   return {"merged": merged, "factored": factored}
 
 
+def _route_flops(tokens, spec, f_sh, p_sh):
+  t, big, dd, nr = tokens, spec.D, spec.d, spec.nr
+  return {"weight": 2 * t * big * dd // p_sh + 2 * big * dd * nr // (f_sh * p_sh),
+          "tokens": 2 * t * nr * (big + dd) // p_sh}
+
+
+def _sharded_path_flops(tokens, spec, adapter_dropout, f_sh, p_sh, route):
+  t, big, dd, nr = tokens, spec.D, spec.d, spec.nr
+  block = big * dd // (f_sh * p_sh)
+  grads = _route_flops(tokens, spec, f_sh, p_sh)
+  route = route or min(grads, key=grads.get)
+  factor_ops = 3 * nr * dd
+  reduce_ops = 6 * nr * dd
+  base_block = 2 * t * big * dd // p_sh  # one base GEMM on this device's output columns
+  merged = {
+      "gemm": 2 * block * nr + grads[route] + (2 * base_block if adapter_dropout else 0),
+      "hash": (2 * big * nr + 3 * spec.r * dd) // (f_sh * p_sh) if route == "weight"
+              else (2 * big * nr // (f_sh * p_sh) + big * nr // p_sh + 3 * spec.r * dd),
+      "vector": 2 * block + 2 * factor_ops + reduce_ops,
+  }
+  factored = {
+      "gemm": 4 * t * nr * (big + dd) + 2 * t * nr * dd + 2 * (p_sh - 1) * base_block,
+      "hash": 2 * big * nr + 3 * spec.r * dd,
+      "vector": 2 * factor_ops + reduce_ops + 4 * t * nr,
+  }
+  return {"merged": merged, "factored": factored}
+
+
+def _passes(target, precision) -> float:
+  name = _precision_name(precision)
+  return {"DEFAULT": 1.0, "HIGH": min(3.0, target.f32_dot_slowdown),
+          "HIGHEST": float(target.f32_dot_slowdown)}[name]
+
+
+def path_seconds(tokens: int, spec: LayerSpec, target, *, shards: tuple[int, int] = (1, 1),
+                 precision=None, backend: str = "xla", adapter_dropout: bool = False,
+                 compute_bytes: int = 2, route: str | None = None) -> dict[str, float]:
+  """Seconds of one training step's extra work per path on ONE device of ``target`` (a
+  `randlora_jax.targets.Target`): its GEMM flops at the chip's bf16 peak (times the
+  precision's passes), hashing and other vector ops at ``macs_per_vector_op`` MACs each,
+  bounded below by the HBM traffic of the weight-sized arrays at ``hbm_bytes_per_s``, plus the
+  interconnect bytes that differ between the paths at ``ici_bytes_per_s`` (collectives
+  counted as not overlapped). A path whose weight-sized temporaries exceed half the chip's HBM
+  costs infinity. ``compute_bytes``: bytes of the compute dtype (the gathered weights).
+  """
+  f_sh, p_sh = shards
+  if route is None and (f_sh, p_sh) != (1, 1):
+    grads = _route_flops(tokens, spec, f_sh, p_sh)
+    route = min(grads, key=grads.get)
+  flops = path_flops(tokens, spec, backend, adapter_dropout, shards, route)
+  t, big, dd, nr, cb = tokens, spec.D, spec.d, spec.nr, compute_bytes
+  weight = big * dd
+  gathered = weight // p_sh  # the gathered merged weight of one device
+  spread = (f_sh - 1) / f_sh
+  if (f_sh, p_sh) == (1, 1):  # every device forms the whole W0 + dW
+    hbm = {"merged": 4 * weight * 4 + 2 * weight * cb, "factored": 2 * weight * cb + 8 * t * nr}
+    ici = {"merged": 0.0, "factored": 0.0}
+    temp = {"merged": 4 * weight + cb * weight, "factored": cb * weight + 4 * t * nr}
+  else:
+    g_bytes = 8 * gathered if route == "weight" else 0  # G in f32: written, read
+    hbm = {"merged": 4 * gathered * cb + g_bytes + 4 * (weight // (f_sh * p_sh)) * cb,
+           "factored": 4 * weight * cb + 8 * t * nr}
+    ici = {"merged": (2 + (route == "weight")) * gathered * cb * spread,
+           "factored": 2 * weight * cb * (f_sh * p_sh - 1) / (f_sh * p_sh)}
+    temp = {"merged": (4 * gathered if route == "weight" else 0) + cb * gathered,
+            "factored": cb * weight + 4 * t * nr}
+  passes = _passes(target, precision)
+  out = {}
+  for name, f in flops.items():
+    if temp[name] > target.hbm_bytes / 2:
+      out[name] = math.inf
+      continue
+    compute = (f["gemm"] * passes
+               + (f["hash"] * HASH_OPS + f["vector"]) * 2 * target.macs_per_vector_op)
+    out[name] = (max(compute / target.peak_flops_bf16, hbm[name] / target.hbm_bytes_per_s)
+                 + ici[name] / target.ici_bytes_per_s)
+  return out
+
+
+def choose_route(tokens: int, spec: LayerSpec, *, target=None, shards=(1, 1), precision=None,
+                 compute_bytes: int = 2) -> str:
+  """How the sharded merged backward reaches dlambda/dgamma: 'weight' (reduce-scatter G, then
+  this device's block) or 'tokens' (H through the device's tokens, no G), the cheaper for
+  ``target``'s chip (flops alone without a target)."""
+  f_sh, p_sh = shards
+  if target is None:
+    grads = _route_flops(tokens, spec, f_sh, p_sh)
+    return min(grads, key=grads.get)
+  cost = {r: path_seconds(tokens, spec, target, shards=shards, precision=precision,
+                          compute_bytes=compute_bytes, route=r)["merged"]
+          for r in ("weight", "tokens")}
+  return min(cost, key=cost.get)
+
+
 def _precision_name(precision) -> str:
   if isinstance(precision, (tuple, list)):
     precision = max(precision, key=lambda p: _precision_name(p) == "HIGHEST")
@@ -438,21 +558,27 @@ def _precision_name(precision) -> str:
 
 
 def path_costs(tokens: int, spec: LayerSpec, *, precision=None, platform: str | None = None,
-               backend: str = "xla", adapter_dropout: bool = False) -> dict[str, float]:
+               backend: str = "xla", adapter_dropout: bool = False, target=None,
+               shards: tuple[int, int] = (1, 1)) -> dict[str, float]:
   """`path_flops` weighed into one number per path: GEMM flops times the precision's passes,
-  plus hashed entries and other vector ops at the platform's cost of a vector op."""
+  plus hashed entries and other vector ops at the platform's cost of a vector op. With a
+  ``target`` (`randlora_jax.targets.Target`): `path_seconds` on one of its chips."""
+  if target is not None:
+    return path_seconds(tokens, spec, target, shards=shards, precision=precision,
+                        backend=backend, adapter_dropout=adapter_dropout)
   platform = platform or jax.default_backend()
   platform = "gpu" if platform in ("cuda", "rocm") else platform
   platform = platform if platform in PRECISION_PASSES else "cpu"
   passes = PRECISION_PASSES[platform][_precision_name(precision)]
   vec = VECTOR_OP_COST[platform]
   return {name: f["gemm"] * passes + (f["hash"] * HASH_OPS + f["vector"]) * vec
-          for name, f in path_flops(tokens, spec, backend, adapter_dropout).items()}
+          for name, f in path_flops(tokens, spec, backend, adapter_dropout, shards).items()}
 
 
 def choose_path(tokens: int, spec: LayerSpec, path: Path = "auto", *, precision=None,
                 platform: str | None = None, backend: str = "xla",
-                adapter_dropout: bool = False) -> str:
+                adapter_dropout: bool = False, target=None,
+                shards: tuple[int, int] = (1, 1)) -> str:
   """'merged' or 'factored' for ``tokens`` PER DEVICE (inside the layer's shard_map the
   input is the device's own; see `layers`), by `path_costs` (``adapter_dropout``: while
   dropout is active, the merged path is charged its extra base-sized GEMMs); an explicit
@@ -462,7 +588,7 @@ def choose_path(tokens: int, spec: LayerSpec, path: Path = "auto", *, precision=
   if path != "auto":
     raise ValueError(f"path must be 'auto', 'merged' or 'factored', got {path!r}")
   c = path_costs(tokens, spec, precision=precision, platform=platform, backend=backend,
-                 adapter_dropout=adapter_dropout)
+                 adapter_dropout=adapter_dropout, target=target, shards=shards)
   return "merged" if c["merged"] <= c["factored"] else "factored"
 
 
