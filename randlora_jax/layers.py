@@ -21,6 +21,7 @@ skipped (plain GSPMD) when there is no such axis of size > 1, when they are alre
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -73,8 +74,63 @@ def kernel_layout(kspec: P, batch_axes: Sequence[str]) -> ops.KernelLayout:
   return ((ins, True), (outs, bool(outs) and any(a in batch_axes for a in outs)))
 
 
+_warned: set[tuple[str, str]] = set()
+
+
+def _fallback(name: str | None, reason: str) -> None:
+  """Logs once per (layer, reason) that a layer is left to GSPMD on a multi-device mesh."""
+  key = (name or "a RandLoRA layer", reason)
+  if key not in _warned:
+    _warned.add(key)
+    logging.warning("RandLoRA layer %s is left to GSPMD (it may all-reduce weight-sized "
+                    "gradients): %s", key[0], reason)
+
+
+def _legacy_mesh():
+  """The mesh of a ``with mesh:`` block (JAX's older context manager), or None."""
+  try:
+    from jax.interpreters import pxla
+    physical = pxla.thread_resources.env.physical_mesh
+  except (ImportError, AttributeError):
+    return None
+  return None if physical.empty else physical
+
+
+def _mesh_of_array(a):
+  """The mesh of an array's NamedSharding (concrete), or of its type (inside jit, where
+  `jax.jit`'s NamedSharding inputs leave their abstract mesh on the traced values)."""
+  s = getattr(a, "sharding", None)
+  if isinstance(s, jax.sharding.NamedSharding) and s.mesh.size > 1:
+    return s.mesh
+  try:
+    s = jax.typeof(a).sharding
+  except (TypeError, AttributeError):
+    return None
+  m = getattr(s, "mesh", None)
+  return m if m is not None and not m.empty and m.size > 1 else None
+
+
+def resolve_mesh(mesh=None, *arrays):
+  """The mesh of the per-device boundary: ``mesh`` if given, else the ambient one
+  (`jax.set_mesh`), else a ``with mesh:`` block's, else the mesh of the arrays' shardings
+  (NamedSharding inputs, also inside `jax.jit`); None when there is none."""
+  if mesh is not None:
+    return mesh
+  ambient = jax.sharding.get_abstract_mesh()
+  if not ambient.empty:
+    return ambient
+  legacy = _legacy_mesh()
+  if legacy is not None:
+    return legacy
+  for a in arrays:
+    found = _mesh_of_array(a)
+    if found is not None:
+      return found
+  return None
+
+
 def per_device(fn: Callable, x, kernel, weights, *, compute, mesh=None, batch_axes=None,
-               blocks: bool = False):
+               blocks: bool = False, name: str | None = None):
   """``fn(x, kernel, weights)`` with x (an array, or a pytree of arrays with the same
   leading dim: e.g. the input and the adapter branch's dropped input) split over the batch
   axes on its leading dim and ``weights`` (lambda, gamma, seed, ...; a pytree) replicated; see
@@ -91,11 +147,25 @@ def per_device(fn: Callable, x, kernel, weights, *, compute, mesh=None, batch_ax
   device. Left to the partitioner, the weight-sized cotangent x^T g or a whole basis is
   all-reduced (the module docstring).
   """
-  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-  axes = batch_axes_of(mesh, batch_axes)
   lead = jax.tree.leaves(x)[0]
-  if not axes or lead.ndim < 2 or lead.shape[0] % math.prod(mesh.shape[a] for a in axes):
-    return fn(x, kernel, weights) if not blocks else fn(x, kernel, weights, None)
+  mesh = resolve_mesh(mesh, lead, kernel)
+  axes = batch_axes_of(mesh, batch_axes)
+  plain = (lambda: fn(x, kernel, weights)) if not blocks else (
+      lambda: fn(x, kernel, weights, None))
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return plain()
+  manual_already = {n for n, t in zip(mesh.axis_names, mesh.axis_types)
+                    if t == jax.sharding.AxisType.Manual}
+  if not axes:
+    if not manual_already:  # inside a caller's shard_map the caller owns the boundary
+      wanted = sharding.BATCH_AXES if batch_axes is None else tuple(batch_axes)
+      _fallback(name, f"no batch axis {wanted} of size > 1 in mesh {dict(mesh.shape)}")
+    return plain()
+  size = math.prod(mesh.shape[a] for a in axes)
+  if lead.ndim < 2 or lead.shape[0] % size:
+    _fallback(name, f"input shape {tuple(lead.shape)}: leading (batch) dim not divisible by "
+                    f"the {size} devices of mesh axes {axes}")
+    return plain()
   kspec = weight_spec(mesh, kernel.shape)
   manual = set(axes) | {a for e in kspec for a in _names(e)}
   out_spec = P(axes)
@@ -122,7 +192,7 @@ def per_device(fn: Callable, x, kernel, weights, *, compute, mesh=None, batch_ax
 def dense(x, kernel, bias, lam, gamma, seed, spec: ops.LayerSpec, *, dtype=None,
           precision=None, path: ops.Path = "auto", backend: str | None = None,
           explicit=None, mesh=None, batch_axes: Sequence[str] | None = None,
-          adapter_input=None) -> jax.Array:
+          adapter_input=None, name: str | None = None) -> jax.Array:
   """``x @ (W0 + dW) + b`` for x (..., in) and kernel (in, out) (see `randlora_jax.ops`).
 
   ``backend``: static kernel mode (None: the default of `kernels.dispatch`). ``explicit``:
@@ -143,7 +213,7 @@ def dense(x, kernel, bias, lam, gamma, seed, spec: ops.LayerSpec, *, dtype=None,
 
   xd = None if adapter_input is None else adapter_input.astype(compute)
   y = per_device(local, (x.astype(compute), xd), kernel, (lam, gamma, seed, explicit),
-                 compute=compute, mesh=mesh, batch_axes=batch_axes, blocks=True)
+                 compute=compute, mesh=mesh, batch_axes=batch_axes, blocks=True, name=name)
   if bias is not None:
     y = y + jnp.asarray(bias, y.dtype)
   return y
@@ -151,7 +221,8 @@ def dense(x, kernel, bias, lam, gamma, seed, spec: ops.LayerSpec, *, dtype=None,
 
 def einsum(equation: str, x, kernel, lam, gamma, seed, spec: ops.LayerSpec, *, compute,
            precision=None, preferred_element_type: Any = None, backend: str | None = None,
-           explicit=None, mesh=None, batch_axes: Sequence[str] | None = None) -> jax.Array:
+           explicit=None, mesh=None, batch_axes: Sequence[str] | None = None,
+           name: str | None = None) -> jax.Array:
   """``einsum(equation, x, W0 + dW)`` for an N-D kernel whose 2-D map is (in, out): the
   merged weight in the compute dtype, then the layer's own contraction (no bias).
 
@@ -178,4 +249,4 @@ def einsum(equation: str, x, kernel, lam, gamma, seed, spec: ops.LayerSpec, *, c
   if not (lhs and result and lhs[0] == result[0] and lhs[0] not in rhs):
     return local(x, kernel, weights)
   return per_device(local, x, kernel, weights, compute=compute, mesh=mesh,
-                    batch_axes=batch_axes)
+                    batch_axes=batch_axes, name=name)
