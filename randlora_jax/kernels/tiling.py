@@ -37,6 +37,12 @@ HASH_OPS = {"uniform": 20, "sparse": 18, "very_sparse": 18, "normal": 45}
 STREAM_OPS = 3
 # ops per Af entry built per program: A * gamma, cast.
 AF_OPS = 2
+# Largest TPU output block (D rows, d columns). Mosaic unrolls a block into vreg-sized ops, so
+# its compile time grows with the block: the 4096 x 4096 HIGHEST forward took 24 s to compile
+# for v6e at 1024 x 2048 and 3.2 s at 512 x 1024 (CPU seconds, libtpu 0.0.42.1, on this
+# project's loaded CPU machines); bp = 1024 still reuses each hashed basis entry for 1,024
+# MACs, past the point where the hash stops bounding v4 / v5 kernels (see `predict`).
+TPU_MAX_BLOCK = (512, 1024)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,7 +431,7 @@ def plan(p: Problem, chip: Chip, *, basis: str | None = None) -> Tiling:
   best = None
   # GPU: 128 x 256 output tiles at most (the common Hopper config: 8 warps hold a 128x256 f32
   # accumulator at 128 registers per thread), checked against shared memory per SM.
-  caps = (1024, 2048) if platform == "tpu" else (128, 256)
+  caps = TPU_MAX_BLOCK if platform == "tpu" else (128, 256)
   # GPU: 3 pipeline stages where the tiles fit the shared memory per block, else 2 (the
   # cost model does not price pipelining, so deeper wins only by being tried first)
   for stages in ((3, 2) if platform == "gpu" else (3,)):
