@@ -626,7 +626,8 @@ def apply(x, kernel, lam, gamma, seed, spec: LayerSpec, *, path: Path = "auto",
     raise ValueError(f"adapter_input shape {xd.shape} != input shape {x.shape}")
   tokens = math.prod(x.shape[:-1])
   chosen = choose_path(tokens, spec, path, precision=precision, backend=backend,
-                       adapter_dropout=xd is not None, target=target)
+                       platform=dispatch.platform_of(backend), adapter_dropout=xd is not None,
+                       target=target)
   if explicit is not None:
     if chosen == "merged" and xd is None:
       w = kernel.astype(jnp.float32) + delta_kernel_reference(lam, gamma, seed, spec, explicit)
@@ -653,15 +654,18 @@ def _apply_block(x, kernel, lam, gamma, seed, spec, *, path, dtype, precision, e
                  save_merged, backend, adapter_input, layout, target):
   """`apply` on this device's block of W0 (see `sharded_merged_matmul`)."""
   backend = resolve_backend(backend)
+  target = target if target is not None else dispatch.target_of(backend)
   dtype = jnp.dtype(dtype or x.dtype)
   x = x.astype(dtype)
   xd = None if adapter_input is None else adapter_input.astype(dtype)
   tokens = math.prod(x.shape[:-1])
   shards = layout_shards(layout, kernel.shape, spec)
   chosen = choose_path(tokens, spec, path, precision=precision, backend=backend,
-                       adapter_dropout=xd is not None, target=target, shards=shards)
+                       platform=dispatch.platform_of(backend), adapter_dropout=xd is not None,
+                       target=target, shards=shards)
   if chosen == "merged" and explicit is None and not save_merged:
-    route = choose_route(tokens, spec, target=target, shards=shards, precision=precision)
+    route = choose_route(tokens, spec, target=target, shards=shards, precision=precision,
+                         compute_bytes=dtype.itemsize)
     y = sharded_merged_matmul(x if xd is None else xd, kernel, lam, gamma, seed, spec, dtype,
                               layout, precision, backend, route)
     if xd is not None:  # W0 sees all of x: add back what the dropped input left out
