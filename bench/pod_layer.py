@@ -118,9 +118,11 @@ def compile_layer(method: str, model: str, *, r: int | None = None, lora_rank: i
   hbm = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
          + ma.temp_size_in_bytes)
   text = compiled.as_text()
-  coll = {}
+  coll, big = {}, []
   for c in sharding.collectives(text):
     coll[c["op"]] = coll.get(c["op"], 0) + c["bytes"] * c["count"]
+    if c["bytes"] >= 1 << 20:  # the weight-sized ones, by shape
+      big.append(f"{c['op']} {c['dtype']}{list(c['shape'])} x{c['count']}")
   n_train = sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))
   return dict(method=method, model=model, topology=topology, chips=len(devices), batch=batch,
               seq=seq, tokens_per_chip=batch * seq // len(devices),
@@ -130,6 +132,7 @@ def compile_layer(method: str, model: str, *, r: int | None = None, lora_rank: i
               bytes_accessed=float(cost.get("bytes accessed", 0.0)),
               hbm_bytes=int(hbm), temp_bytes=int(ma.temp_size_in_bytes),
               argument_bytes=int(ma.argument_size_in_bytes), collectives=coll,
+              large_collectives=big,
               trainable=n_train, trainable_bytes=4 * n_train, compile_seconds=round(seconds, 1))
 
 
