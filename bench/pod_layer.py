@@ -38,6 +38,9 @@ MODELS = {
            "v5p:2x2x1", 4, 64, 256, 30),
     "70b": (dict(hidden_size=8192, intermediate_size=28672, num_heads=64, num_kv_heads=8),
             "v5p:4x4x2", 32, 128, 1024, 64),
+    # a quick check of the same structure (seconds to compile)
+    "small": (dict(hidden_size=1024, intermediate_size=3584, num_heads=8, num_kv_heads=2),
+              "v5p:2x2x1", 4, 64, 256, 16),
 }
 
 
