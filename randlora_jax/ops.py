@@ -341,22 +341,78 @@ def _sharded_matmul_bwd(spec, dtype, precision, backend, layout, route, res, g):
                   precision=precision).astype(x.dtype)
   x2 = x.reshape(-1, x.shape[-1])
   g2 = g.reshape(-1, g.shape[-1])
-  # the weight cotangent, reduce-scattered in the compute dtype (FSDP's gradient bytes); XLA
-  # drops it with the tokens route when W0 is frozen
-  g_block = _scatter_kernel(_tn(x2, g2).astype(dtype), layout)
   if route == "tokens":  # H for the gathered block through this device's tokens, no G
+    # the weight cotangent, reduce-scattered in the compute dtype (FSDP's gradient bytes), for
+    # a trained W0 only: XLA drops it when W0 is frozen
+    g_block = _scatter_kernel(_tn(x2, g2).astype(dtype), layout)
     i0, j0, big_l, dl = _block(spec, layout, w.shape, whole_gathered=True)
     big_side, small_side = (g2, x2) if spec.transposed else (x2, g2)
     v = _mm(big_side.astype(jnp.float32), update.basis_b(spec, seed, rows=(i0, big_l)))
     gam = _gamma_block(gamma, j0, dl, spec)
     dlam, dgam = update.reduce(spec, _tn(v, small_side.astype(jnp.float32)), lam, gam, seed,
                                col_offset=j0)
-  else:  # this device's block of the reduce-scattered G
-    i0, j0, big_l, dl = _block(spec, layout, w.shape)
-    gam = _gamma_block(gamma, j0, dl, spec)
-    _, bwd = dispatch.delta_impl(spec, backend)
-    kw = {} if backend == "xla" else {"precision": precision}
-    dlam, dgam = bwd(g_block, lam, gam, seed, spec, offsets=(i0, j0), big_l=big_l, **kw)
+  else:  # this device's block of the reduce-scattered G, in column chunks
+    return _weight_route(x2, g2, dx, kernel_like, lam, gamma, seed, spec, dtype, precision,
+                         backend, layout, w.shape)
+  return (dx, g_block.astype(kernel_like.dtype), dlam.astype(lam.dtype),
+          _dgamma_whole(dgam, j0, spec).astype(gamma.dtype), None)
+
+
+# Bytes of one chunk of the weight cotangent in the compute dtype: the weight route forms and
+# reduce-scatters G in column chunks of at most this size, one after the other, so that a big
+# layer's temporaries stay a fraction of the weight (a 70B MLP's G is 0.47 GB in bf16, and the
+# TPU compiler may turn a reduce-scatter over a 3D torus into a full all-reduce).
+G_CHUNK_BYTES = 64 * 2**20
+
+
+def _num_chunks(rows: int, cols: int, itemsize: int) -> int:
+  want = -(-rows * cols * itemsize // G_CHUNK_BYTES)
+  for k in range(max(1, want), cols + 1):
+    if cols % k == 0:
+      return k
+  return 1
+
+
+def _weight_route(x2, g2, dx, kernel_like, lam, gamma, seed, spec, dtype, precision, backend,
+                  layout, block_shape):
+  """dlambda/dgamma partials of this device's block from the reduce-scattered G = x^T g,
+  formed and reduced chunk by chunk over the kernel's output columns."""
+  i0, j0, big_l, dl = _block(spec, layout, block_shape)
+  (_, out_gathered) = layout[1]
+  _, bwd = dispatch.delta_impl(spec, backend)
+  kw = {} if backend == "xla" else {"precision": precision}
+  cols = g2.shape[1]  # this device's output columns (a tensor split keeps its own)
+  k = 1 if out_gathered else _num_chunks(x2.shape[1], cols, jnp.dtype(dtype).itemsize)
+  width = cols // k
+
+  def chunk(c):
+    gc = g2 if k == 1 else jax.lax.dynamic_slice_in_dim(g2, c * width, width, axis=1)
+    g_chunk = _scatter_kernel(_tn(x2, gc).astype(dtype), layout)
+    if spec.transposed:  # kernel columns are D rows: the chunk is a band of D
+      offsets, big, gam = (i0 + c * width, j0), width, _gamma_block(gamma, j0, dl, spec)
+    else:  # kernel columns are d columns: the chunk owns gamma's columns
+      offsets, big = (i0, j0 + c * width), big_l
+      gam = _gamma_block(gamma, j0 + c * width, width, spec) if k > 1 else \
+          _gamma_block(gamma, j0, dl, spec)
+    dlam_c, dgam_c = bwd(g_chunk, lam, gam, seed, spec, offsets=offsets, big_l=big, **kw)
+    return g_chunk, dlam_c, dgam_c
+
+  if k == 1:
+    g_block, dlam, dgam = chunk(0)
+  else:
+    def body(carry, c):
+      dlam_acc, dgam_acc = carry
+      g_chunk, dlam_c, dgam_c = chunk(c)
+      if spec.transposed:
+        dgam_acc = dgam_acc + dgam_c
+      else:
+        dgam_acc = jax.lax.dynamic_update_slice_in_dim(dgam_acc, dgam_c, c * width, axis=1)
+      return (dlam_acc + dlam_c, dgam_acc), g_chunk
+
+    init = (jnp.zeros(spec.lambda_shape, jnp.float32),
+            jnp.zeros((spec.num_bases, dl), jnp.float32))
+    (dlam, dgam), chunks = jax.lax.scan(body, init, jnp.arange(k))
+    g_block = jnp.moveaxis(chunks, 0, 1).reshape(chunks.shape[1], k * width)
   return (dx, g_block.astype(kernel_like.dtype), dlam.astype(lam.dtype),
           _dgamma_whole(dgam, j0, spec).astype(gamma.dtype), None)
 

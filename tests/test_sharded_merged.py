@@ -2,7 +2,8 @@
 device forms only its block of W0 + dW, gathers the merged weight, and reduces its block of the
 reduce-scattered weight cotangent. Values and gradients against float64 NumPy, on 8 virtual
 CPU devices, for an FSDP mesh and an FSDP x tensor mesh, both layer orientations (in < out:
-A on the input side; in > out) and both backward routes (weight, tokens).
+A on the input side; in > out) and both backward routes (weight, whole or in column chunks;
+tokens).
 
 Reference: dW = s Bf Af (update.py's definition) written in NumPy float64 from the hashed
 bases (the same entries every device hashes), y = x (W0 + dW), and its gradients by hand:
@@ -51,7 +52,7 @@ def _close(got, want):
   np.testing.assert_allclose(got, want, rtol=0, atol=REL * np.abs(want).max())
 
 
-@pytest.mark.parametrize("route", ["weight", "tokens"])
+@pytest.mark.parametrize("route", ["weight", "tokens", "weight_chunked"])
 @pytest.mark.parametrize("shape", [(64, 96), (96, 64)])
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_sharded_merged_matches_float64(mesh_name, shape, route, monkeypatch):
@@ -64,6 +65,9 @@ def test_sharded_merged_matches_float64(mesh_name, shape, route, monkeypatch):
   gamma = jax.random.normal(ks[3], spec.gamma_shape) * 0.1
   probe = jax.random.normal(ks[4], (16, 4, spec.out_features))
   seed = 7
+  if route == "weight_chunked":  # G formed and reduced in column chunks (a scan)
+    monkeypatch.setattr(ops, "G_CHUNK_BYTES", 64 * 16 * 4)
+    route = "weight"
   monkeypatch.setattr(ops, "choose_route", lambda *a, **k: route)
 
   def loss(x, lam, gamma, w0):
