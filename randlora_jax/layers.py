@@ -3,19 +3,23 @@ injection route call. It promotes dtypes, turns the seed into an array, applies 
 (`ops.apply`), adds the bias, and puts the per-device boundary around the op.
 
 **Per-device boundary.** Under a mesh whose batch axes split the input, the op runs inside
-`jax.shard_map`: each device sees its own tokens, forms W0 + dW itself (bases hashed on the
-device, W0 gathered in the compute dtype when FSDP splits it), and reduces its own weight
-cotangent to partial dlambda/dgamma. The only gradient communication left is the psum of
-those partials, which shard_map's transpose inserts for the replicated adapter inputs: a
-training step all-reduces adapter-sized bytes, not weight-sized ones. Left to GSPMD instead,
+`jax.shard_map`: each device sees its own tokens. On the merged path, where FSDP (or a tensor
+axis) splits W0, each device forms only its own block of W0 + dW (bases hashed on the device
+for that block) and all-gathers the merged block in the compute dtype; in the backward the
+weight cotangent is reduce-scattered back to the blocks and each device reduces its block to
+partial dlambda/dgamma (`ops.sharded_merged_matmul`; docs/pod.md). The only adapter-gradient
+communication is the psum of those partials, which shard_map's transpose inserts for the
+replicated adapter inputs: a training step all-reduces adapter-sized bytes, not weight-sized
+ones. Left to GSPMD instead,
 the layer all-reduces the weight-sized cotangent ``x^T g`` (60x the trainable bytes measured
 for a 2-layer MLP on 8 devices), may partition basis generation and then all-reduce a full
 f32 basis, and cannot partition a ``pallas_call`` at all.
 
-The mesh is the one given (``mesh=``) or else the ambient one (`jax.set_mesh`); the batch
-axes are ``batch_axes`` or else the mesh's axes among `sharding.BATCH_AXES`. The boundary is
-skipped (plain GSPMD) when there is no such axis of size > 1, when they are already manual
-(inside a caller's shard_map), or when the leading input dim (the batch) does not divide.
+The mesh is found by `resolve_mesh` (``mesh=``, `jax.set_mesh`, ``with mesh:``, or the
+inputs' NamedShardings); the batch axes are ``batch_axes`` or else the mesh's axes among
+`sharding.BATCH_AXES`. The boundary is skipped (plain GSPMD) when there is no such axis of
+size > 1, when they are already manual (inside a caller's shard_map), or when the leading
+input dim (the batch) does not divide; the first and the last log one warning per layer.
 ``choose_path`` inside the boundary sees the per-device token count.
 """
 
