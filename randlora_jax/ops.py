@@ -411,7 +411,9 @@ def _weight_route(x2, g2, dx, kernel_like, lam, gamma, seed, spec, dtype, precis
 
     init = (jnp.zeros(spec.lambda_shape, jnp.float32),
             jnp.zeros((spec.num_bases, dl), jnp.float32))
-    (dlam, dgam), chunks = jax.lax.scan(body, init, jnp.arange(k))
+    # unrolled: XLA may overlap chunk c's reduce-scatter with chunk c + 1's GEMM, and the
+    # compilers' cost analyses count every chunk (a loop body is counted once)
+    (dlam, dgam), chunks = jax.lax.scan(body, init, jnp.arange(k), unroll=True)
     g_block = jnp.moveaxis(chunks, 0, 1).reshape(chunks.shape[1], k * width)
   return (dx, g_block.astype(kernel_like.dtype), dlam.astype(lam.dtype),
           _dgamma_whole(dgam, j0, spec).astype(gamma.dtype), None)
