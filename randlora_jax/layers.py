@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -93,8 +94,10 @@ def _fallback(name: str | None, reason: str) -> None:
 def _legacy_mesh():
   """The mesh of a ``with mesh:`` block (JAX's older context manager), or None."""
   try:
-    from jax.interpreters import pxla
-    physical = pxla.thread_resources.env.physical_mesh
+    with warnings.catch_warnings():  # deprecated with `with mesh:` itself; still honoured
+      warnings.simplefilter("ignore", DeprecationWarning)
+      from jax.interpreters import pxla
+      physical = pxla.thread_resources.env.physical_mesh
   except (ImportError, AttributeError):
     return None
   return None if physical.empty else physical
