@@ -127,7 +127,7 @@ def _adapted_call(module, args, kwargs, next_fun, cfg: AdapterConfig, path_choic
   gamma = module.param(GAMMA, lambda _, shape, dtype: ops.init_gamma(spec, dtype),
                        spec.gamma_shape, module.param_dtype)
   compute = layers.compute_dtype(module.dtype, x, kernel, bias)
-  route = dict(backend=backend, explicit=explicit, mesh=mesh)
+  route = dict(backend=backend, explicit=explicit, mesh=mesh, name=_path(module))
   if isinstance(module, nn.Einsum):
     einsum_str = (kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
                   or module.einsum_str).replace(" ", "")

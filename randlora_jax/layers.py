@@ -3,25 +3,31 @@ injection route call. It promotes dtypes, turns the seed into an array, applies 
 (`ops.apply`), adds the bias, and puts the per-device boundary around the op.
 
 **Per-device boundary.** Under a mesh whose batch axes split the input, the op runs inside
-`jax.shard_map`: each device sees its own tokens, forms W0 + dW itself (bases hashed on the
-device, W0 gathered in the compute dtype when FSDP splits it), and reduces its own weight
-cotangent to partial dlambda/dgamma. The only gradient communication left is the psum of
-those partials, which shard_map's transpose inserts for the replicated adapter inputs: a
-training step all-reduces adapter-sized bytes, not weight-sized ones. Left to GSPMD instead,
+`jax.shard_map`: each device sees its own tokens. On the merged path, where FSDP (or a tensor
+axis) splits W0, each device forms only its own block of W0 + dW (bases hashed on the device
+for that block) and all-gathers the merged block in the compute dtype; in the backward the
+weight cotangent is reduce-scattered back to the blocks and each device reduces its block to
+partial dlambda/dgamma (`ops.sharded_merged_matmul`; docs/pod.md). The only adapter-gradient
+communication is the psum of those partials, which shard_map's transpose inserts for the
+replicated adapter inputs: a training step all-reduces adapter-sized bytes, not weight-sized
+ones. Left to GSPMD instead,
 the layer all-reduces the weight-sized cotangent ``x^T g`` (60x the trainable bytes measured
 for a 2-layer MLP on 8 devices), may partition basis generation and then all-reduce a full
 f32 basis, and cannot partition a ``pallas_call`` at all.
 
-The mesh is the one given (``mesh=``) or else the ambient one (`jax.set_mesh`); the batch
-axes are ``batch_axes`` or else the mesh's axes among `sharding.BATCH_AXES`. The boundary is
-skipped (plain GSPMD) when there is no such axis of size > 1, when they are already manual
-(inside a caller's shard_map), or when the leading input dim (the batch) does not divide.
+The mesh is found by `resolve_mesh` (``mesh=``, `jax.set_mesh`, ``with mesh:``, or the
+inputs' NamedShardings); the batch axes are ``batch_axes`` or else the mesh's axes among
+`sharding.BATCH_AXES`. The boundary is skipped (plain GSPMD) when there is no such axis of
+size > 1, when they are already manual (inside a caller's shard_map), or when the leading
+input dim (the batch) does not divide; the first and the last log one warning per layer.
 ``choose_path`` inside the boundary sees the per-device token count.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -60,42 +66,140 @@ def weight_spec(mesh, shape) -> P:
   return P(*(split(e) for e in sharding.spec_for("kernel", shape, mesh)))
 
 
-def _gather(w, spec: P):
-  """The whole of a weight split by ``spec`` (inside the manual region)."""
-  for dim, entry in enumerate(spec):
-    if entry is not None:
-      w = jax.lax.all_gather(w, entry, axis=dim, tiled=True)
-  return w
+def _names(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
 
 
-def per_device(fn: Callable, x, kernel, weights, *, compute, mesh=None, batch_axes=None):
+def kernel_layout(kspec: P, batch_axes: Sequence[str]) -> ops.KernelLayout:
+  """`ops.KernelLayout` of a 2-D kernel split by ``kspec``: the input dim is always gathered
+  (every token meets every row); the output dim stays split over axes that do not split the
+  batch (tensor parallelism: the output keeps that split) and is gathered otherwise."""
+  entries = tuple(kspec) + (None,) * (2 - len(kspec))
+  ins, outs = _names(entries[0]), _names(entries[1])
+  return ((ins, True), (outs, bool(outs) and any(a in batch_axes for a in outs)))
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _fallback(name: str | None, reason: str) -> None:
+  """Logs once per (layer, reason) that a layer is left to GSPMD on a multi-device mesh."""
+  key = (name or "a RandLoRA layer", reason)
+  if key not in _warned:
+    _warned.add(key)
+    logging.warning("RandLoRA layer %s is left to GSPMD (it may all-reduce weight-sized "
+                    "gradients): %s", key[0], reason)
+
+
+def _legacy_mesh():
+  """The mesh of a ``with mesh:`` block (JAX's older context manager), or None."""
+  try:
+    with warnings.catch_warnings():  # deprecated with `with mesh:` itself; still honoured
+      warnings.simplefilter("ignore", DeprecationWarning)
+      from jax.interpreters import pxla
+      physical = pxla.thread_resources.env.physical_mesh
+  except (ImportError, AttributeError):
+    return None
+  return None if physical.empty else physical
+
+
+def _mesh_of_array(a):
+  """The mesh of an array's NamedSharding (concrete), or of its type (inside jit, where
+  `jax.jit`'s NamedSharding inputs leave their abstract mesh on the traced values)."""
+  s = getattr(a, "sharding", None)
+  if isinstance(s, jax.sharding.NamedSharding) and s.mesh.size > 1:
+    return s.mesh
+  try:
+    s = jax.typeof(a).sharding
+  except (TypeError, AttributeError):
+    return None
+  m = getattr(s, "mesh", None)
+  return m if m is not None and not m.empty and m.size > 1 else None
+
+
+def resolve_mesh(mesh=None, *arrays):
+  """The mesh of the per-device boundary: ``mesh`` if given, else the ambient one
+  (`jax.set_mesh`), else a ``with mesh:`` block's, else the mesh of the arrays' shardings
+  (NamedSharding inputs, also inside `jax.jit`); None when there is none."""
+  if mesh is not None:
+    return mesh
+  ambient = jax.sharding.get_abstract_mesh()
+  if not ambient.empty:
+    return ambient
+  legacy = _legacy_mesh()
+  if legacy is not None:
+    return legacy
+  for a in arrays:
+    found = _mesh_of_array(a)
+    if found is not None:
+      return found
+  return None
+
+
+def per_device(fn: Callable, x, kernel, weights, *, compute, mesh=None, batch_axes=None,
+               blocks: bool = False, name: str | None = None):
   """``fn(x, kernel, weights)`` with x (an array, or a pytree of arrays with the same
   leading dim: e.g. the input and the adapter branch's dropped input) split over the batch
-  axes on its leading dim, the kernel W0 whole on every device (gathered in the ``compute``
-  dtype inside the region where the partition rules split it: FSDP) and ``weights``
-  (lambda, gamma, seed, ...; a pytree) replicated; see the module docstring. Without a
-  splitting mesh, just the call.
-  """
-  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-  axes = batch_axes_of(mesh, batch_axes)
-  lead = jax.tree.leaves(x)[0]
-  if not axes or lead.ndim < 2 or lead.shape[0] % math.prod(mesh.shape[a] for a in axes):
-    return fn(x, kernel, weights)
-  kspec = weight_spec(mesh, kernel.shape)
+  axes on its leading dim and ``weights`` (lambda, gamma, seed, ...; a pytree) replicated; see
+  the module docstring. Without a splitting mesh, just the call.
 
-  def local(x, kernel, weights):
-    return fn(x, _gather(kernel.astype(compute), kspec), weights)
+  The kernel W0: ``blocks=False``: whole on every device (gathered in the ``compute`` dtype
+  inside the region where the partition rules split it: FSDP). ``blocks=True`` (a 2-D kernel):
+  ``fn(x, block, weights, layout)`` gets this device's block of W0 as the rules split it and
+  its `ops.KernelLayout`; the output keeps a split of the kernel's output dim over an axis
+  that does not split the batch (tensor parallelism).
+
+  The region is manual over the batch axes and the axes that split W0, and only those (other
+  mesh axes stay with GSPMD): forming W0 + dW and reducing its cotangent must happen per
+  device. Left to the partitioner, the weight-sized cotangent x^T g or a whole basis is
+  all-reduced (the module docstring).
+  """
+  lead = jax.tree.leaves(x)[0]
+  mesh = resolve_mesh(mesh, lead, kernel)
+  axes = batch_axes_of(mesh, batch_axes)
+  plain = (lambda: fn(x, kernel, weights)) if not blocks else (
+      lambda: fn(x, kernel, weights, None))
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return plain()
+  manual_already = {n for n, t in zip(mesh.axis_names, mesh.axis_types)
+                    if t == jax.sharding.AxisType.Manual}
+  if not axes:
+    if not manual_already:  # inside a caller's shard_map the caller owns the boundary
+      wanted = sharding.BATCH_AXES if batch_axes is None else tuple(batch_axes)
+      _fallback(name, f"no batch axis {wanted} of size > 1 in mesh {dict(mesh.shape)}")
+    return plain()
+  size = math.prod(mesh.shape[a] for a in axes)
+  if lead.ndim < 2 or lead.shape[0] % size:
+    _fallback(name, f"input shape {tuple(lead.shape)}: leading (batch) dim not divisible by "
+                    f"the {size} devices of mesh axes {axes}")
+    return plain()
+  kspec = weight_spec(mesh, kernel.shape)
+  manual = set(axes) | {a for e in kspec for a in _names(e)}
+  out_spec = P(axes)
+  if blocks:
+    layout = kernel_layout(kspec, axes)
+    outs, gathered = layout[1]
+    if outs and not gathered:
+      out_spec = P(axes, *([None] * (lead.ndim - 2)), outs if len(outs) > 1 else outs[0])
+
+    def local(x, kernel, weights):
+      return fn(x, kernel, weights, layout)
+  else:
+    whole = tuple((_names(e), True) for e in kspec)
+
+    def local(x, kernel, weights):
+      return fn(x, ops.gather_kernel(kernel.astype(compute), whole), weights)
 
   # check_vma=False: the custom VJPs return device-varying cotangents for replicated inputs;
   # the transpose then psums exactly those (dlambda, dgamma) over the mesh.
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), kspec, P()), out_specs=P(axes),
-                       check_vma=False)(x, kernel, weights)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), kspec, P()), out_specs=out_spec,
+                       axis_names=manual, check_vma=False)(x, kernel, weights)
 
 
 def dense(x, kernel, bias, lam, gamma, seed, spec: ops.LayerSpec, *, dtype=None,
           precision=None, path: ops.Path = "auto", backend: str | None = None,
           explicit=None, mesh=None, batch_axes: Sequence[str] | None = None,
-          adapter_input=None) -> jax.Array:
+          adapter_input=None, name: str | None = None) -> jax.Array:
   """``x @ (W0 + dW) + b`` for x (..., in) and kernel (in, out) (see `randlora_jax.ops`).
 
   ``backend``: static kernel mode (None: the default of `kernels.dispatch`). ``explicit``:
@@ -107,16 +211,16 @@ def dense(x, kernel, bias, lam, gamma, seed, spec: ops.LayerSpec, *, dtype=None,
   backend = ops.resolve_backend(backend)
   seed = bases.traced_seed(seed)
 
-  def local(xs, kernel, weights):
+  def local(xs, kernel, weights, layout):
     x, xd = xs
     lam, gamma, seed, explicit = weights
     return ops.apply(x, kernel, lam, gamma, seed, spec, path=path, dtype=compute,
                      precision=precision, explicit=explicit, backend=backend,
-                     adapter_input=xd)
+                     adapter_input=xd, layout=layout)
 
   xd = None if adapter_input is None else adapter_input.astype(compute)
   y = per_device(local, (x.astype(compute), xd), kernel, (lam, gamma, seed, explicit),
-                 compute=compute, mesh=mesh, batch_axes=batch_axes)
+                 compute=compute, mesh=mesh, batch_axes=batch_axes, blocks=True, name=name)
   if bias is not None:
     y = y + jnp.asarray(bias, y.dtype)
   return y
@@ -124,7 +228,8 @@ def dense(x, kernel, bias, lam, gamma, seed, spec: ops.LayerSpec, *, dtype=None,
 
 def einsum(equation: str, x, kernel, lam, gamma, seed, spec: ops.LayerSpec, *, compute,
            precision=None, preferred_element_type: Any = None, backend: str | None = None,
-           explicit=None, mesh=None, batch_axes: Sequence[str] | None = None) -> jax.Array:
+           explicit=None, mesh=None, batch_axes: Sequence[str] | None = None,
+           name: str | None = None) -> jax.Array:
   """``einsum(equation, x, W0 + dW)`` for an N-D kernel whose 2-D map is (in, out): the
   merged weight in the compute dtype, then the layer's own contraction (no bias).
 
@@ -151,4 +256,4 @@ def einsum(equation: str, x, kernel, lam, gamma, seed, spec: ops.LayerSpec, *, c
   if not (lhs and result and lhs[0] == result[0] and lhs[0] not in rhs):
     return local(x, kernel, weights)
   return per_device(local, x, kernel, weights, compute=compute, mesh=mesh,
-                    batch_axes=batch_axes)
+                    batch_axes=batch_axes, name=name)

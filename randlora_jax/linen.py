@@ -90,4 +90,5 @@ class RandLoraDense(nn.Module):
     return layers.dense(inputs, kernel, bias, lam, gamma, self.seed, spec,
                         dtype=self.dtype, precision=self.precision, path=self.path,
                         backend=self.backend, mesh=self.mesh,
+                        name="/".join(self.scope.path) or self.name or "RandLoraDense",
                         adapter_input=adapter_dropout.adapter_input(self, inputs, self.dropout))

@@ -92,7 +92,8 @@ class RandLoraLinear(nnx.Module):
     return layers.dense(inputs, self.kernel[...], bias, self.randlora_lambda[...],
                         self.randlora_gamma[...], self.config.seed, self.spec, dtype=self.dtype,
                         precision=self.precision, path=self.path, backend=self.backend,
-                        mesh=self.mesh)
+                        mesh=self.mesh, name=f"RandLoraLinear({self.spec.in_features}, "
+                                             f"{self.spec.out_features})")
 
 
 def inject_nnx(model: nnx.Module, targets: Sequence[str], config: AdapterConfig | None = None,

@@ -26,27 +26,33 @@ from randlora_jax import optim
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
+TENSOR_AXIS = "tensor"  # optional third axis (`make_mesh(tensor=...)`): splits kernels' outputs
 
 # Adapters are tiny and updated every step: replicated. Frozen (or fully trained) matrices
-# are split FSDP-style over their input dimension; everything else (norms, biases) replicated.
+# are split FSDP-style over their input dimension (and over their output dimension on a mesh
+# with a tensor axis); everything else (norms, biases) replicated.
 DEFAULT_RULES: tuple[tuple[str, P], ...] = (
     (r"(randlora_lambda|randlora_gamma|lora_a|lora_b)$", P()),
     (r"patch_embed/kernel$", P(None, None, None, "fsdp")),
-    (r"kernel$", P("fsdp", None)),
+    (r"kernel$", P("fsdp", TENSOR_AXIS)),
     (r"(pos_embedding|register_tokens)$", P(None, "fsdp")),
     (r".*", P()),
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None
-              ) -> jax.sharding.Mesh:
-  """A (data, fsdp) mesh over all devices (-1: whatever the other axis leaves).
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None,
+              tensor: int = 1) -> jax.sharding.Mesh:
+  """A (data, fsdp) mesh over all devices (-1: whatever the other axis leaves); with
+  ``tensor`` > 1 a (data, fsdp, tensor) mesh, whose tensor axis splits the kernels' output
+  dims (tensor parallelism) and not the batch.
 
   Auto axis types: GSPMD propagates shardings through the model (with JAX 0.10's default
   Explicit axes a matmul over a sharded contracting dim is an error).
   """
   devices = list(devices if devices is not None else jax.devices())
-  n = len(devices)
+  if tensor < 1 or len(devices) % tensor:
+    raise ValueError(f"mesh tensor={tensor} does not divide the {len(devices)} devices")
+  n = len(devices) // tensor
   if data == -1 and fsdp == -1:
     raise ValueError("at most one of mesh.data / mesh.fsdp may be -1")
   if data == -1:
@@ -55,8 +61,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
     fsdp = n // data if data > 0 and n % data == 0 else 0
   if data < 1 or fsdp < 1 or data * fsdp != n:
     raise ValueError(f"mesh data={data} x fsdp={fsdp} does not use the {n} devices exactly")
-  auto = (jax.sharding.AxisType.Auto,) * len(AXES)
-  return jax.make_mesh((data, fsdp), AXES, axis_types=auto, devices=devices)
+  shape, names = ((data, fsdp), AXES) if tensor == 1 else ((data, fsdp, tensor),
+                                                           AXES + (TENSOR_AXIS,))
+  auto = (jax.sharding.AxisType.Auto,) * len(names)
+  return jax.make_mesh(shape, names, axis_types=auto, devices=devices)
 
 
 def data_parallel_size(mesh: jax.sharding.Mesh) -> int:

@@ -3,8 +3,9 @@
 A kernel call forms one (local) dW block of shape (big_l, dl) in the "D x d" frame from
 ``Ktot = r * n_pad`` contraction columns (see `delta.py`). This module decides how:
 
-* `Chip`: the per-device figures the plan needs (VMEM, peak rates, cores), read from
-  ``pltpu.get_tpu_info()`` on a TPU, else from a table keyed by ``device_kind``.
+* `Chip`: the per-device figures the plan needs (VMEM, peak rates, cores): a view of a
+  `randlora_jax.targets.Target` (the one table of chip facts), with VMEM read from
+  ``pltpu.get_tpu_info()`` on a TPU.
 * `Tiling`: a typed, validated tile plan (block sizes, contraction step, basis source, GPU
   splits and launch parameters, VMEM limit). `Tiling.check` raises a one-line ValueError
   for anything Mosaic/Triton would reject or that does not fit the chip's VMEM.
@@ -22,6 +23,8 @@ import math
 
 import jax.numpy as jnp
 
+from randlora_jax import targets
+
 MiB = 1024 * 1024
 # Mosaic pays ~0.35 us per grid step (Pallas TPU docs); we use it as the per-program overhead.
 STEP_OVERHEAD_S = 0.35e-6
@@ -34,13 +37,20 @@ HASH_OPS = {"uniform": 20, "sparse": 18, "very_sparse": 18, "normal": 45}
 STREAM_OPS = 3
 # ops per Af entry built per program: A * gamma, cast.
 AF_OPS = 2
+# Largest TPU output block (D rows, d columns). Mosaic unrolls a block into vreg-sized ops, so
+# its compile time grows with the block: the 4096 x 4096 HIGHEST forward took 24 s to compile
+# for v6e at 1024 x 2048 and 3.2 s at 512 x 1024 (CPU seconds, libtpu 0.0.42.1, on this
+# project's loaded CPU machines); bp = 1024 still reuses each hashed basis entry for 1,024
+# MACs, past the point where the hash stops bounding v4 / v5 kernels (see `predict`).
+TPU_MAX_BLOCK = (512, 1024)
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
   """What the tile plan needs to know about one device (a TPU chip or a GPU).
 
-  ``vmem_bytes``: TPU VMEM per TensorCore; GPU shared memory per SM. ``macs_per_vpu_op``:
+  ``vmem_bytes``: TPU VMEM per TensorCore; GPU opt-in shared memory per block (what one
+  Triton program may use). ``macs_per_vpu_op``:
   bf16 MXU/tensor-core multiply-adds per 32-bit vector (VPU / CUDA-core) op, est.
   ``f32_slowdown``: bf16 rate / rate of f32 dots at Precision.HIGHEST (TPU: multi-pass
   bf16; GPU: FFMA on CUDA cores).
@@ -54,6 +64,7 @@ class Chip:
   macs_per_vpu_op: float
   cores: int  # TensorCores behind one device (megacore) or SMs
   f32_slowdown: float
+  plan_headroom: float = 1.0  # TPU: plan tiles within this fraction of the scoped limit
 
   @property
   def vpu_ops_per_s(self) -> float:
@@ -65,26 +76,30 @@ class Chip:
     its own internal scratch); None off TPU."""
     return (self.vmem_bytes * 3 // 4) if self.platform == "tpu" else None
 
+  @property
+  def block_memory_limit(self) -> int | None:
+    """What one program may hold: the scoped VMEM limit on TPU, the opt-in shared memory
+    per block on GPU (Triton's check), None in interpret mode."""
+    if self.platform == "gpu":
+      return self.vmem_bytes
+    limit = self.vmem_limit_bytes
+    return None if limit is None else int(limit * self.plan_headroom)
 
-# TPU: bf16 peak and HBM bandwidth per chip; VMEM per core (accelerators.md). The VPU does
-# ~2,048 32-bit ops per cycle against 4 x 128 x 128 = 65,536 bf16 MACs (v4/v5): 32 MACs per
-# op; v6e's 2 x 256 x 256 MXUs double the MACs (64), est.
-_TPU = {
-    "v4": Chip("TPU v4", "tpu", 16 * MiB, 2.75e14, 1.23e12, 32.0, 2, 6.0),
-    "v5e": Chip("TPU v5e", "tpu", 128 * MiB, 1.97e14, 8.2e11, 32.0, 1, 6.0),
-    "v5p": Chip("TPU v5p", "tpu", 64 * MiB, 4.59e14, 2.46e12, 32.0, 2, 6.0),
-    "v6e": Chip("TPU v6e", "tpu", 128 * MiB, 9.2e14, 1.64e12, 64.0, 1, 6.0),
-}
-_TPU_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
-              "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
-# Hopper: ~9.9e14 dense bf16 on tensor cores; CUDA cores ~132 SMs x 128 lanes x ~1.9 GHz
-# ~ 3.2e13 32-bit ops/s, integer multiplies at half rate: ~2e13 -> ~25 MACs per op (est.).
-# Shared memory per SM 228 KB; FP32 FFMA ~6.7e13 (15x below bf16).
-_H100 = Chip("NVIDIA H100", "gpu", 228 * 1024, 9.89e14, 3.35e12, 25.0, 132, 15.0)
-_H200 = dataclasses.replace(_H100, name="NVIDIA H200", hbm_bytes_per_s=4.8e12)
-_A100 = Chip("NVIDIA A100", "gpu", 164 * 1024, 3.12e14, 2.0e12, 16.0, 108, 16.0)
+
 # Interpret mode on a host CPU: nothing to fit, few big programs are fastest.
 INTERPRET = Chip("interpret", "interpret", 1 << 40, 1e11, 1e10, 1.0, 1, 1.0)
+
+
+def chip_for_target(target: targets.Target | str) -> Chip:
+  """The tile plan's view of a `targets.Target` (the one table of chip facts): VMEM per
+  TensorCore on TPU, opt-in shared memory per block on GPU."""
+  t = targets.get(target) if isinstance(target, str) else target
+  if t.platform == "tpu":
+    platform, vmem = "tpu", t.vmem_bytes
+  else:
+    platform, vmem = "gpu", t.smem_per_block_bytes
+  return Chip(t.device_kind, platform, vmem, t.peak_flops_bf16, t.hbm_bytes_per_s,
+              t.macs_per_vector_op, t.cores, t.f32_dot_slowdown)
 
 
 def _tpu_vmem_from_jax(version: str, on_device: bool) -> int | None:
@@ -104,24 +119,20 @@ def _tpu_vmem_from_jax(version: str, on_device: bool) -> int | None:
 
 
 def chip_for(device_kind: str, *, on_device: bool = False) -> Chip:
-  """The `Chip` for a ``jax.Device.device_kind`` string ('TPU v4', 'NVIDIA H100 80GB HBM3')."""
-  if device_kind in _TPU_KINDS:
-    version = _TPU_KINDS[device_kind]
-    chip = _TPU[version]
-    vmem = _tpu_vmem_from_jax(version, on_device)
+  """The `Chip` for a ``jax.Device.device_kind`` string ('TPU v4', 'NVIDIA H100 80GB HBM3');
+  an unknown NVIDIA part is sized as an H100 (its tiles stay legal on later parts)."""
+  try:
+    target = targets.for_device_kind(device_kind)
+  except ValueError:
+    kind = device_kind.upper()
+    if kind.startswith("TPU") or not ("NVIDIA" in kind or "GPU" in kind):
+      raise
+    target = targets.get("h100")
+  chip = chip_for_target(target)
+  if chip.platform == "tpu":
+    vmem = _tpu_vmem_from_jax(target.generation, on_device)
     return dataclasses.replace(chip, vmem_bytes=vmem) if vmem else chip
-  kind = device_kind.upper()
-  if kind.startswith("TPU"):
-    raise ValueError(f"no VMEM table entry for {device_kind!r}; known: {sorted(_TPU_KINDS)}")
-  if "H200" in kind:
-    return _H200
-  if "H100" in kind or "H800" in kind or "GH200" in kind:
-    return _H100
-  if "A100" in kind or "A800" in kind:
-    return _A100
-  if "NVIDIA" in kind or "GPU" in kind:
-    return _H100  # an unknown NVIDIA part: size for Hopper (the tiles stay legal anywhere)
-  raise ValueError(f"unknown accelerator {device_kind!r}")
+  return chip
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,10 +146,16 @@ def _current(backend: str) -> Chip:
   if backend == "tpu":
     if dev is not None and dev.platform == "tpu":
       return chip_for(dev.device_kind, on_device=True)
-    return _TPU["v4"]  # lowering on a CPU machine: plan for the smallest VMEM (legal everywhere)
+    # lowering on a CPU machine for no named target: v4's 12 MiB scoped limit, but tiles
+    # planned within half of it: v4-sized tiles planned up to 12 MiB (3072 x 768 at HIGHEST)
+    # were refused by every TPU compiler (v4 to v6e; Mosaic holds more than `working_set`
+    # counts), and tiles planned up to a 6 MiB limit passed as the limit by v4's. Name the
+    # target (a target mode) to plan for its own VMEM.
+    return dataclasses.replace(chip_for_target("v4-8"), name="TPU (generation unknown)",
+                               plan_headroom=0.5)
   if dev is not None and dev.platform == "gpu":
     return chip_for(dev.device_kind)
-  return _H100
+  return chip_for_target("h100")
 
 
 def current_chip(backend: str, interpret: bool = False) -> Chip:
@@ -213,6 +230,10 @@ class Tiling:
         raise ValueError(f"Tiling.{name} must be a positive int, got {v!r}")
     if self.basis not in ("hash", "stream"):
       raise ValueError(f"Tiling.basis must be 'hash' or 'stream', got {self.basis!r}")
+    if not isinstance(self.num_warps, int) or self.num_warps not in (1, 2, 4, 8, 16):
+      raise ValueError(f"Tiling.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+    if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
+      raise ValueError(f"Tiling.num_stages must be an int in [1, 8], got {self.num_stages!r}")
 
   @property
   def k(self) -> int:
@@ -270,6 +291,12 @@ class Tiling:
       nrows = self.big_pad(p, True) // self.bwd_bm
       if nrows % self.bwd_splits:
         raise ValueError(f"bwd_splits={self.bwd_splits} must divide the {nrows} row blocks")
+      if vmem_limit is not None:  # on GPU: shared memory per block
+        for bwd in (False, True):
+          need = gpu_smem(p, self, bwd)
+          if need > vmem_limit:
+            raise ValueError(f"{'backward' if bwd else 'forward'} tiles need {need} B of shared "
+                             f"memory, over the {vmem_limit} B per block")
     elif platform != "interpret":
       raise ValueError(f"platform must be 'tpu', 'gpu' or 'interpret', got {platform!r}")
     return self
@@ -411,33 +438,53 @@ def plan(p: Problem, chip: Chip, *, basis: str | None = None) -> Tiling:
   best = None
   # GPU: 128 x 256 output tiles at most (the common Hopper config: 8 warps hold a 128x256 f32
   # accumulator at 128 registers per thread), checked against shared memory per SM.
-  caps = (1024, 2048) if platform == "tpu" else (128, 256)
-  for b_kind in ((basis,) if basis else ("hash", "stream")):
-    for bm in _block_choices(p.big_l, platform, caps[0] if platform == "tpu" else 128):
-      for bp in _block_choices(p.dl, platform, caps[1]):
-        t = Tiling(bm=bm, bp=bp, rk=rk, tn=tn, bwd_bm=bm, basis=b_kind,
-                   vmem_limit_bytes=limit)
-        if platform == "gpu":
-          t = _gpu_splits(p, t, chip)
-          if gpu_smem(p, t) > chip.vmem_bytes:
+  caps = TPU_MAX_BLOCK if platform == "tpu" else (128, 256)
+  # GPU: 3 pipeline stages where the tiles fit the shared memory per block, else 2 (the
+  # cost model does not price pipelining, so deeper wins only by being tried first)
+  for stages in ((3, 2) if platform == "gpu" else (3,)):
+    for b_kind in ((basis,) if basis else ("hash", "stream")):
+      for bm in _block_choices(p.big_l, platform, caps[0] if platform == "tpu" else 128):
+        for bp in _block_choices(p.dl, platform, caps[1]):
+          t = Tiling(bm=bm, bp=bp, rk=rk, tn=tn, bwd_bm=bm, basis=b_kind, num_stages=stages,
+                     vmem_limit_bytes=limit)
+          if platform == "gpu":
+            t = _gpu_splits(p, t, chip)
+          try:
+            t.check(p, platform, chip.block_memory_limit)
+          except ValueError:
             continue
-        try:
-          t.check(p, platform)
-        except ValueError:
-          continue
-        cost = predict(p, t, chip) ["total"] + predict(p, t, chip, bwd=True)["total"]
-        key = (cost, -bm * bp)
-        if best is None or key < best[0]:
-          best = (key, t)
+          cost = predict(p, t, chip)["total"] + predict(p, t, chip, bwd=True)["total"]
+          key = (cost, -bm * bp)
+          if best is None or key < best[0]:
+            best = (key, t)
+    if best is not None:
+      break
+  if best is None and chip.plan_headroom < 1.0:  # nothing fits with headroom: use it all
+    return plan(p, dataclasses.replace(chip, plan_headroom=1.0), basis=basis)
   if best is None:
     raise ValueError(f"no legal tiling of a ({p.big_l}, {p.dl}) block with r={p.r} fits "
                      f"{chip.name} ({(limit or 0) / MiB:.0f} MiB VMEM limit)")
   return best[1]
 
 
-def gpu_smem(p: Problem, t: Tiling) -> int:
-  """Shared memory of a GPU program: num_stages buffers of the two dot operand tiles."""
-  return t.num_stages * (t.bm * t.k + t.k * t.bp) * p.operand_bytes
+def gpu_smem(p: Problem, t: Tiling, bwd: bool = False) -> int:
+  """Shared memory of one Triton program (bytes), a bound fitted to Triton's own requests.
+
+  Forward: num_stages buffers of the two dot operand tiles. Backward: the row loop's loads
+  are software-pipelined, so num_stages - 1 buffers of the cotangent tile (in its own dtype)
+  and of the streamed basis tile, plus the two dot operands staged in the operand dtype
+  and 1 KiB of barriers. Checked against the compiler's "Shared memory size limit exceeded:
+  requested N" (H100, jax 0.10.2): 768x3072 hash bf16 (bm=128, bp=256, K=64, 3 stages)
+  2*131,072 + 65,536 + 16,384 + 1,024 = 345,088 exactly; 4096x4096 stream bf16 (K=32)
+  requested 278,528, the bound says 352,256 (the staged operands reuse the pipeline
+  buffers there).
+  """
+  ob = p.operand_bytes
+  if not bwd:
+    return t.num_stages * (t.bm * t.k + t.k * t.bp) * ob
+  bm, bp, k = t.bwd_bm, t.bp, t.k
+  loads = bm * bp * p.cot_bytes + (k * bm * ob if t.basis == "stream" else 0)
+  return max(t.num_stages - 1, 1) * loads + (bm * bp + k * bm) * ob + 1024
 
 
 def _gpu_splits(p: Problem, t: Tiling, chip: Chip) -> Tiling:

@@ -47,7 +47,8 @@ _ATTN = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"}
 # on their first trailing dim (kernel `in`, embedding `vocab`), adapters and norms replicated.
 DECODER_RULES: tuple[tuple[str, P], ...] = (
     (r"(randlora_lambda|randlora_gamma|lora_a|lora_b)$", P()),
-    (r"(kernel|embedding)$", P("fsdp", None)),
+    (r"kernel$", P("fsdp", "tensor")),  # "tensor": only on a mesh that has it
+    (r"embedding$", P("fsdp", None)),
     (r".*", P()),
 )
 

@@ -231,7 +231,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
 
   dtype = jnp.dtype(config.model.dtype)
   remat = "full" if config.model.remat else "none"
-  dense = setup_lib.dense_factory(config)
+  dense = setup_lib.dense_factory(config, mesh)
   loaded = None
   if checkpoint:
     try:
