@@ -61,6 +61,26 @@ PRESETS = {
     "llama3_8b": lambda vocab: DecoderConfig.llama3_8b(),
 }
 HEADS = methods.TaskHeads("causal_lm")  # nothing new, nothing to probe: no method 'head'
+FROZEN_DTYPE = "bfloat16"  # model.frozen_dtype 'auto': an 8B decoder's weights in 16 GB
+
+
+def _compute(config) -> dict:
+  """The decoder's compute dtype and remat policy from the config."""
+  return dict(dtype=jnp.dtype(config.model.dtype),
+              remat="full" if config.model.remat else "none")
+
+
+def decoder_config(config, vocab_size: int) -> DecoderConfig:
+  """The `lm.preset` shapes without a checkpoint, with the config's overrides."""
+  dcfg = PRESETS[config.lm.preset](vocab_size)
+  m = config.model
+  overrides = {k: v for k, v in (("hidden_size", m.hidden_size), ("num_layers", m.num_layers),
+                                 ("num_heads", m.num_heads), ("intermediate_size", m.mlp_dim))
+               if v is not None}
+  try:
+    return dcfg.replace(**overrides, **_compute(config))
+  except ValueError as e:
+    raise ConfigError(f"model: {e}") from None
 
 
 def trainable_patterns(method: str) -> tuple[str, ...]:
@@ -169,25 +189,20 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   eval_tasks = read_eval_tasks(config, eval_dir)
   tok = _tokenizer(config, train_records, checkpoint)
 
-  dtype = jnp.dtype(config.model.dtype)
-  remat = "full" if config.model.remat else "none"
   dense = setup_lib.dense_factory(config)
+  frozen_dtype = setup_lib.frozen_dtype(config, FROZEN_DTYPE)
   loaded = None
   if checkpoint:
+    # Read straight into the frozen weights' dtype (full fine-tuning trains float32).
+    read_dtype = jnp.float32 if methods.get(config.method).trains_all else frozen_dtype
     try:
-      dcfg, loaded = hf_decoder.load_decoder(checkpoint, mesh=mesh, dtype=dtype, remat=remat)
+      dcfg, loaded = hf_decoder.load_decoder(checkpoint, mesh=mesh, param_dtype=read_dtype,
+                                             **_compute(config))
     except (OSError, ValueError) as e:
       raise ConfigError(f"model.checkpoint {checkpoint!r}: {e}") from None
+    dcfg = dcfg.replace(param_dtype=jnp.float32)  # the adapter leaves it creates: float32
   else:
-    dcfg = PRESETS[lm.preset](tok.vocab_size)
-    m = config.model
-    overrides = {k: v for k, v in (("hidden_size", m.hidden_size), ("num_layers", m.num_layers),
-                                   ("num_heads", m.num_heads), ("intermediate_size", m.mlp_dim))
-                 if v is not None}
-    try:
-      dcfg = dcfg.replace(**overrides, dtype=dtype, remat=remat)
-    except ValueError as e:
-      raise ConfigError(f"model: {e}") from None
+    dcfg = decoder_config(config, tok.vocab_size)
   if tok.vocab_size > dcfg.vocab_size:
     raise ConfigError(f"the tokenizer has {tok.vocab_size} ids, the model's vocabulary "
                       f"{dcfg.vocab_size}")
@@ -209,6 +224,8 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
 
   mask = optim.trainable_mask(params, patterns, defaults=False)
   trainable, frozen = optim.partition(params, mask)
+  trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)  # a bf16 checkpoint
+  frozen = setup_lib.cast_frozen(frozen, frozen_dtype)
   trainable_sh, frozen_sh = optim.partition(param_sh, mask)  # the shardings, split alike
 
   source_cls = data_lib.PackedSource if lm.packing else data_lib.TokenizedSource
@@ -234,6 +251,55 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
       local_batch_size=local_batch, trainable_count=optim.count(params, mask),
       total_count=optim.count(params), adapter_config=adapter_config, decoder_config=dcfg,
       tokenizer=tok, val_source=val_src, eval_tasks=eval_tasks)
+
+
+# ----------------------------------------------------------------------------- abstract
+
+
+def abstract_build(config, mesh, depth: dict[str, int] | None = None) -> LMExperiment:
+  """`build`'s experiment with abstract state (`setup.abstract_experiment`): the decoder's
+  shapes from the checkpoint's config.json (no weights read) or the preset (vocabulary:
+  ``lm.vocab_size`` for the tiny preset, whose BPE would be trained on the data); no data
+  read. `depth` {'layers': n} overrides the number of decoder layers."""
+  validate.check_config(config)
+  validate.check_batch(config, sharding.data_parallel_size(mesh), 1)
+  patterns = setup_lib.trainable_patterns(config, HEADS)
+  if config.model.checkpoint:
+    try:
+      dcfg = hf_decoder.config_from_hf(hf_decoder.read_hf_config(config.model.checkpoint),
+                                       **_compute(config))
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"model.checkpoint {config.model.checkpoint!r}: {e}") from None
+  else:
+    dcfg = decoder_config(config, config.lm.vocab_size)
+  if depth:
+    dcfg = dcfg.replace(num_layers=depth.get("layers", dcfg.num_layers))
+  setup_lib.check_targets(config, hf_decoder.abstract_params(dcfg))
+  model = Decoder(dcfg, setup_lib.dense_factory(config, mesh))
+  ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  params = jax.eval_shape(lambda i: model.init(jax.random.key(0), i)["params"], ids)
+  o = config.optim
+  steps = config.total_steps or 1
+  schedule = linear_schedule(o.lr[config.method], steps, o.warmup_steps, o.end_lr_fraction)
+  tx = step_lib.make_optimizer(schedule, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
+  return setup_lib.abstract_experiment(
+      LMExperiment, config, mesh, model, params, patterns, tx, schedule,
+      rules=hf_decoder.DECODER_RULES, frozen=setup_lib.frozen_dtype(config, FROZEN_DTYPE),
+      vit_config=None, decoder_config=dcfg, tokenizer=None, val_source=None, eval_tasks={})
+
+
+def batch_spec(exp: LMExperiment) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global training batch: rows of ``lm.cutoff`` tokens, split over the batch axes."""
+  sh = sharding.batch_sharding(exp.mesh)
+  shape = (exp.config.batch_size, exp.config.lm.cutoff)
+  return {"input_ids": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
+          "attention_mask": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
+          "loss_weights": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh)}
+
+
+def depths(exp: LMExperiment) -> dict[str, int]:
+  """The decoder's `nn.scan` stack and its length (aot counts one layer's cost)."""
+  return {"layers": exp.decoder_config.num_layers}
 
 
 # ----------------------------------------------------------------------------- steps

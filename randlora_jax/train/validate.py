@@ -149,6 +149,7 @@ register(
     _field("model.num_heads", integer(1, or_none=True)),
     _field("model.mlp_dim", integer(1, or_none=True)),
     _field("model.dtype", one_of(DTYPES)),
+    _field("model.frozen_dtype", one_of(("auto",) + DTYPES)),
     _field("model.remat", boolean()),
     _field("model.normalization", one_of(sorted(NORMALIZATION))),
 
