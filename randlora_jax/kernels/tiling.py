@@ -3,8 +3,9 @@
 A kernel call forms one (local) dW block of shape (big_l, dl) in the "D x d" frame from
 ``Ktot = r * n_pad`` contraction columns (see `delta.py`). This module decides how:
 
-* `Chip`: the per-device figures the plan needs (VMEM, peak rates, cores), read from
-  ``pltpu.get_tpu_info()`` on a TPU, else from a table keyed by ``device_kind``.
+* `Chip`: the per-device figures the plan needs (VMEM, peak rates, cores): a view of a
+  `randlora_jax.targets.Target` (the one table of chip facts), with VMEM read from
+  ``pltpu.get_tpu_info()`` on a TPU.
 * `Tiling`: a typed, validated tile plan (block sizes, contraction step, basis source, GPU
   splits and launch parameters, VMEM limit). `Tiling.check` raises a one-line ValueError
   for anything Mosaic/Triton would reject or that does not fit the chip's VMEM.
@@ -21,6 +22,8 @@ import functools
 import math
 
 import jax.numpy as jnp
+
+from randlora_jax import targets
 
 MiB = 1024 * 1024
 # Mosaic pays ~0.35 us per grid step (Pallas TPU docs); we use it as the per-program overhead.
@@ -40,7 +43,8 @@ AF_OPS = 2
 class Chip:
   """What the tile plan needs to know about one device (a TPU chip or a GPU).
 
-  ``vmem_bytes``: TPU VMEM per TensorCore; GPU shared memory per SM. ``macs_per_vpu_op``:
+  ``vmem_bytes``: TPU VMEM per TensorCore; GPU opt-in shared memory per block (what one
+  Triton program may use). ``macs_per_vpu_op``:
   bf16 MXU/tensor-core multiply-adds per 32-bit vector (VPU / CUDA-core) op, est.
   ``f32_slowdown``: bf16 rate / rate of f32 dots at Precision.HIGHEST (TPU: multi-pass
   bf16; GPU: FFMA on CUDA cores).
@@ -66,25 +70,20 @@ class Chip:
     return (self.vmem_bytes * 3 // 4) if self.platform == "tpu" else None
 
 
-# TPU: bf16 peak and HBM bandwidth per chip; VMEM per core (accelerators.md). The VPU does
-# ~2,048 32-bit ops per cycle against 4 x 128 x 128 = 65,536 bf16 MACs (v4/v5): 32 MACs per
-# op; v6e's 2 x 256 x 256 MXUs double the MACs (64), est.
-_TPU = {
-    "v4": Chip("TPU v4", "tpu", 16 * MiB, 2.75e14, 1.23e12, 32.0, 2, 6.0),
-    "v5e": Chip("TPU v5e", "tpu", 128 * MiB, 1.97e14, 8.2e11, 32.0, 1, 6.0),
-    "v5p": Chip("TPU v5p", "tpu", 64 * MiB, 4.59e14, 2.46e12, 32.0, 2, 6.0),
-    "v6e": Chip("TPU v6e", "tpu", 128 * MiB, 9.2e14, 1.64e12, 64.0, 1, 6.0),
-}
-_TPU_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
-              "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
-# Hopper: ~9.9e14 dense bf16 on tensor cores; CUDA cores ~132 SMs x 128 lanes x ~1.9 GHz
-# ~ 3.2e13 32-bit ops/s, integer multiplies at half rate: ~2e13 -> ~25 MACs per op (est.).
-# Shared memory per SM 228 KB; FP32 FFMA ~6.7e13 (15x below bf16).
-_H100 = Chip("NVIDIA H100", "gpu", 228 * 1024, 9.89e14, 3.35e12, 25.0, 132, 15.0)
-_H200 = dataclasses.replace(_H100, name="NVIDIA H200", hbm_bytes_per_s=4.8e12)
-_A100 = Chip("NVIDIA A100", "gpu", 164 * 1024, 3.12e14, 2.0e12, 16.0, 108, 16.0)
 # Interpret mode on a host CPU: nothing to fit, few big programs are fastest.
 INTERPRET = Chip("interpret", "interpret", 1 << 40, 1e11, 1e10, 1.0, 1, 1.0)
+
+
+def chip_for_target(target: targets.Target | str) -> Chip:
+  """The tile plan's view of a `targets.Target` (the one table of chip facts): VMEM per
+  TensorCore on TPU, opt-in shared memory per block on GPU."""
+  t = targets.get(target) if isinstance(target, str) else target
+  if t.platform == "tpu":
+    platform, vmem = "tpu", t.vmem_bytes
+  else:
+    platform, vmem = "gpu", t.smem_per_block_bytes
+  return Chip(t.device_kind, platform, vmem, t.peak_flops_bf16, t.hbm_bytes_per_s,
+              t.macs_per_vector_op, t.cores, t.f32_dot_slowdown)
 
 
 def _tpu_vmem_from_jax(version: str, on_device: bool) -> int | None:
@@ -104,24 +103,20 @@ def _tpu_vmem_from_jax(version: str, on_device: bool) -> int | None:
 
 
 def chip_for(device_kind: str, *, on_device: bool = False) -> Chip:
-  """The `Chip` for a ``jax.Device.device_kind`` string ('TPU v4', 'NVIDIA H100 80GB HBM3')."""
-  if device_kind in _TPU_KINDS:
-    version = _TPU_KINDS[device_kind]
-    chip = _TPU[version]
-    vmem = _tpu_vmem_from_jax(version, on_device)
+  """The `Chip` for a ``jax.Device.device_kind`` string ('TPU v4', 'NVIDIA H100 80GB HBM3');
+  an unknown NVIDIA part is sized as an H100 (its tiles stay legal on later parts)."""
+  try:
+    target = targets.for_device_kind(device_kind)
+  except ValueError:
+    kind = device_kind.upper()
+    if kind.startswith("TPU") or not ("NVIDIA" in kind or "GPU" in kind):
+      raise
+    target = targets.get("h100")
+  chip = chip_for_target(target)
+  if chip.platform == "tpu":
+    vmem = _tpu_vmem_from_jax(target.generation, on_device)
     return dataclasses.replace(chip, vmem_bytes=vmem) if vmem else chip
-  kind = device_kind.upper()
-  if kind.startswith("TPU"):
-    raise ValueError(f"no VMEM table entry for {device_kind!r}; known: {sorted(_TPU_KINDS)}")
-  if "H200" in kind:
-    return _H200
-  if "H100" in kind or "H800" in kind or "GH200" in kind:
-    return _H100
-  if "A100" in kind or "A800" in kind:
-    return _A100
-  if "NVIDIA" in kind or "GPU" in kind:
-    return _H100  # an unknown NVIDIA part: size for Hopper (the tiles stay legal anywhere)
-  raise ValueError(f"unknown accelerator {device_kind!r}")
+  return chip
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,10 +130,11 @@ def _current(backend: str) -> Chip:
   if backend == "tpu":
     if dev is not None and dev.platform == "tpu":
       return chip_for(dev.device_kind, on_device=True)
-    return _TPU["v4"]  # lowering on a CPU machine: plan for the smallest VMEM (legal everywhere)
+    # lowering on a CPU machine for no named target: the smallest VMEM (legal everywhere)
+    return chip_for_target("v4-8")
   if dev is not None and dev.platform == "gpu":
     return chip_for(dev.device_kind)
-  return _H100
+  return chip_for_target("h100")
 
 
 def current_chip(backend: str, interpret: bool = False) -> Chip:
