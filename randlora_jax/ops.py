@@ -357,7 +357,7 @@ def apply(x, kernel, lam, gamma, seed, spec: LayerSpec, *, path: Path = "auto",
     raise ValueError(f"adapter_input shape {xd.shape} != input shape {x.shape}")
   tokens = math.prod(x.shape[:-1])
   chosen = choose_path(tokens, spec, path, precision=precision, backend=backend,
-                       adapter_dropout=xd is not None)
+                       platform=dispatch.platform_of(backend), adapter_dropout=xd is not None)
   if explicit is not None:
     if chosen == "merged" and xd is None:
       w = kernel.astype(jnp.float32) + delta_kernel_reference(lam, gamma, seed, spec, explicit)

@@ -93,13 +93,16 @@ def test_tiling_validation_errors():
 
 @pytest.mark.parametrize("fin,fout", VIT_B)
 def test_gpu_plan_fills_a_hopper(fin, fout):
-  """>= one program per SM (132) forward and backward at ViT-B shapes, 128-row tiles 128 or
-  256 wide, 3-4 pipeline stages, operand buffers within shared memory."""
+  """>= one program per SM (132) forward and backward at ViT-B shapes, 64- or 128-row tiles
+  128 or 256 wide, 3 pipeline stages, forward and backward within the H100's 232,448 B of
+  shared memory per block (the Triton compile check is test_kernel_compile.py)."""
   chip = tiling.chip_for("NVIDIA H100 80GB HBM3")
   _, prob = _problem(fin, fout)
   t = tiling.plan(prob, chip)
-  assert t.bm == 128 and t.bp in (128, 256) and t.num_stages in (3, 4)
-  assert tiling.gpu_smem(prob, t) <= chip.vmem_bytes
+  assert t.bm in (64, 128) and t.bp in (128, 256) and t.num_stages == 3
+  assert chip.vmem_bytes == 232_448
+  for bwd in (False, True):
+    assert tiling.gpu_smem(prob, t, bwd) <= chip.vmem_bytes
   fwd = (t.big_pad(prob) // t.bm) * (t.d_pad(prob) // t.bp) * t.splits
   bwd = (t.d_pad(prob) // t.bp) * t.steps(prob) * t.bwd_splits
   assert fwd >= chip.cores and bwd >= chip.cores, (fwd, bwd)

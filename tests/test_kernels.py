@@ -10,6 +10,8 @@ steps): the error is a few fp32 ulps times sqrt(N*r) relative to the largest ent
 any indexing bug (a wrong basis column or gamma row gives O(1) relative errors).
 """
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -309,3 +311,47 @@ def test_lowers_in_a_jitted_training_step_for_tpu():
   with dispatch.set_kernel_mode("tpu"):
     text = _export(step, args, "tpu").mlir_module()
   assert "randlora_delta_fused" in text and "randlora_delta_bwd" in text
+
+
+def test_dispatch_follows_the_target(monkeypatch):
+  """A target name is a mode: the compiled kernels of the target's platform, planned for its
+  chip; 'auto' with a target resolves to it whatever the host (this one is a CPU)."""
+  from randlora_jax import targets
+
+  monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+  assert dispatch.resolve("auto") == "xla"  # the host
+  assert dispatch.resolve("auto", target=targets.get("v5p-64")) == "v5p-64"
+  assert dispatch.resolve("auto", target="H100") == "h100"
+  assert dispatch.resolve("auto", target="tpu") == "tpu"
+  assert dispatch.resolve("auto", target="cuda") == "gpu"
+  assert dispatch.resolve("xla", target="v5p-8") == "xla"  # an explicit mode wins
+  assert dispatch.resolve("V6E-4") == "v6e-4"
+  opts = dispatch.kernel_options("v6e-4")
+  assert (opts["backend"], opts["interpret"]) == ("tpu", False)
+  assert opts["chip"].vmem_bytes == 128 << 20
+  assert dispatch.kernel_options("a100")["chip"].vmem_bytes == 166_912
+  assert dispatch.platform_of("h100") == "gpu" and dispatch.platform_of("xla") is None
+  with pytest.raises(ValueError, match="target name"):
+    dispatch.resolve("v5p-7")
+  monkeypatch.setenv(dispatch.ENV_VAR, "v5e-8")
+  assert dispatch.resolved_mode() == "v5e-8"
+
+
+def test_a_step_for_a_tpu_target_uses_its_kernels():
+  """Compiled on this CPU host for v5e (backend='v5e-8'), the layer's step carries the TPU
+  kernels with v5e's VMEM limit (96 MiB: 3/4 of 128), not the XLA path or v4's 12 MiB."""
+  spec = ops.LayerSpec(768, 3072, r=32)
+  f32 = jnp.float32
+
+  def step(x, w0, lam, gamma):
+    def loss(lam, gamma):
+      return jnp.sum(ops.apply(x, w0, lam, gamma, bases.traced_seed(0), spec, path="merged",
+                               backend="v5e-8"))
+    return jax.value_and_grad(loss, argnums=(0, 1))(lam, gamma)  # value keeps the forward
+
+  args = (jax.ShapeDtypeStruct((512, 768), jnp.bfloat16), jax.ShapeDtypeStruct((768, 3072), f32),
+          jax.ShapeDtypeStruct(spec.lambda_shape, f32), jax.ShapeDtypeStruct(spec.gamma_shape, f32))
+  text = _export(step, args, "tpu").mlir_module()
+  assert "randlora_delta_fused" in text and "randlora_delta_bwd" in text
+  sizes = {int(v) for v in re.findall(r"scoped_memory_configs.{0,80}?size\\22: (\d+)", text)}
+  assert sizes == {96 << 20}, sizes

@@ -96,7 +96,7 @@ def _tiling(blocks, problem, backend, interpret, chip, basis):
     raise TypeError(f"blocks must be a kernels.tiling.Tiling, got {type(blocks).__name__}")
   # interpret mode runs either layout; check the rules of the layout it runs
   rules = backend if not interpret else ("gpu" if backend == "gpu" else "interpret")
-  limit = chip.vmem_limit_bytes if (chip is not None and not interpret) else None
+  limit = chip.block_memory_limit if (chip is not None and not interpret) else None
   return blocks.check(problem, rules, limit)
 
 

@@ -8,7 +8,12 @@ Every implementation computes the same function from the same hashed bases:
 * ``interpret``: the TPU-layout kernels run by the Pallas interpreter (any backend; tests);
 * ``interpret_gpu``: the GPU-layout kernels run by the Pallas interpreter (tests).
 
-``auto`` picks ``tpu``, ``gpu`` or ``xla`` from `jax.default_backend()`.
+A TARGET name (`randlora_jax.targets`: ``"v5p-64"``, ``"h100"``) is also a mode: the
+compiled kernels of that target's platform, with tiles planned for that chip. This is what
+a step compiled on a CPU host for a TPU or GPU target must use (the host's backend is "cpu").
+
+``auto`` picks ``tpu``, ``gpu`` or ``xla`` from `jax.default_backend()`, or, when a target
+(or platform) is given to `resolve`, the target's own mode.
 Callers (`ops.apply`, the layers) take the mode as an explicit static ``backend`` argument,
 so a jitted function traced with two backends compiles twice. Only when that argument is
 None does the DEFAULT apply: `set_kernel_mode` if set, else the ``RANDLORA_KERNEL``
@@ -26,8 +31,8 @@ from typing import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-from randlora_jax import update
-from randlora_jax.kernels import delta
+from randlora_jax import targets, update
+from randlora_jax.kernels import delta, tiling
 
 MODES = ("auto", "xla", "tpu", "gpu", "interpret", "interpret_gpu")
 ENV_VAR = "RANDLORA_KERNEL"
@@ -36,9 +41,19 @@ _override: str | None = None
 
 
 def _check(mode: str) -> str:
-  if mode not in MODES:
-    raise ValueError(f"kernel mode must be one of {MODES}, got {mode!r}")
-  return mode
+  """A valid mode, target names in their canonical spelling."""
+  if mode in MODES:
+    return mode
+  try:
+    return targets.get(mode).name
+  except (ValueError, TypeError):
+    raise ValueError(f"kernel mode must be one of {MODES} or a target name such as 'v5p-8' "
+                     f"or 'h100', got {mode!r}") from None
+
+
+def target_of(mode: str) -> targets.Target | None:
+  """The target a mode names (None for the generic modes)."""
+  return None if mode in MODES else targets.get(mode)
 
 
 @contextlib.contextmanager
@@ -74,20 +89,42 @@ def resolved_mode() -> str:
   return resolve(kernel_mode())
 
 
-def resolve(mode: str) -> str:
-  """A mode with 'auto' replaced by the implementation for `jax.default_backend()`."""
-  if _check(mode) != "auto":
+def resolve(mode: str, target: targets.Target | str | None = None) -> str:
+  """A mode with 'auto' replaced by the implementation that runs.
+
+  ``target``: what the step is compiled for: a `targets.Target` or target name (-> that
+  target's mode, its name), or a platform ('tpu', 'gpu'/'cuda', 'cpu'); None: the host's
+  `jax.default_backend()`. An explicit mode wins over the target.
+  """
+  mode = _check(mode)
+  if mode != "auto":
     return mode
-  platform = jax.default_backend()
+  if isinstance(target, targets.Target):
+    return target.name
+  platform = jax.default_backend() if target is None else target
   if platform == "tpu":
     return "tpu"
   if platform in ("gpu", "cuda", "rocm"):
     return "gpu"
-  return "xla"
+  if platform == "cpu":
+    return "xla"
+  return targets.get(platform).name  # a target name; ValueError lists the valid forms
+
+
+def platform_of(mode: str) -> str | None:
+  """'tpu' or 'gpu' for a target's mode (what path costs should be weighed for), else None
+  (the host's platform applies)."""
+  target = target_of(_check(mode))
+  return None if target is None else targets.backend_for(target)
 
 
 def kernel_options(mode: str) -> dict:
-  """Keyword arguments of `delta.delta_block` for a non-XLA mode."""
+  """Keyword arguments of `delta.delta_block` for a non-XLA mode (a target's mode adds its
+  chip, so the tiles are planned for it)."""
+  target = target_of(_check(mode))
+  if target is not None:
+    return dict(backend=targets.backend_for(target), interpret=False,
+                chip=tiling.chip_for_target(target))
   return {
       "tpu": dict(backend="tpu", interpret=False),
       "gpu": dict(backend="gpu", interpret=False),

@@ -69,6 +69,14 @@ class Chip:
     its own internal scratch); None off TPU."""
     return (self.vmem_bytes * 3 // 4) if self.platform == "tpu" else None
 
+  @property
+  def block_memory_limit(self) -> int | None:
+    """What one program may hold: the scoped VMEM limit on TPU, the opt-in shared memory
+    per block on GPU (Triton's check), None in interpret mode."""
+    if self.platform == "gpu":
+      return self.vmem_bytes
+    return self.vmem_limit_bytes
+
 
 # Interpret mode on a host CPU: nothing to fit, few big programs are fastest.
 INTERPRET = Chip("interpret", "interpret", 1 << 40, 1e11, 1e10, 1.0, 1, 1.0)
@@ -209,6 +217,10 @@ class Tiling:
         raise ValueError(f"Tiling.{name} must be a positive int, got {v!r}")
     if self.basis not in ("hash", "stream"):
       raise ValueError(f"Tiling.basis must be 'hash' or 'stream', got {self.basis!r}")
+    if not isinstance(self.num_warps, int) or self.num_warps not in (1, 2, 4, 8, 16):
+      raise ValueError(f"Tiling.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+    if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
+      raise ValueError(f"Tiling.num_stages must be an int in [1, 8], got {self.num_stages!r}")
 
   @property
   def k(self) -> int:
@@ -266,6 +278,12 @@ class Tiling:
       nrows = self.big_pad(p, True) // self.bwd_bm
       if nrows % self.bwd_splits:
         raise ValueError(f"bwd_splits={self.bwd_splits} must divide the {nrows} row blocks")
+      if vmem_limit is not None:  # on GPU: shared memory per block
+        for bwd in (False, True):
+          need = gpu_smem(p, self, bwd)
+          if need > vmem_limit:
+            raise ValueError(f"{'backward' if bwd else 'forward'} tiles need {need} B of shared "
+                             f"memory, over the {vmem_limit} B per block")
     elif platform != "interpret":
       raise ValueError(f"platform must be 'tpu', 'gpu' or 'interpret', got {platform!r}")
     return self
@@ -408,32 +426,50 @@ def plan(p: Problem, chip: Chip, *, basis: str | None = None) -> Tiling:
   # GPU: 128 x 256 output tiles at most (the common Hopper config: 8 warps hold a 128x256 f32
   # accumulator at 128 registers per thread), checked against shared memory per SM.
   caps = (1024, 2048) if platform == "tpu" else (128, 256)
-  for b_kind in ((basis,) if basis else ("hash", "stream")):
-    for bm in _block_choices(p.big_l, platform, caps[0] if platform == "tpu" else 128):
-      for bp in _block_choices(p.dl, platform, caps[1]):
-        t = Tiling(bm=bm, bp=bp, rk=rk, tn=tn, bwd_bm=bm, basis=b_kind,
-                   vmem_limit_bytes=limit)
-        if platform == "gpu":
-          t = _gpu_splits(p, t, chip)
-          if gpu_smem(p, t) > chip.vmem_bytes:
+  # GPU: 3 pipeline stages where the tiles fit the shared memory per block, else 2 (the
+  # cost model does not price pipelining, so deeper wins only by being tried first)
+  for stages in ((3, 2) if platform == "gpu" else (3,)):
+    for b_kind in ((basis,) if basis else ("hash", "stream")):
+      for bm in _block_choices(p.big_l, platform, caps[0] if platform == "tpu" else 128):
+        for bp in _block_choices(p.dl, platform, caps[1]):
+          t = Tiling(bm=bm, bp=bp, rk=rk, tn=tn, bwd_bm=bm, basis=b_kind, num_stages=stages,
+                     vmem_limit_bytes=limit)
+          if platform == "gpu":
+            t = _gpu_splits(p, t, chip)
+          try:
+            t.check(p, platform, chip.block_memory_limit)
+          except ValueError:
             continue
-        try:
-          t.check(p, platform)
-        except ValueError:
-          continue
-        cost = predict(p, t, chip) ["total"] + predict(p, t, chip, bwd=True)["total"]
-        key = (cost, -bm * bp)
-        if best is None or key < best[0]:
-          best = (key, t)
+          cost = predict(p, t, chip)["total"] + predict(p, t, chip, bwd=True)["total"]
+          key = (cost, -bm * bp)
+          if best is None or key < best[0]:
+            best = (key, t)
+    if best is not None:
+      break
   if best is None:
     raise ValueError(f"no legal tiling of a ({p.big_l}, {p.dl}) block with r={p.r} fits "
                      f"{chip.name} ({(limit or 0) / MiB:.0f} MiB VMEM limit)")
   return best[1]
 
 
-def gpu_smem(p: Problem, t: Tiling) -> int:
-  """Shared memory of a GPU program: num_stages buffers of the two dot operand tiles."""
-  return t.num_stages * (t.bm * t.k + t.k * t.bp) * p.operand_bytes
+def gpu_smem(p: Problem, t: Tiling, bwd: bool = False) -> int:
+  """Shared memory of one Triton program (bytes), a bound fitted to Triton's own requests.
+
+  Forward: num_stages buffers of the two dot operand tiles. Backward: the row loop's loads
+  are software-pipelined, so num_stages - 1 buffers of the cotangent tile (in its own dtype)
+  and of the streamed basis tile, plus the two dot operands staged in the operand dtype
+  and 1 KiB of barriers. Checked against the compiler's "Shared memory size limit exceeded:
+  requested N" (H100, jax 0.10.2): 768x3072 hash bf16 (bm=128, bp=256, K=64, 3 stages)
+  2*131,072 + 65,536 + 16,384 + 1,024 = 345,088 exactly; 4096x4096 stream bf16 (K=32)
+  requested 278,528, the bound says 352,256 (the staged operands reuse the pipeline
+  buffers there).
+  """
+  ob = p.operand_bytes
+  if not bwd:
+    return t.num_stages * (t.bm * t.k + t.k * t.bp) * ob
+  bm, bp, k = t.bwd_bm, t.bp, t.k
+  loads = bm * bp * p.cot_bytes + (k * bm * ob if t.basis == "stream" else 0)
+  return max(t.num_stages - 1, 1) * loads + (bm * bp + k * bm) * ob + 1024
 
 
 def _gpu_splits(p: Problem, t: Tiling, chip: Chip) -> Tiling:
