@@ -5,6 +5,8 @@ Presets (`configs/commonsense.py:<preset>`):
   qwen2_0_5b  Qwen2-0.5B, RandLoRA-10, one host
   phi3_mini   Phi-3-mini-4k-instruct, FUSED targets qkv_proj / gate_up_proj / down_proj
   llama3_8b   Meta-Llama-3-8B, RandLoRA-30, pod: FSDP over the chips, bf16, remat
+  llama3_70b  Meta-Llama-3-70B's shapes, RandLoRA-64, pod (as llama3_8b); e.g. for
+              `--compile_for=v5p-64` (docs/compile_for.md)
   gemma       a Gemma checkpoint (model.checkpoint gives the size), RandLoRA-30
   demo        a tiny decoder pretrained once on an embedded corpus (cached), fine-tuned by each
               method on an embedded generated commonsense-style set, scored by the paper's
@@ -43,7 +45,8 @@ UNFUSED = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "gate_up_proj", "down_proj")  # Phi-3: the paper's counts match these
 # preset -> (lm.preset, RandLoRA r, targets)
 PRESETS = {"qwen2_0_5b": ("qwen2_0_5b", 10, UNFUSED), "phi3_mini": ("phi3_mini", 30, FUSED),
-           "llama3_8b": ("llama3_8b", 30, UNFUSED), "gemma": ("tiny", 30, UNFUSED)}
+           "llama3_8b": ("llama3_8b", 30, UNFUSED), "llama3_70b": ("llama3_70b", 64, UNFUSED),
+           "gemma": ("tiny", 30, UNFUSED)}
 
 
 def paper_recipe(c):
@@ -59,6 +62,7 @@ def paper_recipe(c):
   c.optim.end_lr_fraction = 0.0
   c.optim.grad_clip = 1.0
   c.batch_size = 16
+  c.eval_batch_size = 16     # validation rows: (batch, cutoff, vocab) f32 logits must fit
   c.num_epochs = 1
   c.lm.cutoff = 256
   c.lm.val_size = 120
@@ -77,7 +81,7 @@ def get_config(preset: str = "qwen2_0_5b"):
   if preset in PRESETS:
     c.lm.preset, c.adapter.r, c.adapter.targets = PRESETS[preset]
     c.adapter.alpha = 2.0 * c.adapter.r
-    if preset == "llama3_8b":
+    if preset in ("llama3_8b", "llama3_70b"):
       c.model.remat = True
       c.mesh.data, c.mesh.fsdp = 1, -1
     return c

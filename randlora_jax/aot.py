@@ -65,6 +65,12 @@ def has_compiler(target: targets.Target) -> bool:
     return False
 
 
+# Deviceless, XLA's Triton GEMM fusions fail their tile search on small f32 dots ("Couldn't
+# find output tile sizes that satisfy hlo"); off, those dots go to cuBLAS (what XLA falls back
+# to anyway). Only the GPU compiler reads it.
+GPU_XLA_FLAGS = "--xla_gpu_enable_triton_gemm=false"
+
+
 def compiler_env(environ=None) -> dict[str, str]:
   """The environment the deviceless compilers need, set before JAX starts a backend: CPU as
   the runtime platform, no TPU metadata server, several libtpu processes allowed."""
@@ -72,6 +78,8 @@ def compiler_env(environ=None) -> dict[str, str]:
   env.setdefault("JAX_PLATFORMS", "cpu")
   env.setdefault("TPU_SKIP_MDS_QUERY", "1")
   env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if GPU_XLA_FLAGS not in env.get("XLA_FLAGS", ""):
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + GPU_XLA_FLAGS).strip()
   return env
 
 
@@ -98,8 +106,7 @@ def reexec_argv(target: targets.Target, argv: Sequence[str], repo: str
 
 def prepare_jax() -> None:
   """Before the first backend starts: CPU runtime, the compilers' environment."""
-  for k, v in compiler_env({}).items():
-    os.environ.setdefault(k, v)
+  os.environ.update(compiler_env())
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_platforms", "cpu")
 
@@ -242,9 +249,7 @@ def _cost(c: _Compiled, target: targets.Target | None, devices: int
       return float(ca["flops"]), float(sec), "the compiler's optimal_seconds"
     flops, nbytes = float(ca["flops"]), float(ca.get("bytes accessed", 0.0))
   else:  # the GPU compiler gives none: the lowered (unpartitioned) module's, per device
-    la = c.lowered.cost_analysis() or {}
-    if isinstance(la, (list, tuple)):
-      la = la[0] if la else {}
+    la = _lowered_cost(c.lowered)
     if la.get("flops") is None:
       return None, None, "no cost analysis"
     flops = float(la["flops"]) / devices
@@ -253,6 +258,19 @@ def _cost(c: _Compiled, target: targets.Target | None, devices: int
     return flops, None, "no target rates"
   sec = max(flops / target.peak_flops_bf16, nbytes / target.hbm_bytes_per_s)
   return flops, sec, "roofline on the target's peak bf16 flops and HBM bandwidth"
+
+
+def _lowered_cost(lowered) -> dict:
+  """XLA's cost analysis of the lowered module before partitioning and optimisation (the
+  whole step, all devices), run by the host's CPU client: the CUDA plugin implements none."""
+  try:
+    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    module = lowered._lowering.hlo().as_hlo_module()  # pylint: disable=protected-access
+    out = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+  except Exception:  # noqa: BLE001  (private API: absent in another jaxlib -> no estimate)
+    return {}
+  return (out[0] if isinstance(out, (list, tuple)) and out else out) or {}
 
 
 def _bytes(tree) -> tuple[int, int]:
@@ -281,7 +299,9 @@ def compile_step(config, target: str | targets.Target, *, devices=None,
   else:
     devices = list(devices)
     compiler = f"host {devices[0].platform} compiler (not the target's)"
-  backend = targets.backend_for(t) if on_target else "xla"
+  from randlora_jax.kernels import dispatch  # pylint: disable=g-import-not-at-top
+  # the target's mode: its platform's kernels with tiles planned for its chip
+  backend = dispatch.resolve("auto", target=t) if on_target else "xla"
   from randlora_jax import tasks  # pylint: disable=g-import-not-at-top
   task = tasks.get(config.task)
 

@@ -35,6 +35,7 @@ _KNOWN_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CONSTANT = re.compile(r"^\s*%?(?P<name>[\w.\-]+) = s(?:32|64)\[\]\S* constant\((?P<v>-?\d+)\)")
 _COMPARE = re.compile(r"^\s*ROOT\s+%?[\w.\-]+ = pred\[\]\S* compare\(%?(?P<a>[\w.\-]+), "
                       r"%?(?P<b>[\w.\-]+)\), direction=(?P<dir>[A-Z]+)")
+_OP_NAME = re.compile(r'op_name="[^"]*?([\w.\-]+)/pallas_call')
 _TARGET = re.compile(r'custom_call_target="(?P<target>[^"]+)"')
 
 
@@ -99,6 +100,9 @@ class Module:
         if not t or t.group("target") not in KERNEL_TARGETS:
           continue
         name = re.sub(r"(\.\d+)+$", "", m.group("name"))
+        op_name = _OP_NAME.search(line)
+        if name in ("pallas_call", "custom-call") and op_name:  # Triton: name from the trace
+          name = op_name.group(1)
         entry = out.setdefault(name, {"kind": KERNEL_TARGETS[t.group("target")], "count": 0,
                                       "runs": 0})
         entry["count"] += 1

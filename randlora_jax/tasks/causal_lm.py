@@ -59,6 +59,7 @@ PRESETS = {
     "qwen2_0_5b": lambda vocab: DecoderConfig.qwen2_0_5b(),
     "phi3_mini": lambda vocab: DecoderConfig.phi3_mini(),
     "llama3_8b": lambda vocab: DecoderConfig.llama3_8b(),
+    "llama3_70b": lambda vocab: DecoderConfig.llama3_70b(),
 }
 HEADS = methods.TaskHeads("causal_lm")  # nothing new, nothing to probe: no method 'head'
 FROZEN_DTYPE = "bfloat16"  # model.frozen_dtype 'auto': an 8B decoder's weights in 16 GB
@@ -361,7 +362,9 @@ def merged_params(params, method: str, adapter_config: dict):
       if "lora_a" not in node:
         return node
       out = {k: v for k, v in node.items() if k not in ("lora_a", "lora_b")}
-      out["kernel"] = node["kernel"] + scale * jnp.matmul(node["lora_a"], node["lora_b"])
+      w = node["kernel"]  # merged in float32, kept in the frozen weights' dtype (bf16: 16 GB)
+      out["kernel"] = (w.astype(jnp.float32) + scale * jnp.matmul(
+          node["lora_a"], node["lora_b"])).astype(w.dtype)
       return out
 
     return jax.jit(lambda p: tree_lib.map_nodes(p, fold))(params)

@@ -248,7 +248,7 @@ register(
 )
 
 # The causal-LM fields (task causal_lm, randlora_jax/tasks/causal_lm.py).
-LM_PRESETS = ("tiny", "qwen2_0_5b", "phi3_mini", "llama3_8b")
+LM_PRESETS = ("tiny", "qwen2_0_5b", "phi3_mini", "llama3_8b", "llama3_70b")
 LM_EVAL_TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy",
                  "ARC-Challenge", "openbookqa")
 register(
