@@ -64,5 +64,12 @@ bench: $(TEST_STAMP)
 	$(BIN)/python bench/kernel.py
 	$(BIN)/python bench/train_step.py --model vit_b16 --batch 8 --repeats 2
 
+# Compile a run's training step for a TPU slice or GPU this host lacks (docs/compile_for.md):
+#   make compile-for CONFIG=configs/commonsense.py:llama3_8b TARGET=v5p-8
+# train.py re-executes itself under .venvs/tpu or .venvs/gpu (the target's compiler).
+.PHONY: compile-for
+compile-for: $(TRAIN_STAMP)
+	$(BIN)/python train.py --config=$(CONFIG) --compile_for=$(TARGET) $(ARGS)
+
 clean:
 	rm -rf $(VENV)

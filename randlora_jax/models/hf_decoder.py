@@ -344,6 +344,12 @@ def init_leaves(cfg: DecoderConfig, dense, paths, *, mesh: jax.sharding.Mesh | N
   """The leaves `paths` of `Decoder(cfg, dense)`'s own init (key 0), and nothing else: the
   other leaves' initialisers are dead code that XLA removes, so an 8B model's frozen weights
   are never formed. With `mesh`, created in place with their rule-given shardings."""
+  return leaves_initializer(cfg, dense, paths, mesh=mesh, rules=rules)()
+
+
+def leaves_initializer(cfg: DecoderConfig, dense, paths, *,
+                       mesh: jax.sharding.Mesh | None = None, rules=DECODER_RULES):
+  """The jitted function `init_leaves` calls: () -> {path: leaf}."""
   model, ids = Decoder(cfg, dense), jnp.zeros((1, 1), jnp.int32)
   paths = list(paths)
 
@@ -356,7 +362,7 @@ def init_leaves(cfg: DecoderConfig, dense, paths, *, mesh: jax.sharding.Mesh | N
     shapes = jax.eval_shape(init)
     out_sh = {p: NamedSharding(mesh, sharding_lib.spec_for(p, shapes[p].shape, mesh, rules))
               for p in paths}
-  return jax.jit(init, out_shardings=out_sh)()
+  return jax.jit(init, out_shardings=out_sh)
 
 
 # ----------------------------------------------------------------------------------------------
