@@ -106,6 +106,31 @@ def test_missing_side_venv_names_the_make_target(tmp_path, monkeypatch):
   assert env["JAX_PLATFORMS"] == "cpu" and env["RANDLORA_AOT_REEXEC"] == "1"
 
 
+def test_abstract_llama3_8b_run_holds_bf16_frozen_weights_split_over_fsdp():
+  """configs/commonsense.py:llama3_8b's experiment, abstract (nothing allocated): frozen
+  weights in bf16 by default (model.frozen_dtype 'auto' = the compute dtype), split over the
+  fsdp axis; the adapters float32."""
+  import jax
+  import numpy as np
+  import trainer_configs
+  from randlora_jax import sharding, tasks
+
+  mesh = sharding.make_mesh(data=1, fsdp=8)
+  config = trainer_configs.load("commonsense", "llama3_8b", **{"mesh.fsdp": 8})
+  exp = tasks.get("causal_lm").abstract_build(config, mesh)
+  frozen = [x for x in jax.tree.leaves(exp.frozen) if x is not None]
+  assert {x.dtype for x in frozen} == {np.dtype("bfloat16")}
+  assert sum(x.size for x in frozen) == 8_030_261_248  # Meta-Llama-3-8B's parameter count
+  q = exp.frozen["layers"]["q_proj"]["kernel"]
+  assert q.shape == (32, 4096, 4096) and q.sharding.spec == jax.sharding.PartitionSpec(
+      None, "fsdp", None)
+  assert {x.dtype for x in jax.tree.leaves(exp.state.trainable)} == {np.dtype("float32")}
+  config.model.frozen_dtype = "float32"
+  exp = tasks.get("causal_lm").abstract_build(config, mesh, {"layers": 1})
+  assert {x.dtype for x in jax.tree.leaves(exp.frozen)} == {np.dtype("float32")}
+  assert exp.frozen["layers"]["q_proj"]["kernel"].shape == (1, 4096, 4096)
+
+
 # ----------------------------------------------------------------------------- the TPU compiler
 
 

@@ -62,7 +62,12 @@ PRESETS = {
     "llama3_70b": lambda vocab: DecoderConfig.llama3_70b(),
 }
 HEADS = methods.TaskHeads("causal_lm")  # nothing new, nothing to probe: no method 'head'
-FROZEN_DTYPE = "bfloat16"  # model.frozen_dtype 'auto': an 8B decoder's weights in 16 GB
+
+
+def frozen_dtype(config):
+  """``model.frozen_dtype``, 'auto' being the compute dtype: the frozen weights are only ever
+  used cast to it (bf16 in the LLM presets: an 8B decoder's weights in 16 GB, not 32)."""
+  return setup_lib.frozen_dtype(config, config.model.dtype)
 
 
 def _compute(config) -> dict:
@@ -191,11 +196,11 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   tok = _tokenizer(config, train_records, checkpoint)
 
   dense = setup_lib.dense_factory(config)
-  frozen_dtype = setup_lib.frozen_dtype(config, FROZEN_DTYPE)
+  fdtype = frozen_dtype(config)
   loaded = None
   if checkpoint:
     # Read straight into the frozen weights' dtype (full fine-tuning trains float32).
-    read_dtype = jnp.float32 if methods.get(config.method).trains_all else frozen_dtype
+    read_dtype = jnp.float32 if methods.get(config.method).trains_all else fdtype
     try:
       dcfg, loaded = hf_decoder.load_decoder(checkpoint, mesh=mesh, param_dtype=read_dtype,
                                              **_compute(config))
@@ -226,7 +231,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   mask = optim.trainable_mask(params, patterns, defaults=False)
   trainable, frozen = optim.partition(params, mask)
   trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)  # a bf16 checkpoint
-  frozen = setup_lib.cast_frozen(frozen, frozen_dtype)
+  frozen = setup_lib.cast_frozen(frozen, fdtype)
   trainable_sh, frozen_sh = optim.partition(param_sh, mask)  # the shardings, split alike
 
   source_cls = data_lib.PackedSource if lm.packing else data_lib.TokenizedSource
@@ -285,7 +290,7 @@ def abstract_build(config, mesh, depth: dict[str, int] | None = None) -> LMExper
   tx = step_lib.make_optimizer(schedule, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
   return setup_lib.abstract_experiment(
       LMExperiment, config, mesh, model, params, patterns, tx, schedule,
-      rules=hf_decoder.DECODER_RULES, frozen=setup_lib.frozen_dtype(config, FROZEN_DTYPE),
+      rules=hf_decoder.DECODER_RULES, frozen=frozen_dtype(config),
       vit_config=None, decoder_config=dcfg, tokenizer=None, val_source=None, eval_tasks={})
 
 
