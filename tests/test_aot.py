@@ -131,6 +131,35 @@ def test_abstract_llama3_8b_run_holds_bf16_frozen_weights_split_over_fsdp():
   assert exp.frozen["layers"]["q_proj"]["kernel"].shape == (1, 4096, 4096)
 
 
+@pytest.mark.parametrize("task", ["classification", "causal_lm"])
+def test_abstract_build_lowers_to_the_trained_step(task, tmp_path):
+  """What aot compiles is what train.py runs: the step of `build`'s experiment (real arrays)
+  and of `abstract_build`'s (shapes only) lower to the same program on 8 CPU devices."""
+  import trainer_configs
+  from randlora_jax import sharding, tasks
+  from randlora_jax.data import commonsense_synth
+  from randlora_jax.train import loop
+
+  if task == "causal_lm":
+    commonsense_synth.write(str(tmp_path), n_train=24, n_test=4)
+    config = trainer_configs.load("commonsense", "tiny", **{
+        "lm.train_file": str(tmp_path / "train.json"),
+        "mesh.data": 2, "mesh.fsdp": 4})
+  else:
+    config = trainer_configs.load("tiny", **{"mesh.data": 2, "mesh.fsdp": 4})
+  t = tasks.get(task)
+  mesh = sharding.make_mesh(2, 4)
+  exp = t.build(config, mesh=mesh)
+  if task == "causal_lm":  # the BPE trained on the data has its own size: use it abstractly
+    config.lm.vocab_size = exp.decoder_config.vocab_size
+  abstract = t.abstract_build(config, mesh)
+  batch = t.batch_spec(abstract)
+  real = loop.jit_train_step(t, exp).lower(exp.state, exp.frozen, batch).as_text()
+  shapes = loop.jit_train_step(t, abstract).lower(abstract.state, abstract.frozen,
+                                                  batch).as_text()
+  assert real == shapes
+
+
 # ----------------------------------------------------------------------------- the TPU compiler
 
 

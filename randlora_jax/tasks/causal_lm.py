@@ -195,7 +195,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   eval_tasks = read_eval_tasks(config, eval_dir)
   tok = _tokenizer(config, train_records, checkpoint)
 
-  dense = setup_lib.dense_factory(config)
+  dense = setup_lib.dense_factory(config, mesh)  # the layers keep their per-device boundary
   fdtype = frozen_dtype(config)
   loaded = None
   if checkpoint:

@@ -182,7 +182,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
       jax.random.key(0), images, ids))["params"]
   setup_lib.check_targets(config, plain_abstract)
 
-  model = clip_lib.CLIP(ccfg, setup_lib.dense_factory(config))
+  model = clip_lib.CLIP(ccfg, setup_lib.dense_factory(config, mesh))
   init = lambda key: model.init(key, images, ids)["params"]
   param_sh = sharding.shardings(jax.eval_shape(init, jax.random.key(config.seed)), mesh)
   params = jax.jit(init, out_shardings=param_sh)(jax.random.key(config.seed))
