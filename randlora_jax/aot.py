@@ -281,12 +281,13 @@ def _bytes(tree) -> tuple[int, int]:
 
 
 def compile_step(config, target: str | targets.Target, *, devices=None,
-                 per_layer: bool = True) -> Report:
+                 per_layer: bool = True, hlo_path: str | None = None) -> Report:
   """Compiles `config`'s training step for `target` (a name: 'v5p-64', 'v5e-8', 'h100', ...)
   and reports what its compiler says (see the module docstring).
 
   `devices`: compile for these devices instead of the target's abstract ones (e.g. this host's
-  CPU devices; the target then only supplies the HBM size and the kernel backend)."""
+  CPU devices; the target then only supplies the HBM size and the kernel backend).
+  `hlo_path`: also write the compiled (partitioned) HLO text there."""
   t = get_target(target) if isinstance(target, str) else target
   on_target = devices is None
   if on_target:
@@ -308,13 +309,17 @@ def compile_step(config, target: str | targets.Target, *, devices=None,
   main = _compile(config, devices, backend)
   exp = main.exp
   text = main.compiled.as_text()
+  if hlo_path:
+    with open(hlo_path, "w") as f:
+      f.write(text)
   depths = task.depths(exp)
   module = hlo.parse(text, default_trip_count=(max(depths.values()) if len(depths) == 1
                                                else None))
   notes = []
   if module.unknown_loops:
-    notes.append(f"loops without a readable trip count (counted "
-                 f"{max(depths.values()) if len(depths) == 1 else 1}x): {module.unknown_loops}")
+    notes.append(f"loops without a readable trip count: {module.unknown_loops}; counted "
+                 f"{max(depths.values()) if len(depths) == 1 else 1}x at the top level, once "
+                 f"per run inside another loop: their collectives may be undercounted")
   ma = main.compiled.memory_analysis()
   memory = {f: int(getattr(ma, f)) for f in _MEMORY_FIELDS}
   peak = (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"]

@@ -3,9 +3,10 @@ collectives with how many times each runs, and the kernels (custom calls) it con
 
 Loop bodies (an `nn.scan` over layers) run their trip count times. XLA:CPU writes that count on
 the while instruction (``"known_trip_count":{"n":"5"}``); the TPU compiler does not, so it is
-read from the loop's condition computation (``compare(i, constant(N)), direction=LT``), and a
-loop whose count neither gives is counted with ``default_trip_count`` (e.g. the scan length the
-caller compiled) or else once, and listed in `Module.unknown_loops`.
+read from the loop's condition computation (``compare(i, constant(N)), direction=LT``, also
+inside a fusion the condition calls). A loop whose count neither gives is listed in
+`Module.unknown_loops` and counted ``default_trip_count`` times (e.g. the scan length the caller
+compiled) when it is not inside another loop, else once per run of its enclosing loop.
 
 A leaf: imports only numpy and the standard library.
 """
@@ -32,7 +33,10 @@ _CALLEE = re.compile(r"\b(?P<kind>body|condition|calls|to_apply|branch_computati
                      r"true_computation|false_computation)="
                      r"(?:\{(?P<list>[^}]*)\}|%?(?P<one>[\w.\-]+))")
 _KNOWN_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_CONSTANT = re.compile(r"^\s*%?(?P<name>[\w.\-]+) = s(?:32|64)\[\]\S* constant\((?P<v>-?\d+)\)")
+_CONSTANT = re.compile(r"^\s*%?(?P<name>[\w.\-]+) = [su](?:32|64)\[\]\S* constant\((?P<v>-?\d+)\)")
+_PARAM = re.compile(r"^\s*%?(?P<name>[\w.\-]+) = \S+ parameter\((?P<i>\d+)\)")
+_ROOT_FUSION = re.compile(r"^\s*ROOT\s+%?[\w.\-]+ = pred\[\]\S* fusion\((?P<args>[^)]*)\).*"
+                          r"\bcalls=%?(?P<callee>[\w.\-]+)")
 _COMPARE = re.compile(r"^\s*ROOT\s+%?[\w.\-]+ = pred\[\]\S* compare\(%?(?P<a>[\w.\-]+), "
                       r"%?(?P<b>[\w.\-]+)\), direction=(?P<dir>[A-Z]+)")
 _OP_NAME = re.compile(r'op_name="[^"]*?([\w.\-]+)/pallas_call')
@@ -129,10 +133,21 @@ def _split(hlo_text: str) -> tuple[dict[str, list[str]], str]:
   return comps, entry or next(iter(comps))
 
 
-def condition_trip_count(lines: list[str]) -> int | None:
+def condition_trip_count(lines: list[str], computations: dict[str, list[str]] | None = None,
+                         outer: dict[str, int] | None = None) -> int | None:
   """N of a counted loop's condition ``i < N`` (``N > i``, ``i <= N - 1``), counting from 0
-  as `lax.scan` / `fori_loop` lower; None when the condition is not of that form."""
+  as `lax.scan` / `fori_loop` lower, also where the compare sits in a fusion the condition
+  calls (`computations` holds it); None when the condition is not of that form."""
   consts = {m.group("name"): int(m.group("v")) for m in map(_CONSTANT.match, lines) if m}
+  if outer:  # a fused computation: its parameters are the caller's operands
+    params = {m.group("name"): int(m.group("i")) for m in map(_PARAM.match, lines) if m}
+    consts.update({p: outer[i] for p, i in params.items() if i in outer})
+  for line in lines:
+    m = _ROOT_FUSION.match(line)
+    if m and computations and m.group("callee") in computations:
+      args = [a.strip().lstrip("%") for a in m.group("args").split(",")]
+      known = {i: consts[a] for i, a in enumerate(args) if a in consts}
+      return condition_trip_count(computations[m.group("callee")], computations, known)
   for line in lines:
     m = _COMPARE.match(line)
     if not m:
@@ -171,11 +186,14 @@ def parse(hlo_text: str, default_trip_count: int | None = None) -> Module:
         known = _KNOWN_TRIP.search(line)
         cond = re.search(r"\bcondition=%?([\w.\-]+)", line)
         n = int(known.group(1)) if known else (
-            condition_trip_count(comps.get(cond.group(1), [])) if cond else None)
+            condition_trip_count(comps.get(cond.group(1), []), comps) if cond else None)
         trips[iname] = n
         if n is None:
-          unknown.append(iname)
-          n = default_trip_count or 1
+          if iname not in unknown:
+            unknown.append(iname)
+          # the caller's scan length for a top-level loop; a loop inside another loop (XLA's
+          # own, e.g. a decomposed collective matmul) is not a layer loop: once per run
+          n = (default_trip_count or 1) if times == 1 else 1
         trip = n
       for m in _CALLEE.finditer(line):
         for callee in (m.group("list") or m.group("one")).split(","):

@@ -81,6 +81,56 @@ def test_unreadable_trip_count_falls_back_to_the_given_length():
       ["  %c = s32[] constant(5)", "  ROOT %r = pred[] compare(%c, %i), direction=GT"]) == 5
 
 
+def test_trip_count_of_a_fused_condition_and_nested_unknown_loops():
+  fused = """\
+%fused_lt (param_0: s32[], param_1: s32[]) -> pred[] {
+  %param_0 = s32[]{:T(128)} parameter(0)
+  %param_1 = s32[]{:T(128)} parameter(1)
+  ROOT %lt.1 = pred[]{:T(512)} compare(%param_0, %param_1), direction=LT
+}
+
+%cond (p: (s32[], f32[1,6], s32[])) -> pred[] {
+  %p = (s32[]{:T(128)}, f32[1,6]{1,0:T(1,128)}, s32[]{:T(128)}) parameter(0)
+  %n = s32[]{:T(128)} constant(12)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %f = pred[]{:T(512)} fusion(%i, %n), kind=kLoop, calls=%fused_lt
+}
+"""
+  text = TPU_SCAN_HLO.replace("%wide.region_2.3_spmd (", "%unused_cond (").replace(
+      "condition=%wide.region_2.3_spmd", "condition=%cond")
+  m = hlo.parse(fused + text)
+  assert m.trip_counts == {"while.10": 12} and m.collective_bytes()["all-reduce"] == 12 * 24
+  # an unreadable loop inside a counted one runs once per outer iteration, and is listed
+  inner = TPU_SCAN_HLO.replace("direction=LT", "direction=NE").replace(
+      "ENTRY %main.5_spmd", "%inner_main")
+  outer = f"""\
+%outer_body (q: (s32[], f32[1,6])) -> (s32[], f32[1,6]) {{
+  %q = (s32[]{{:T(128)}}, f32[1,6]{{1,0}}) parameter(0)
+  %x = f32[1,6]{{1,0}} get-tuple-element(%q), index=1
+  %y = f32[1,6]{{1,0}} call(%x), to_apply=%inner_main
+  ROOT %t = (s32[]{{:T(128)}}, f32[1,6]{{1,0}}) tuple(%x, %y)
+}}
+
+%outer_cond (q: (s32[], f32[1,6])) -> pred[] {{
+  %q = (s32[]{{:T(128)}}, f32[1,6]{{1,0}}) parameter(0)
+  %c = s32[]{{:T(128)}} constant(3)
+  %j = s32[]{{:T(128)}} get-tuple-element(%q), index=0
+  ROOT %lt = pred[]{{:T(512)}} compare(%j, %c), direction=LT
+}}
+
+ENTRY %main (a: f32[1,6]) -> f32[1,6] {{
+  %a = f32[1,6]{{1,0}} parameter(0)
+  %z = s32[]{{:T(128)}} constant(0)
+  %t0 = (s32[]{{:T(128)}}, f32[1,6]{{1,0}}) tuple(%z, %a)
+  %w = (s32[]{{:T(128)}}, f32[1,6]{{1,0}}) while(%t0), condition=%outer_cond, body=%outer_body
+  ROOT %r = f32[1,6]{{1,0}} get-tuple-element(%w), index=1
+}}
+"""
+  m = hlo.parse(inner + outer, default_trip_count=80)
+  assert m.trip_counts == {"w": 3, "while.10": None} and m.unknown_loops == ["while.10"]
+  assert m.collective_bytes()["all-reduce"] == 3 * 1 * 24
+
+
 def test_unknown_target_is_one_line_listing_the_names():
   with pytest.raises(aot.AotError) as e:
     aot.get_target("v9z-8")
