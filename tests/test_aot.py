@@ -76,6 +76,10 @@ def test_unreadable_trip_count_falls_back_to_the_given_length():
     assert hlo.condition_trip_count(
         ["  %c = s32[] constant(5)",
          f"  ROOT %r = pred[] compare(%i, %c), direction={direction}"]) == n
+  # a u32 counter (XLA's own loops, e.g. a decomposed matmul on 32 v5p chips)
+  assert hlo.condition_trip_count(
+      ["  %c = u32[]{:T(128)} constant(16)",
+       "  ROOT %r = pred[]{:T(512)} compare(%i, %c), direction=LT"]) == 16
   # the constant first: 5 > i
   assert hlo.condition_trip_count(
       ["  %c = s32[] constant(5)", "  ROOT %r = pred[] compare(%c, %i), direction=GT"]) == 5
