@@ -34,8 +34,9 @@ from typing import Any, Sequence
 
 from randlora_jax import hlo, targets
 
-# target platform -> the side venv holding its compiler (relative to the repository root)
-SIDE_VENVS = {"tpu": ".venvs/tpu", "cuda": ".venvs/gpu"}
+# target platform -> the side venv holding its compiler, under $RANDLORA_SIDE_VENVS (what
+# `make side-venvs` exports) or the repository's .venvs/
+SIDE_VENVS = {"tpu": "tpu", "cuda": "gpu"}
 SIDE_VENV_TARGET = "make side-venvs"
 _COMPILER_MODULE = {"tpu": "libtpu", "cuda": "jax_plugins.xla_cuda12"}
 _REEXEC_GUARD = "RANDLORA_AOT_REEXEC"
@@ -83,13 +84,19 @@ def compiler_env(environ=None) -> dict[str, str]:
   return env
 
 
+def side_venv(platform: str, repo: str) -> str:
+  """The side venv of a platform's compiler ('tpu' | 'cuda')."""
+  root = os.environ.get("RANDLORA_SIDE_VENVS") or os.path.join(repo, ".venvs")
+  return os.path.join(root, SIDE_VENVS[platform])
+
+
 def reexec_argv(target: targets.Target, argv: Sequence[str], repo: str
                 ) -> tuple[str, list[str], dict[str, str]]:
   """(executable, argv, environment) that rerun `argv` under the side venv of `target`'s
   compiler with the repository on PYTHONPATH; AotError (one line: the make target that
   creates it) when that venv is missing, or when this already is the re-executed process."""
-  venv = SIDE_VENVS[target.platform]
-  python = os.path.join(repo, venv, "bin", "python")
+  venv = side_venv(target.platform, repo)
+  python = os.path.join(venv, "bin", "python")
   if os.environ.get(_REEXEC_GUARD):
     raise AotError(f"--compile_for={target.name}: {sys.executable} lacks the {target.platform} "
                    f"compiler ({_COMPILER_MODULE[target.platform]}); recreate {venv} with "

@@ -14,7 +14,7 @@ from randlora_jax import aot, hlo, targets
 import xla_env
 
 ROOT = xla_env.ROOT
-TPU_PYTHON = os.path.join(ROOT, aot.SIDE_VENVS["tpu"], "bin", "python")
+TPU_PYTHON = os.path.join(aot.side_venv("tpu", ROOT), "bin", "python")
 
 # A TPU-compiled scan (libtpu 0.0.42.1, v5e 2x2: `lax.scan` of length 5 around a psum of
 # f32[1, 6] under shard_map), trimmed to the lines that matter: no known_trip_count anywhere;
@@ -151,6 +151,7 @@ def test_unknown_target_is_one_line_listing_the_names():
 
 def test_missing_side_venv_names_the_make_target(tmp_path, monkeypatch):
   monkeypatch.delenv("RANDLORA_AOT_REEXEC", raising=False)
+  monkeypatch.delenv("RANDLORA_SIDE_VENVS", raising=False)
   with pytest.raises(aot.AotError, match="make side-venvs") as e:
     aot.reexec_argv(targets.get("v5p-64"), ["train.py"], str(tmp_path))
   assert "\n" not in str(e.value)
