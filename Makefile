@@ -9,8 +9,20 @@ BIN := $(VENV)/bin
 HASH := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 TRAIN_STAMP := $(VENV)/.installed-train-$(HASH)
 TEST_STAMP := $(VENV)/.installed-test-$(HASH)
+# Side venvs with the REAL accelerator compilers, never in the main venv (with libtpu present
+# `import jax` tries a TPU first): libtpu (deviceless TPU AOT) and XLA's CUDA plugin + ptxas
+# (GPU AOT from a target description). tests/test_kernel_compile.py runs them; see
+# docs/kernels.md. Each has a stamp named by a checksum of its pins: an edit reinstalls.
+SIDE_VENVS ?= .venvs
+SIDE_COMMON := flax==0.12.8 optax==0.2.8 ml_collections==1.1.0
+TPU_PINS := jax[tpu]==0.10.2 $(SIDE_COMMON)
+GPU_PINS := jax==0.10.2 jaxlib==0.10.2 jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2 \
+	nvidia-cuda-nvcc-cu12==12.9.86 $(SIDE_COMMON)
+TPU_STAMP := $(SIDE_VENVS)/tpu/.installed-$(shell echo '$(TPU_PINS)' | cksum | cut -d' ' -f1)
+GPU_STAMP := $(SIDE_VENVS)/gpu/.installed-$(shell echo '$(GPU_PINS)' | cksum | cut -d' ' -f1)
+export RANDLORA_SIDE_VENVS := $(abspath $(SIDE_VENVS))
 
-.PHONY: demo demo-vl demo-llm test test-fast test-clients bench clean venv
+.PHONY: demo demo-vl demo-llm test test-fast test-clients bench clean venv side-venvs
 
 venv: $(TEST_STAMP)
 
@@ -26,6 +38,20 @@ $(TEST_STAMP): $(TRAIN_STAMP)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[train,test]'
 	rm -f $(VENV)/.installed-test-*
+	touch $@
+
+side-venvs: $(TPU_STAMP) $(GPU_STAMP)
+
+$(TPU_STAMP):
+	test -x $(SIDE_VENVS)/tpu/bin/python || $(PY) -m venv $(SIDE_VENVS)/tpu
+	$(SIDE_VENVS)/tpu/bin/python -m pip install -q $(TPU_PINS:jax[tpu]%='jax[tpu]%')
+	rm -f $(SIDE_VENVS)/tpu/.installed-*
+	touch $@
+
+$(GPU_STAMP):
+	test -x $(SIDE_VENVS)/gpu/bin/python || $(PY) -m venv $(SIDE_VENVS)/gpu
+	$(SIDE_VENVS)/gpu/bin/python -m pip install -q $(GPU_PINS)
+	rm -f $(SIDE_VENVS)/gpu/.installed-*
 	touch $@
 
 # The demo starts afresh each time (a kept workdir would resume its finished runs); the
@@ -46,7 +72,7 @@ demo-llm: $(TRAIN_STAMP)
 	rm -rf runs/llm_demo
 	$(BIN)/python train.py --config=configs/commonsense.py:demo --workdir=runs/llm_demo
 
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) $(TPU_STAMP) $(GPU_STAMP)
 	$(BIN)/python -m pytest -n 2 -q
 
 # Third-party clients that cannot share the main venv (transformers 4 Flax models, Tunix's
@@ -57,7 +83,7 @@ test-clients:
 	.venvs/tunix/bin/python -m pytest tests_clients/test_tunix.py -q
 	.venvs/tf4/bin/python -m pytest tests_clients/test_transformers4.py -q
 
-test-fast: $(TEST_STAMP)
+test-fast: $(TEST_STAMP) $(TPU_STAMP) $(GPU_STAMP)
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 
 bench: $(TEST_STAMP)

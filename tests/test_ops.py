@@ -229,7 +229,8 @@ def _project_imports(path):
 
 
 def test_kernels_import_only_the_leaf_math():
-  """No cycle: importing the kernels loads only bases and update; ops imports them on top."""
+  """No cycle: importing the kernels loads only bases, update and the targets registry (a
+  leaf); ops imports them on top."""
   code = ("import sys, randlora_jax.kernels.delta, randlora_jax.kernels.dispatch; "
           "print(sorted(m for m in sys.modules if m.startswith('randlora_jax')))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -237,13 +238,16 @@ def test_kernels_import_only_the_leaf_math():
   assert set(ast.literal_eval(out.strip().splitlines()[-1])) == {
       "randlora_jax", "randlora_jax.bases", "randlora_jax.update", "randlora_jax.kernels",
       "randlora_jax.kernels.delta", "randlora_jax.kernels.dispatch",
-      "randlora_jax.kernels.tiling"}
+      "randlora_jax.kernels.tiling", "randlora_jax.targets"}
   within = lambda names, mods: all(any(n == m or n.startswith(m + ".") for m in mods)
                                    for n in names)
-  for name in ("__init__", "delta", "dispatch", "tiling"):
+  for name in ("__init__", "delta", "dispatch", "tiling", "compile_check"):
     top, nested = _project_imports(os.path.join(ROOT, "randlora_jax", "kernels", f"{name}.py"))
     assert within(top | nested, ("randlora_jax.bases", "randlora_jax.update",
-                                 "randlora_jax.kernels")), (name, top | nested)
+                                 "randlora_jax.kernels", "randlora_jax.targets")), (
+                                     name, top | nested)
+  top, nested = _project_imports(os.path.join(ROOT, "randlora_jax", "targets.py"))
+  assert not top | nested  # the registry is a leaf
   top, nested = _project_imports(os.path.join(ROOT, "randlora_jax", "update.py"))
   assert top | nested == {"randlora_jax.bases"}
   top, nested = _project_imports(os.path.join(ROOT, "randlora_jax", "ops.py"))

@@ -4,6 +4,8 @@ Pure Python here (the main venv has no TPU/GPU compiler); `test_kernel_compile.p
 the abstract devices with the real compilers in the side venvs."""
 
 import dataclasses
+import pathlib
+import re
 
 import pytest
 
@@ -93,3 +95,13 @@ def test_tiling_reads_the_registry():
   assert tiling.chip_for("NVIDIA RTX 9000").vmem_bytes == 232_448  # unknown NVIDIA: as H100
   with pytest.raises(ValueError):
     tiling.chip_for("TPU v9")
+
+
+def test_docs_kernels_blocks_run():
+  """docs/kernels.md's tested python blocks run as written."""
+  text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "kernels.md").read_text()
+  blocks = re.findall(r"<!-- tested \(tests/test_targets.py\) -->\s*```python\n(.*?)```", text,
+                      flags=re.S)
+  assert blocks
+  for i, block in enumerate(blocks):
+    exec(compile(block, f"docs/kernels.md[{i}]", "exec"), {"__name__": "docs_kernels"})

@@ -39,8 +39,11 @@ def _first_line(e: BaseException) -> str:
   return text.splitlines()[0][:400]
 
 
-def check(target_name: str, shapes=None, kernels=KERNELS, precisions=PRECISIONS) -> dict:
-  """{"<kernel> <in>x<out> <precision>": "ok" | error} for one target."""
+def check(target_name: str, shapes=None, kernels=KERNELS, precisions=PRECISIONS,
+          generic: bool = False) -> dict:
+  """{"<kernel> <in>x<out> <precision>": "ok" | error} for one target. ``generic``: plan
+  with the platform's generic mode ('tpu' / 'gpu': v4 / H100 tiles on a CPU host), as a
+  step did before dispatch followed the target."""
   import jax
   import jax.numpy as jnp
 
@@ -51,12 +54,16 @@ def check(target_name: str, shapes=None, kernels=KERNELS, precisions=PRECISIONS)
   device = targets.abstract_devices(target)[0]
   mesh = jax.sharding.Mesh([device], ("d",))
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  opts = dispatch.kernel_options(dispatch.resolve("auto", target=target))
+  mode = (targets.backend_for(target) if generic else
+          dispatch.resolve("auto", target=target))
+  opts = dispatch.kernel_options(mode)
 
   def sds(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
 
-  marker = "tpu_custom_call" if target.platform == "tpu" else "triton"
+  # the custom call each compiled Pallas kernel becomes (Mosaic / Triton)
+  marker = 'custom_call_target="' + (
+      "tpu_custom_call" if target.platform == "tpu" else "__gpu$xla.gpu.triton")
 
   def compile_(fn, args, n):
     """'ok', or the first error line; 'ok' only if the n kernels are in the executable."""
@@ -64,8 +71,7 @@ def check(target_name: str, shapes=None, kernels=KERNELS, precisions=PRECISIONS)
       text = jax.jit(fn).lower(*args).compile().as_text() or ""
     except Exception as e:  # a compile failure is a result, not a crash
       return _first_line(e)
-    found = text.count(f'custom_call_target="{marker}') if target.platform == "tpu" else (
-        text.count("__triton"))
+    found = text.count(marker)
     return "ok" if found >= n else f"{found} of {n} Pallas kernels in the compiled module"
 
   out = {}
@@ -94,6 +100,49 @@ def check(target_name: str, shapes=None, kernels=KERNELS, precisions=PRECISIONS)
   return out
 
 
+# Known-bad plans, compiled without our own pre-check, to show the compilers check memory:
+# GPU: the H100 backward tiles main (aa65a42) planned for 768 x 3072; TPU: a 512 x 512 block
+# under a 1 MiB scoped-VMEM limit.
+CONTROL_SHAPE = (768, 3072)
+GPU_CONTROL = dict(bm=128, bp=256, rk=8, tn=8, bwd_bm=128, basis="hash", splits=2,
+                   bwd_splits=4, num_stages=3)
+TPU_CONTROL = dict(bm=512, bp=512, rk=8, tn=32, bwd_bm=512, vmem_limit_bytes=1 << 20)
+
+
+def control(target_name: str) -> str:
+  """The compiler's error for a plan that cannot fit ('compiled' if it wrongly does)."""
+  import jax
+  import jax.numpy as jnp
+
+  from randlora_jax import targets, update
+  from randlora_jax.kernels import delta, tiling
+
+  target = targets.get(target_name)
+  device = targets.abstract_devices(target)[0]
+  mesh = jax.sharding.Mesh([device], ("d",))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  spec = update.LayerSpec(*CONTROL_SHAPE, r=32)
+  args = [jax.ShapeDtypeStruct(s, d, sharding=rep) for s, d in (
+      (CONTROL_SHAPE, jnp.float32), (spec.lambda_shape, jnp.float32),
+      (spec.gamma_shape, jnp.float32), ((), jnp.uint32))]
+  gpu = target.platform == "cuda"
+  t = tiling.Tiling(**(GPU_CONTROL if gpu else TPU_CONTROL))
+  backend = targets.backend_for(target)
+  if gpu:
+    fn = lambda c, l, g, s: delta.delta_block_bwd(c, l, g, s, spec, backend=backend, blocks=t)
+  else:
+    fn = lambda c, l, g, s: delta.delta_block(l, g, s, spec, backend=backend, blocks=t)
+  own_check = tiling.working_set
+  tiling.working_set = lambda *a: 0  # the compiler, not our VMEM model, must refuse it
+  try:
+    jax.jit(fn).lower(*args).compile()
+  except Exception as e:
+    return _first_line(e)
+  finally:
+    tiling.working_set = own_check
+  return "compiled"
+
+
 def _kernel(kind, spec, precision, opts, w0, cot, lam, gamma, seed):
   from randlora_jax.kernels import delta
 
@@ -110,6 +159,10 @@ def main(argv=None):
   ap.add_argument("--shapes", default="", help="e.g. 768x768,4096x14336 (default: all)")
   ap.add_argument("--kernels", default=",".join(KERNELS))
   ap.add_argument("--precisions", default=",".join(PRECISIONS))
+  ap.add_argument("--generic", action="store_true",
+                  help="plan with the generic 'tpu'/'gpu' mode instead of the target's")
+  ap.add_argument("--controls", action="store_true",
+                  help="also compile the known-bad plans (h100, v4 targets)")
   a = ap.parse_args(argv)
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   import jax
@@ -121,9 +174,14 @@ def main(argv=None):
   res, secs = {}, {}
   for name in a.targets.split(","):
     t0 = time.perf_counter()
-    res[name] = check(name, shapes, a.kernels.split(","), a.precisions.split(","))
+    res[name] = check(name, shapes, a.kernels.split(","), a.precisions.split(","), a.generic)
     secs[name] = round(time.perf_counter() - t0, 2)
-  json.dump({"results": res, "seconds": secs}, sys.stdout)
+  controls = {}
+  if a.controls:
+    for name in a.targets.split(","):
+      if name in ("h100", "v4-8"):
+        controls[name] = control(name)
+  json.dump({"results": res, "seconds": secs, "controls": controls}, sys.stdout)
   print()
 
 

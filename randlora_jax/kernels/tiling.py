@@ -37,6 +37,12 @@ HASH_OPS = {"uniform": 20, "sparse": 18, "very_sparse": 18, "normal": 45}
 STREAM_OPS = 3
 # ops per Af entry built per program: A * gamma, cast.
 AF_OPS = 2
+# Largest TPU output block (D rows, d columns). Mosaic unrolls a block into vreg-sized ops, so
+# its compile time grows with the block: the 4096 x 4096 HIGHEST forward took 24 s to compile
+# for v6e at 1024 x 2048 and 3.2 s at 512 x 1024 (CPU seconds, libtpu 0.0.42.1, on this
+# project's loaded CPU machines); bp = 1024 still reuses each hashed basis entry for 1,024
+# MACs, past the point where the hash stops bounding v4 / v5 kernels (see `predict`).
+TPU_MAX_BLOCK = (512, 1024)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +64,7 @@ class Chip:
   macs_per_vpu_op: float
   cores: int  # TensorCores behind one device (megacore) or SMs
   f32_slowdown: float
+  plan_headroom: float = 1.0  # TPU: plan tiles within this fraction of the scoped limit
 
   @property
   def vpu_ops_per_s(self) -> float:
@@ -75,7 +82,8 @@ class Chip:
     per block on GPU (Triton's check), None in interpret mode."""
     if self.platform == "gpu":
       return self.vmem_bytes
-    return self.vmem_limit_bytes
+    limit = self.vmem_limit_bytes
+    return None if limit is None else int(limit * self.plan_headroom)
 
 
 # Interpret mode on a host CPU: nothing to fit, few big programs are fastest.
@@ -138,8 +146,13 @@ def _current(backend: str) -> Chip:
   if backend == "tpu":
     if dev is not None and dev.platform == "tpu":
       return chip_for(dev.device_kind, on_device=True)
-    # lowering on a CPU machine for no named target: the smallest VMEM (legal everywhere)
-    return chip_for_target("v4-8")
+    # lowering on a CPU machine for no named target: v4's 12 MiB scoped limit, but tiles
+    # planned within half of it: v4-sized tiles planned up to 12 MiB (3072 x 768 at HIGHEST)
+    # were refused by every TPU compiler (v4 to v6e; Mosaic holds more than `working_set`
+    # counts), and tiles planned up to a 6 MiB limit passed as the limit by v4's. Name the
+    # target (a target mode) to plan for its own VMEM.
+    return dataclasses.replace(chip_for_target("v4-8"), name="TPU (generation unknown)",
+                               plan_headroom=0.5)
   if dev is not None and dev.platform == "gpu":
     return chip_for(dev.device_kind)
   return chip_for_target("h100")
@@ -425,7 +438,7 @@ def plan(p: Problem, chip: Chip, *, basis: str | None = None) -> Tiling:
   best = None
   # GPU: 128 x 256 output tiles at most (the common Hopper config: 8 warps hold a 128x256 f32
   # accumulator at 128 registers per thread), checked against shared memory per SM.
-  caps = (1024, 2048) if platform == "tpu" else (128, 256)
+  caps = TPU_MAX_BLOCK if platform == "tpu" else (128, 256)
   # GPU: 3 pipeline stages where the tiles fit the shared memory per block, else 2 (the
   # cost model does not price pipelining, so deeper wins only by being tried first)
   for stages in ((3, 2) if platform == "gpu" else (3,)):
@@ -446,6 +459,8 @@ def plan(p: Problem, chip: Chip, *, basis: str | None = None) -> Tiling:
             best = (key, t)
     if best is not None:
       break
+  if best is None and chip.plan_headroom < 1.0:  # nothing fits with headroom: use it all
+    return plan(p, dataclasses.replace(chip, plan_headroom=1.0), basis=basis)
   if best is None:
     raise ValueError(f"no legal tiling of a ({p.big_l}, {p.dl}) block with r={p.r} fits "
                      f"{chip.name} ({(limit or 0) / MiB:.0f} MiB VMEM limit)")
