@@ -15,6 +15,10 @@ TEST_STAMP := $(VENV)/.installed-test-$(HASH)
 # docs/kernels.md. Each has a stamp named by a checksum of its pins: an edit reinstalls.
 SIDE_VENVS ?= .venvs
 SIDE_COMMON := flax==0.12.8 optax==0.2.8 ml_collections==1.1.0
+# `train.py --compile_for` (randlora_jax/aot.py, tests/test_aot.py) imports the trainer's task
+# modules, hence the training stack's data and checkpoint packages (versions of the main venv).
+SIDE_COMMON += orbax-checkpoint==0.12.8 tensorflow-datasets==4.9.10 array_record==0.8.6 \
+	grain==0.2.18 pillow==13.0.0 safetensors==0.8.0 tqdm==4.70.1
 TPU_PINS := jax[tpu]==0.10.2 $(SIDE_COMMON)
 GPU_PINS := jax==0.10.2 jaxlib==0.10.2 jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2 \
 	nvidia-cuda-nvcc-cu12==12.9.86 $(SIDE_COMMON)
