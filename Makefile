@@ -15,6 +15,10 @@ TEST_STAMP := $(VENV)/.installed-test-$(HASH)
 # docs/kernels.md. Each has a stamp named by a checksum of its pins: an edit reinstalls.
 SIDE_VENVS ?= .venvs
 SIDE_COMMON := flax==0.12.8 optax==0.2.8 ml_collections==1.1.0
+# `train.py --compile_for` (randlora_jax/aot.py, tests/test_aot.py) imports the trainer's task
+# modules, hence the training stack's data and checkpoint packages (versions of the main venv).
+SIDE_COMMON += orbax-checkpoint==0.12.8 tensorflow-datasets==4.9.10 array_record==0.8.6 \
+	grain==0.2.18 pillow==13.0.0 safetensors==0.8.0 tqdm==4.70.1
 TPU_PINS := jax[tpu]==0.10.2 $(SIDE_COMMON)
 GPU_PINS := jax==0.10.2 jaxlib==0.10.2 jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2 \
 	nvidia-cuda-nvcc-cu12==12.9.86 $(SIDE_COMMON)
@@ -90,6 +94,13 @@ test-fast: $(TEST_STAMP) $(TPU_STAMP) $(GPU_STAMP)
 bench: $(TEST_STAMP)
 	$(BIN)/python bench/kernel.py
 	$(BIN)/python bench/train_step.py --model vit_b16 --batch 8 --repeats 2
+
+# Compile a run's training step for a TPU slice or GPU this host lacks (docs/compile_for.md):
+#   make compile-for CONFIG=configs/commonsense.py:llama3_8b TARGET=v5p-8
+# train.py re-executes itself under .venvs/tpu or .venvs/gpu (the target's compiler).
+.PHONY: compile-for
+compile-for: $(TRAIN_STAMP)
+	$(BIN)/python train.py --config=$(CONFIG) --compile_for=$(TARGET) $(ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -11,9 +11,12 @@ Decoder LLMs (task causal_lm): `--evaluate_only=<dir>` scores an exported adapte
 (<workdir>/export/adapter) or merged checkpoint (<workdir>/export/merged) with the same config,
 without training (docs/llm_eval.md). A SIGTERM during any evaluation saves the scores so far and
 exits 0; the same command again scores only what is missing.
+Compile the run's step for hardware this host lacks, train nothing (docs/compile_for.md):
+  python train.py --config=configs/commonsense.py:llama3_8b --compile_for=v5p-8
 """
 
 import json
+import os
 import shlex
 import sys
 
@@ -25,6 +28,11 @@ config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config 
 flags.DEFINE_string("workdir", "/tmp/randlora_jax", "Checkpoints, metrics, exports, summary.")
 flags.DEFINE_string("evaluate_only", "", "causal_lm: score this exported adapter or merged "
                     "checkpoint directory instead of training (results under --workdir).")
+flags.DEFINE_string("compile_for", None,
+                    "Train nothing: compile this run's training step for a TPU slice or GPU "
+                    "(v5e-8, v5p-64, h100, ...) on this host and print per-device HBM, flops, "
+                    "collectives and kernels (docs/compile_for.md).")
+flags.DEFINE_string("report_json", None, "With --compile_for: also write the report here.")
 
 
 def fail(e: Exception) -> None:
@@ -41,6 +49,15 @@ def main(argv):
     validate.check_config(config)  # every field, before any process touches a device
   except validate.ConfigError as e:
     fail(e)
+
+  if FLAGS.compile_for:  # before anything starts a backend: may re-execute in a side venv
+    from randlora_jax import aot
+    try:
+      sys.exit(aot.run_from_train(config, FLAGS.compile_for, sys.argv,
+                                  os.path.dirname(os.path.abspath(__file__)),
+                                  FLAGS.report_json))
+    except (aot.AotError, validate.ConfigError) as e:
+      fail(e)
 
   # ---- parse: multi-host set-up has to happen before JAX touches a device.
   from randlora_jax import sharding

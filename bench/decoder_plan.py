@@ -1,14 +1,14 @@
 r"""Llama-3-8B RandLoRA-30 training step planned for TPU v5p-8 / v5e-8, checked on CPU, and
 trainable-parameter counts beside the paper's Table 15.
 
-The step (`randlora_jax.train.lm`, AdamW on lambda/gamma only) is compiled with ABSTRACT bf16
-parameters (`jax.ShapeDtypeStruct` + mesh sharding: nothing of the model's size exists) on
-virtual CPU devices: v5p-8 is 4 chips (one JAX device each, megacore), v5e-8 is 8 chips; the
-mesh is (data=1, fsdp=chips), frozen matrices split over `fsdp`, or for v5p-8 also pure data
-parallelism (data=chips: every chip holds the 16 GB of bf16 weights, nothing is gathered). Memory per device is XLA:CPU's
-`memory_analysis` of that partitioned program (arguments + outputs - aliased + temporaries);
-the TPU compiler's buffer assignment will differ (it was not run: no TPU here). Collective
-bytes are per device per step, read from the partitioned HLO with the layer scan's trip count.
+The step is the trainer's own (`configs/commonsense.py:llama3_8b`, compiled by
+`randlora_jax.aot.compile_step` with ABSTRACT parameters: nothing of the model's size exists) on
+virtual CPU devices in each target's layout: v5p-8 is 4 chips (one JAX device each, megacore),
+v5e-8 is 8 chips; the mesh is (data=1, fsdp=chips), frozen matrices split over `fsdp`, or for
+v5p-8 also pure data parallelism (data=chips). Memory per device is XLA:CPU's `memory_analysis`;
+the TPU compiler's own figures come from `python train.py ... --compile_for=v5p-8`
+(docs/compile_for.md; needs the side venv). Collective bytes are per device per step, read
+from the partitioned HLO with the layer scan's trip count.
 
     .venv/bin/python bench/decoder_plan.py          # bench/results/decoder_plan_cpu.md
 """
@@ -38,12 +38,12 @@ def main(argv=None):
   ap.add_argument("--out", default=os.path.join(_HERE, "results", "decoder_plan_cpu.md"))
   args = ap.parse_args(argv)
 
-  import jax
-  import jax.numpy as jnp
+  import importlib.util
 
-  from randlora_jax import lora, sharding
+  import jax
+
+  from randlora_jax import aot, lora
   from randlora_jax.models.decoder import DecoderConfig
-  from randlora_jax.train import pod_plan
 
   count_rows = []
   for name, cfg, targets, ranks, table in [
@@ -52,27 +52,31 @@ def main(argv=None):
       ("Phi-3-mini (fused qkv, gate_up + down)", DecoderConfig.phi3_mini(), PHI3,
        (40, 20, 10), (0.58, 1.16, 2.29))]:
     for r, paper in zip(ranks, table):
-      n, base, pct = pod_plan.trainable_percent(
+      n, base, pct = aot.trainable_percent(
           cfg, lora.dense_factory("randlora", targets, r=r, alpha=2.0 * r))
       count_rows.append([name, f"RandLoRA-{r}", f"{n:,}", f"{base:,}", f"{pct:.3f}", f"{paper:.2f}",
                          f"{pct - paper:+.3f}"])
   counts = common.markdown_table(["model", "config", "trainable", "base params", "ours %",
                                   "Table 15 %", "diff (points)"], count_rows)
 
-  cfg = DecoderConfig.llama3_8b(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat="full")
-  dense = lora.dense_factory("randlora", QKVUD, r=30, alpha=60.0, seed=63098)
+  spec = importlib.util.spec_from_file_location(
+      "commonsense", os.path.join(os.path.dirname(_HERE), "configs", "commonsense.py"))
+  cs = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cs)
   plan_rows = []
-  layouts = [("v5p-8", "fsdp"), ("v5p-8", "data"), ("v5e-8", "fsdp")]
-  for chip, layout in layouts:
-    n, hbm = pod_plan.CHIPS[chip]
-    axes = dict(data=1, fsdp=n) if layout == "fsdp" else dict(data=n, fsdp=1)
-    mesh = sharding.make_mesh(**axes, devices=jax.devices()[:n])
-    plan = pod_plan.compile_plan(cfg, dense, mesh, batch=args.batch, seq_len=args.seq_len)
+  for chip, layout in [("v5p-8", "fsdp"), ("v5p-8", "data"), ("v5e-8", "fsdp")]:
+    config = cs.get_config("llama3_8b")
+    config.batch_size = config.eval_batch_size = args.batch
+    config.lm.cutoff = args.seq_len
+    n = aot.get_target(chip).num_devices
+    config.mesh.data, config.mesh.fsdp = (1, n) if layout == "fsdp" else (n, 1)
+    plan = aot.compile_step(config, chip, devices=jax.devices()[:n], per_layer=False)
     m, c = plan.memory, plan.collectives
     gb = lambda b: f"{b / 1e9:.2f}"
-    plan_rows.append([chip, f"{n} ({layout})", gb(m["argument_size_in_bytes"]), gb(m["temp_size_in_bytes"]),
-                      gb(plan.peak_bytes), f"{hbm / 1e9:.0f}", "yes" if plan.fits(hbm) else "NO",
-                      gb(c["all-reduce"]), f"{c['all-reduce'] / plan.trainable_bytes:.2f}",
+    plan_rows.append([chip, f"{n} ({layout})", gb(m["argument_size_in_bytes"]),
+                      gb(m["temp_size_in_bytes"]), gb(plan.peak_bytes),
+                      f"{plan.hbm_bytes / 1e9:.0f}", "yes" if plan.fits else "NO",
+                      gb(c["all-reduce"]), f"{plan.all_reduce_over_trainable:.2f}",
                       gb(c["all-gather"]), gb(c["reduce-scatter"] + c["all-to-all"]
                                               + c["collective-permute"])])
   plans = common.markdown_table(

@@ -8,6 +8,9 @@ Presets (`configs/commonsense.py:<preset>`), each with its update scale (`adapte
                        gate_up_proj / down_proj, 'paper'
   llama3_8b            Meta-Llama-3-8B, RandLoRA-30, pod: FSDP over the chips, bf16, remat,
                        'paper'
+  llama3_70b           Meta-Llama-3-70B's shapes (not in the paper), RandLoRA-64, pod (as
+                       llama3_8b), e.g. for `--compile_for=v5p-64` (docs/compile_for.md),
+                       'paper'
   gemma                a Gemma checkpoint (not in the paper), RandLoRA-30, 'paper'
   demo                 a tiny decoder pretrained once on an embedded corpus (cached), fine-tuned
                        by each method on an embedded generated commonsense-style set, scored by
@@ -60,6 +63,7 @@ PRESETS = {"qwen2_0_5b_instruct": ("qwen2_0_5b", 10, UNFUSED, "paper"),
            "qwen2_0_5b": ("qwen2_0_5b", 10, UNFUSED, "paper"),
            "phi3_mini": ("phi3_mini", 20, FUSED, "paper"),
            "llama3_8b": ("llama3_8b", 30, UNFUSED, "paper"),
+           "llama3_70b": ("llama3_70b", 64, UNFUSED, "paper"),
            "gemma": ("gemma", 30, UNFUSED, "paper")}
 # The paper's RandLoRA ranks per model (Table 15's budgets; llm-and-vl.md s.1): Llama-3-8B
 # 60 / 30 / 15 against LoRA 16 / 32 / 64, Phi-3 40 / 20 / 10, Qwen2-0.5B 10 / 5.
@@ -81,6 +85,7 @@ def paper_recipe(c):
   c.optim.end_lr_fraction = 0.0
   c.optim.grad_clip = 1.0
   c.batch_size = 16
+  c.eval_batch_size = 16     # validation rows: (batch, cutoff, vocab) f32 logits must fit
   c.num_epochs = 1
   c.lm.cutoff = 256
   c.lm.val_size = 120
@@ -113,7 +118,7 @@ def get_config(preset: str = "qwen2_0_5b_instruct"):
     c.lm.preset, c.adapter.r, c.adapter.targets, c.adapter.scaling = PRESETS[preset]
     c.adapter.r = rank or c.adapter.r
     c.adapter.alpha = 2.0 * c.adapter.r
-    if preset == "llama3_8b":
+    if preset in ("llama3_8b", "llama3_70b"):
       c.model.remat = True
       c.mesh.data, c.mesh.fsdp = 1, -1
     return c

@@ -25,6 +25,7 @@ BAD_VALUES = [
     ("model.patch_size", 0), ("model.hidden_size", -32), ("model.num_layers", 0),
     ("model.num_heads", 0), ("model.mlp_dim", 0), ("model.dtype", "float8"),
     ("model.dtype", "fp32"), ("model.remat", "yes"), ("model.normalization", "imagenet21k"),
+    ("model.frozen_dtype", "int8"),
     ("adapter.targets", "q_proj"), ("adapter.targets", ("q_proj", "(")), ("adapter.r", 0),
     ("adapter.alpha", 0.0), ("adapter.alpha", math.nan), ("adapter.seed", -3),
     ("adapter.distribution", "gaussian"), ("adapter.scaling", "sqrt"),
@@ -95,7 +96,7 @@ def test_the_shipped_configs_pass():
     validate.check_config(trainer_configs.load(name))
   for preset in ("tiny", "demo", "b32", "l14", "h14"):
     validate.check_config(trainer_configs.load("clip_vl", preset=preset))
-  for preset in ("tiny", "demo", "qwen2_0_5b", "phi3_mini", "llama3_8b", "gemma"):
+  for preset in ("tiny", "demo", "qwen2_0_5b", "phi3_mini", "llama3_8b", "llama3_70b", "gemma"):
     validate.check_config(trainer_configs.load("commonsense", preset=preset))
 
 

@@ -207,3 +207,31 @@ def test_readme_decoder_snippet(checkpoints):
   exec(README_DECODER, ns)
   assert "randlora_lambda" in ns["params"]["layers"]["q_proj"]
   np.testing.assert_array_equal(ns["tokens"], _hf_greedy(hf_model, ns["prompts"], ns["mask"], 8))
+
+
+def test_lora_leaves_without_the_whole_model():
+  """`with_adapter` creates LoRA's leaves from the model's own init, computing only them:
+  equal to the full init's values, and at Llama-3-8B shapes the compiled initializer holds
+  the A's (63 MB), not the 32 GB of f32 weights the whole init would form on one device."""
+  from randlora_jax.models.decoder import DecoderConfig
+  cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2)
+  dense = lora.dense_factory("lora", ["q_proj", "down_proj"], r=4, alpha=8.0)
+  full = Decoder(cfg, dense).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  base = {k: v for k, v in jax.tree.map(lambda x: x, full).items()}
+  base["layers"] = {k: {n: w for n, w in v.items() if not n.startswith("lora_")}
+                    for k, v in full["layers"].items()}
+  adapted = hf_decoder.with_adapter(base, cfg, dense)
+  for name in ("q_proj", "down_proj"):
+    for leaf in ("lora_a", "lora_b"):
+      np.testing.assert_array_equal(adapted["layers"][name][leaf], full["layers"][name][leaf])
+  big = DecoderConfig.llama3_8b()
+  big_dense = lora.dense_factory("lora", ["q_proj", "k_proj", "v_proj", "up_proj",
+                                          "down_proj"], r=16, alpha=32.0)
+  paths = [f"layers/{n}/lora_a" for n in ("q_proj", "k_proj", "v_proj", "up_proj",
+                                         "down_proj")]
+  init = hf_decoder.leaves_initializer(big, big_dense, paths)
+  mem = init.lower().compile().memory_analysis()
+  made = 32 * 16 * 4 * (3 * 4096 + 4096 + 14336)  # the five A's, f32
+  assert made <= mem.output_size_in_bytes <= made + 1024  # (+ the result tuple's pointers)
+  assert mem.temp_size_in_bytes < made, mem.temp_size_in_bytes  # the whole init: 32 GB

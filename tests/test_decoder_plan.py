@@ -1,5 +1,6 @@
-"""The Llama-3-8B pod plan, checked on 8 virtual CPU devices without allocating the model,
-and trainable-parameter counts at the paper's ranks (Table 15, llm-and-vl.md s.1)."""
+"""The Llama-3-8B pod plan (`randlora_jax.aot`, the trainer's own step from
+configs/commonsense.py) checked on virtual CPU devices without allocating the model, and
+trainable-parameter counts at the paper's ranks (Table 15, llm-and-vl.md s.1)."""
 
 import math
 
@@ -7,9 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from randlora_jax import lora, sharding
+from randlora_jax import aot, hlo, lora, sharding
 from randlora_jax.models.decoder import DecoderConfig, layer_in_outs
-from randlora_jax.train import pod_plan
 
 QKVUD = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -33,7 +33,7 @@ def _by_hand(cfg: DecoderConfig, targets, r: int) -> int:
 def test_trainable_counts_at_the_papers_ranks(name, cfg, targets, ranks, table):
   for r, paper in zip(ranks, table):
     dense = lora.dense_factory("randlora", targets, r=r, alpha=2.0 * r)
-    n_train, n_base, percent = pod_plan.trainable_percent(cfg, dense)
+    n_train, n_base, percent = aot.trainable_percent(cfg, dense)
     assert n_train == _by_hand(cfg, targets, r)
     if name == "llama3_8b":
       assert abs(percent - paper) <= 0.01, (r, percent)
@@ -53,26 +53,24 @@ def test_collective_bytes_counts_scan_iterations():
     return jax.lax.scan(lambda c, _: (c + jax.lax.psum(c, "data"), None), x, None, length=5)[0]
 
   g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
-  counted = pod_plan.collective_bytes(g.lower(jnp.ones((8, 6))).compile().as_text())
+  counted = hlo.collective_bytes(g.lower(jnp.ones((8, 6))).compile().as_text())
   assert counted["all-reduce"] == 5 * 6 * 4
   assert sum(counted.values()) == counted["all-reduce"]
 
 
 @pytest.mark.slow
 def test_llama3_8b_plan_fits_v5p8_and_communicates_adapter_sized():
-  """RandLoRA-30 on q,k,v,up,down, bf16, batch 16 x 256 (the paper's), compiled for the 4
-  devices of a v5p-8 (FSDP over the chips) with abstract parameters. The layer scan keeps the
-  compile independent of depth (all 32 layers are compiled)."""
-  cfg = DecoderConfig.llama3_8b(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat="full")
-  dense = lora.dense_factory("randlora", QKVUD, r=30, alpha=60.0, seed=63098)
-  chips, hbm = pod_plan.CHIPS["v5p-8"]
-  mesh = sharding.make_mesh(data=1, fsdp=chips, devices=jax.devices()[:chips])
-  plan = pod_plan.compile_plan(cfg, dense, mesh, batch=16, seq_len=256)
-  assert plan.trainable_params == _by_hand(cfg, QKVUD, 30)
+  """configs/commonsense.py:llama3_8b (RandLoRA-30 on q,k,v,up,down, bf16 frozen weights,
+  remat), batch 16 x 256 (the paper's), compiled by the host's compiler for 4 CPU devices in
+  the v5p-8 layout (FSDP over the chips) with abstract parameters: the step `train.py` runs.
+  The layer scan keeps the compile independent of depth (all 32 layers are compiled)."""
+  import trainer_configs
+  config = trainer_configs.load("commonsense", "llama3_8b")
+  report = aot.compile_step(config, "v5p-8", devices=jax.devices()[:4], per_layer=False)
+  assert report.trainable_params == _by_hand(DecoderConfig.llama3_8b(), QKVUD, 30)
   # the frozen bf16 weights alone are 16 GB / 4 devices: the memory analysis must see them
-  assert plan.memory["argument_size_in_bytes"] > 2 * 8.0e9 / chips
-  assert plan.fits(hbm), plan.peak_bytes
+  assert report.memory["argument_size_in_bytes"] > 2 * 8.0e9 / 4
+  assert report.fits, report.peak_bytes
   # gradient traffic: only dlambda/dgamma are all-reduced (the adapted layers' per-device
-  # boundary, `randlora_jax.layers`); the frozen weights' all-gathers are FSDP's, reported
-  # separately (bench/decoder_plan.py)
-  assert plan.collectives["all-reduce"] <= 1.5 * plan.trainable_bytes, plan.collectives
+  # boundary, `randlora_jax.layers`); the frozen weights' all-gathers are FSDP's
+  assert report.collectives["all-reduce"] <= 1.5 * report.trainable_bytes, report.collectives

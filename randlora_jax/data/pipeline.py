@@ -99,6 +99,25 @@ def get_builder(name: str, data_dir: str | None = None, source_dir: str | None =
   return builder
 
 
+def label_info(name: str, data_dir: str | None = None, label_key: str = "label"
+               ) -> tuple[int, list[str]]:
+  """(number of classes, class names) of dataset `name` from its tfds metadata alone: nothing
+  is downloaded or prepared (an ahead-of-time compile needs only the shapes)."""
+  import tensorflow_datasets as tfds
+  from randlora_jax.data import real, synthetic  # noqa: F401  (register the embedded ones)
+
+  data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
+  try:
+    feature = tfds.builder(name, data_dir=data_dir).info.features[label_key]
+  except KeyError:
+    raise DataError(f"dataset {name!r} has no feature {label_key!r}") from None
+  except Exception as e:  # DatasetNotFoundError, unknown config, ...
+    raise DataError(f"unknown dataset {name!r}: {e}".split("\n")[0]) from None
+  if not hasattr(feature, "num_classes"):
+    raise DataError(f"dataset {name!r}: feature {label_key!r} is not a class label")
+  return int(feature.num_classes), list(feature.names)
+
+
 def _is_prepared(builder) -> bool:
   return os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
 

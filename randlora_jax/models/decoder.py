@@ -123,6 +123,13 @@ class DecoderConfig:
                          rms_norm_eps=1e-5, rope_theta=500000.0), **kw})
 
   @classmethod
+  def llama3_70b(cls, **kw) -> "DecoderConfig":
+    """meta-llama/Meta-Llama-3-70B (shapes only: plans and ahead-of-time compiles)."""
+    return cls(**{**dict(family="llama", vocab_size=128256, hidden_size=8192,
+                         intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8,
+                         rms_norm_eps=1e-5, rope_theta=500000.0), **kw})
+
+  @classmethod
   def qwen2_0_5b(cls, **kw) -> "DecoderConfig":
     return cls(**{**dict(family="qwen2", vocab_size=151936, hidden_size=896,
                          intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,

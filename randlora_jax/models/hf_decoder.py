@@ -324,7 +324,6 @@ def with_adapter(params, cfg: DecoderConfig, dense, *, mesh: jax.sharding.Mesh |
   extra = sorted(set(have) - set(abstract))
   if extra:
     raise ValueError(f"params hold leaves the adapted model does not create: {extra[:5]}")
-  fresh = None
   out = {}
   for path, leaf in abstract.items():
     if path in have:
@@ -333,15 +332,39 @@ def with_adapter(params, cfg: DecoderConfig, dense, *, mesh: jax.sharding.Mesh |
       out[path] = jnp.zeros(leaf.shape, leaf.dtype)
     elif path.endswith("randlora_gamma"):
       out[path] = jnp.full(leaf.shape, 1.0 / max(leaf.shape[-2], leaf.shape[-1]), leaf.dtype)
-    else:
-      if fresh is None:
-        model, ids = Decoder(cfg, dense), jnp.zeros((1, 1), jnp.int32)
-        fresh = _flat(jax.jit(lambda: model.init(jax.random.key(0), ids))()["params"])
-      out[path] = fresh[path]
-    if mesh is not None and path not in have:
+    if mesh is not None and path in out and path not in have:
       spec = sharding_lib.spec_for(path, leaf.shape, mesh, rules)
       out[path] = jax.device_put(out[path], NamedSharding(mesh, spec))
+  missing = sorted(set(abstract) - set(out))
+  if missing:  # e.g. LoRA's A: the model's own init, computing only these leaves
+    out.update(init_leaves(cfg, dense, missing, mesh=mesh, rules=rules))
   return _unflat(out)
+
+
+def init_leaves(cfg: DecoderConfig, dense, paths, *, mesh: jax.sharding.Mesh | None = None,
+                rules=DECODER_RULES) -> dict:
+  """The leaves `paths` of `Decoder(cfg, dense)`'s own init (key 0), and nothing else: the
+  other leaves' initialisers are dead code that XLA removes, so an 8B model's frozen weights
+  are never formed. With `mesh`, created in place with their rule-given shardings."""
+  return leaves_initializer(cfg, dense, paths, mesh=mesh, rules=rules)()
+
+
+def leaves_initializer(cfg: DecoderConfig, dense, paths, *,
+                       mesh: jax.sharding.Mesh | None = None, rules=DECODER_RULES):
+  """The jitted function `init_leaves` calls: () -> {path: leaf}."""
+  model, ids = Decoder(cfg, dense), jnp.zeros((1, 1), jnp.int32)
+  paths = list(paths)
+
+  def init():
+    flat = _flat(model.init(jax.random.key(0), ids)["params"])
+    return {p: flat[p] for p in paths}
+
+  out_sh = None
+  if mesh is not None:
+    shapes = jax.eval_shape(init)
+    out_sh = {p: NamedSharding(mesh, sharding_lib.spec_for(p, shapes[p].shape, mesh, rules))
+              for p in paths}
+  return jax.jit(init, out_shardings=out_sh)
 
 
 # ----------------------------------------------------------------------------------------------

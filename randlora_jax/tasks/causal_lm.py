@@ -67,11 +67,13 @@ PRESETS = {
     "qwen2_0_5b": lambda vocab: DecoderConfig.qwen2_0_5b(),
     "phi3_mini": lambda vocab: DecoderConfig.phi3_mini(),
     "llama3_8b": lambda vocab: DecoderConfig.llama3_8b(),
+    "llama3_70b": lambda vocab: DecoderConfig.llama3_70b(),
 }
 # lm.preset -> the checkpoint the paper used for it (named by the refusal when none is given).
 HUB_IDS = {"qwen2_0_5b": "Qwen/Qwen2-0.5B-Instruct",
            "phi3_mini": "microsoft/Phi-3-mini-4k-instruct",
-           "llama3_8b": "meta-llama/Meta-Llama-3-8B", "gemma": "google/gemma-2b"}
+           "llama3_8b": "meta-llama/Meta-Llama-3-8B",
+           "llama3_70b": "meta-llama/Meta-Llama-3-70B", "gemma": "google/gemma-2b"}
 HEADS = methods.TaskHeads("causal_lm")  # nothing new, nothing to probe: no method 'head'
 # Validation batches hold at most this many bytes of float32 logits per device (rows x cutoff
 # x vocab x 4): `eval_batch_size` 256 at cutoff 256 would be 40 GB for Qwen2's 151,936 ids.
@@ -83,6 +85,31 @@ def validation_batch_size(config, vocab_size: int, data_parallel: int) -> int:
   parallel size) when their logits would pass `EVAL_LOGITS_BYTES` per device."""
   per_device = max(1, EVAL_LOGITS_BYTES // (4 * config.lm.cutoff * vocab_size))
   return min(config.eval_batch_size, data_parallel * per_device)
+
+
+def frozen_dtype(config):
+  """``model.frozen_dtype``, 'auto' being the compute dtype: the frozen weights are only ever
+  used cast to it (bf16 in the LLM presets: an 8B decoder's weights in 16 GB, not 32)."""
+  return setup_lib.frozen_dtype(config, config.model.dtype)
+
+
+def _compute(config) -> dict:
+  """The decoder's compute dtype and remat policy from the config."""
+  return dict(dtype=jnp.dtype(config.model.dtype),
+              remat="full" if config.model.remat else "none")
+
+
+def decoder_config(config, vocab_size: int) -> DecoderConfig:
+  """The `lm.preset` shapes without a checkpoint, with the config's overrides."""
+  dcfg = PRESETS[config.lm.preset](vocab_size)
+  m = config.model
+  overrides = {k: v for k, v in (("hidden_size", m.hidden_size), ("num_layers", m.num_layers),
+                                 ("num_heads", m.num_heads), ("intermediate_size", m.mlp_dim))
+               if v is not None}
+  try:
+    return dcfg.replace(**overrides, **_compute(config))
+  except ValueError as e:
+    raise ConfigError(f"model: {e}") from None
 
 
 def trainable_patterns(method: str) -> tuple[str, ...]:
@@ -229,25 +256,20 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   tok = _tokenizer(config, train_records, checkpoint)
   train_data = data_checksum(config, train_file)
 
-  dtype = jnp.dtype(config.model.dtype)
-  remat = "full" if config.model.remat else "none"
-  dense = setup_lib.dense_factory(config, mesh)
+  dense = setup_lib.dense_factory(config, mesh)  # the layers keep their per-device boundary
+  fdtype = frozen_dtype(config)
   loaded = None
   if checkpoint:
+    # Read straight into the frozen weights' dtype (full fine-tuning trains float32).
+    read_dtype = jnp.float32 if methods.get(config.method).trains_all else fdtype
     try:
-      dcfg, loaded = hf_decoder.load_decoder(checkpoint, mesh=mesh, dtype=dtype, remat=remat)
+      dcfg, loaded = hf_decoder.load_decoder(checkpoint, mesh=mesh, param_dtype=read_dtype,
+                                             **_compute(config))
     except (OSError, ValueError) as e:
       raise ConfigError(f"model.checkpoint {checkpoint!r}: {e}") from None
+    dcfg = dcfg.replace(param_dtype=jnp.float32)  # the adapter leaves it creates: float32
   else:
-    dcfg = PRESETS[lm.preset](tok.vocab_size)
-    m = config.model
-    overrides = {k: v for k, v in (("hidden_size", m.hidden_size), ("num_layers", m.num_layers),
-                                   ("num_heads", m.num_heads), ("intermediate_size", m.mlp_dim))
-                 if v is not None}
-    try:
-      dcfg = dcfg.replace(**overrides, dtype=dtype, remat=remat)
-    except ValueError as e:
-      raise ConfigError(f"model: {e}") from None
+    dcfg = decoder_config(config, tok.vocab_size)
   if tok.vocab_size > dcfg.vocab_size:
     raise ConfigError(f"the tokenizer has {tok.vocab_size} ids, the model's vocabulary "
                       f"{dcfg.vocab_size}")
@@ -269,6 +291,8 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
 
   mask = optim.trainable_mask(params, patterns, defaults=False)
   trainable, frozen = optim.partition(params, mask)
+  trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)  # a bf16 checkpoint
+  frozen = setup_lib.cast_frozen(frozen, fdtype)
   trainable_sh, frozen_sh = optim.partition(param_sh, mask)  # the shardings, split alike
 
   source_cls = data_lib.PackedSource if lm.packing else data_lib.TokenizedSource
@@ -294,6 +318,55 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
       local_batch_size=local_batch, trainable_count=optim.count(params, mask),
       total_count=optim.count(params), adapter_config=adapter_config, decoder_config=dcfg,
       tokenizer=tok, val_source=val_src, eval_tasks=eval_tasks, train_data=train_data)
+
+
+# ----------------------------------------------------------------------------- abstract
+
+
+def abstract_build(config, mesh, depth: dict[str, int] | None = None) -> LMExperiment:
+  """`build`'s experiment with abstract state (`setup.abstract_experiment`): the decoder's
+  shapes from the checkpoint's config.json (no weights read) or the preset (vocabulary:
+  ``lm.vocab_size`` for the tiny preset, whose BPE would be trained on the data); no data
+  read. `depth` {'layers': n} overrides the number of decoder layers."""
+  validate.check_config(config)
+  validate.check_batch(config, sharding.data_parallel_size(mesh), 1)
+  patterns = setup_lib.trainable_patterns(config, HEADS)
+  if config.model.checkpoint:
+    try:
+      dcfg = hf_decoder.config_from_hf(hf_decoder.read_hf_config(config.model.checkpoint),
+                                       **_compute(config))
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"model.checkpoint {config.model.checkpoint!r}: {e}") from None
+  else:
+    dcfg = decoder_config(config, config.lm.vocab_size)
+  if depth:
+    dcfg = dcfg.replace(num_layers=depth.get("layers", dcfg.num_layers))
+  setup_lib.check_targets(config, hf_decoder.abstract_params(dcfg))
+  model = Decoder(dcfg, setup_lib.dense_factory(config, mesh))
+  ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  params = jax.eval_shape(lambda i: model.init(jax.random.key(0), i)["params"], ids)
+  o = config.optim
+  steps = config.total_steps or 1
+  schedule = linear_schedule(o.lr[config.method], steps, o.warmup_steps, o.end_lr_fraction)
+  tx = step_lib.make_optimizer(schedule, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
+  return setup_lib.abstract_experiment(
+      LMExperiment, config, mesh, model, params, patterns, tx, schedule,
+      rules=hf_decoder.DECODER_RULES, frozen=frozen_dtype(config),
+      vit_config=None, decoder_config=dcfg, tokenizer=None, val_source=None, eval_tasks={})
+
+
+def batch_spec(exp: LMExperiment) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global training batch: rows of ``lm.cutoff`` tokens, split over the batch axes."""
+  sh = sharding.batch_sharding(exp.mesh)
+  shape = (exp.config.batch_size, exp.config.lm.cutoff)
+  return {"input_ids": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
+          "attention_mask": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
+          "loss_weights": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh)}
+
+
+def depths(exp: LMExperiment) -> dict[str, int]:
+  """The decoder's `nn.scan` stack and its length (aot counts one layer's cost)."""
+  return {"layers": exp.decoder_config.num_layers}
 
 
 # ----------------------------------------------------------------------------- steps
@@ -356,7 +429,9 @@ def merged_params(params, method: str, adapter_config: dict):
       if "lora_a" not in node:
         return node
       out = {k: v for k, v in node.items() if k not in ("lora_a", "lora_b")}
-      out["kernel"] = node["kernel"] + scale * jnp.matmul(node["lora_a"], node["lora_b"])
+      w = node["kernel"]  # merged in float32, kept in the frozen weights' dtype (bf16: 16 GB)
+      out["kernel"] = (w.astype(jnp.float32) + scale * jnp.matmul(
+          node["lora_a"], node["lora_b"])).astype(w.dtype)
       return out
 
     return jax.jit(lambda p: tree_lib.map_nodes(p, fold))(params)

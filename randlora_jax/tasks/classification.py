@@ -9,6 +9,13 @@ from randlora_jax.train import step as step_lib
 
 HEADS = methods.CLASSIFIER_HEADS  # the head is new (trains with every method) and the probe
 build = setup_lib.build
+abstract_build = setup_lib.abstract_build  # the same Experiment, nothing allocated (aot)
+batch_spec = setup_lib.image_batch_spec
+
+
+def depths(exp) -> dict[str, int]:
+  """The model's `nn.scan` stacks and their lengths (aot counts one block's cost)."""
+  return {"encoder": exp.vit_config.num_layers}
 
 
 def make_train_step(exp):

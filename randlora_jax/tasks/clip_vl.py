@@ -264,6 +264,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
 
   mask = optim.trainable_mask(params, patterns, defaults=False)
   trainable, frozen = optim.partition(params, mask)
+  frozen = setup_lib.cast_frozen(frozen, setup_lib.frozen_dtype(config))
   trainable_sh, frozen_sh = optim.partition(param_sh, mask)  # the shardings, split alike
 
   steps = config.total_steps or math.ceil(num_epochs(config) * len(train_src) / config.batch_size)
@@ -286,6 +287,72 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
       trainable_count=optim.count(params, mask), total_count=optim.count(params),
       adapter_config=adapter_config, clip_config=ccfg, class_tokens=class_tokens,
       ensemble_tokens=ensemble_tokens)
+
+
+# ----------------------------------------------------------------------------- abstract
+
+
+def abstract_build(config, mesh, depth: dict[str, int] | None = None) -> CLIPExperiment:
+  """`build`'s experiment with abstract state (`setup.abstract_experiment`): the towers from
+  the preset or the checkpoint's config.json (no weights read; prompts then tokenised to the
+  text tower's length as zeros: only their shape enters the step), the class names from the
+  dataset's metadata. `depth` {'vision': n, 'text': m} overrides the towers' depths."""
+  validate.check_config(config)
+  validate.check_batch(config, sharding.data_parallel_size(mesh), 1)
+  patterns = setup_lib.trainable_patterns(config, HEADS)
+  try:
+    num_classes, names = data.label_info(config.data.name, config.data.data_dir or None,
+                                         config.data.label_key)
+  except data.DataError as e:
+    raise ConfigError(str(e)) from None
+  prompts = [config.clip.prompt.format(n.replace("_", " ")) for n in names]
+  loaded_cfg = None
+  if config.model.checkpoint:
+    import json  # pylint: disable=g-import-not-at-top
+    import os  # pylint: disable=g-import-not-at-top
+    try:
+      with open(os.path.join(config.model.checkpoint, "config.json")) as f:
+        hf = json.load(f)
+      projection = hf.get("projection_dim", 0)
+      loaded_cfg = clip_lib.CLIPConfig(
+          loading.config_from_hf(hf, image_size=config.model.image_size,
+                                 projection_dim=projection),
+          clip_lib.CLIPTextConfig.from_hf(hf["text_config"], projection_dim=projection))
+    except (OSError, ValueError, KeyError) as e:
+      raise ConfigError(f"model.checkpoint {config.model.checkpoint!r}: {e}") from None
+  ccfg = clip_config(config, loaded_cfg)
+  if depth:
+    ccfg = ccfg.replace(
+        vision=ccfg.vision.replace(num_layers=depth.get("vision", ccfg.vision.num_layers)),
+        text=ccfg.text.replace(num_layers=depth.get("text", ccfg.text.num_layers)))
+  length = config.clip.context_length or ccfg.text.max_length
+  if loaded_cfg is None:
+    words = [w for p in prompts for w in tok_lib.WordTokenizer([], 1).split(p)]
+    class_tokens = np.asarray(tok_lib.WordTokenizer(words, length)(prompts), np.int32)
+  else:
+    class_tokens = np.zeros((num_classes, length), np.int32)
+  model = clip_lib.CLIP(ccfg, setup_lib.dense_factory(config, mesh))
+  images = jax.ShapeDtypeStruct((1, ccfg.vision.image_size, ccfg.vision.image_size,
+                                 ccfg.vision.num_channels), jnp.float32)
+  params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x,
+                                               jnp.asarray(class_tokens[:1]))["params"], images)
+  steps = config.total_steps or 1
+  schedule = step_lib.make_schedule(config.optim.lr[config.method], steps,
+                                    config.optim.warmup_steps, config.optim.end_lr_fraction)
+  tx = step_lib.make_optimizer(schedule, weight_decay=config.optim.weight_decay,
+                               grad_clip=config.optim.grad_clip)
+  return setup_lib.abstract_experiment(
+      CLIPExperiment, config, mesh, model, params, patterns, tx, schedule,
+      frozen=setup_lib.frozen_dtype(config), vit_config=ccfg.vision, num_classes=num_classes,
+      clip_config=ccfg, class_tokens=class_tokens)
+
+
+batch_spec = setup_lib.image_batch_spec
+
+
+def depths(exp: CLIPExperiment) -> dict[str, int]:
+  """The towers' `nn.scan` stacks and their lengths (aot counts one block's cost)."""
+  return {"vision": exp.clip_config.vision.num_layers, "text": exp.clip_config.text.num_layers}
 
 
 # ----------------------------------------------------------------------------- steps

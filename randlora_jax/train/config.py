@@ -32,6 +32,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_heads = config_dict.placeholder(int)
   c.model.mlp_dim = config_dict.placeholder(int)
   c.model.dtype = "float32"   # compute dtype; parameters stay float32
+  # Storage dtype of the FROZEN weights (trainable leaves stay float32). "auto": for decoders
+  # (task causal_lm) the compute dtype, i.e. bf16 in the LLM presets (an 8B model's weights in
+  # 16 GB, not 32); float32 for the ViT and CLIP tasks.
+  c.model.frozen_dtype = "auto"
   c.model.remat = False
   c.model.normalization = "clip"  # clip | imagenet | half: the backbone's pixel mean/std
   # Vision-only CLIP (classification): a FROZEN head built from a CLIPModel checkpoint's text

@@ -49,6 +49,16 @@ def _train_iterator(exp: setup_lib.Experiment):
                                  process_count=jax.process_count()))
 
 
+def jit_train_step(task, exp: setup_lib.Experiment):
+  """The run's jitted training step, (state, frozen, batch) -> (state, metrics): what `train`
+  runs and what `randlora_jax.aot` compiles for a target (with abstract arguments)."""
+  batch_sh = sharding.batch_sharding(exp.mesh)
+  return jax.jit(task.make_train_step(exp),
+                 in_shardings=(exp.state_shardings, exp.frozen_shardings, batch_sh),
+                 out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
+                 donate_argnums=(0,))
+
+
 def train(config, workdir: str, *, load_pretrained: Callable | None = None,
           mesh=None) -> dict[str, Any]:
   """Trains `config.method` as configured; returns (and writes) the run's summary."""
@@ -60,11 +70,7 @@ def train(config, workdir: str, *, load_pretrained: Callable | None = None,
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.keep_checkpoints)
-  batch_sh = sharding.batch_sharding(exp.mesh)
-  train_step = jax.jit(task.make_train_step(exp),
-                       in_shardings=(exp.state_shardings, exp.frozen_shardings, batch_sh),
-                       out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
-                       donate_argnums=(0,))
+  train_step = jit_train_step(task, exp)
   evaluator = task.make_evaluator(exp, workdir=workdir)
 
   # ---- resume

@@ -8,7 +8,9 @@ raises `ConfigError` with what is wrong and what would fix it; the rules themsel
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import re
 from typing import Any, Callable
 
@@ -244,6 +246,7 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
 
   mask = optim.trainable_mask(params, patterns, defaults=False)
   trainable, frozen = optim.partition(params, mask)
+  frozen = cast_frozen(frozen, frozen_dtype(config))
   trainable_sh, frozen_sh = optim.partition(param_sh, mask)  # the shardings, split alike
 
   steps = config.total_steps or math.ceil(config.num_epochs * len(train_src) / config.batch_size)
@@ -265,3 +268,100 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
       total_steps=steps, local_batch_size=local_batch,
       trainable_count=optim.count(params, mask), total_count=optim.count(params),
       adapter_config=exported)
+
+
+# ----------------------------------------------------------------------------- abstract
+
+
+def frozen_dtype(config, default: str = "float32") -> jnp.dtype:
+  """The frozen weights' storage dtype: ``model.frozen_dtype``, 'auto' being the task's
+  `default` (decoders: bfloat16)."""
+  name = config.model.frozen_dtype
+  return jnp.dtype(default if name == "auto" else name)
+
+
+def cast_frozen(frozen, dtype):
+  """`frozen`'s floating leaves in `dtype` (arrays, or `jax.ShapeDtypeStruct`s keeping their
+  sharding); integer leaves and None stay."""
+  def one(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+  return jax.tree.map(one, frozen)
+
+
+def abstract_experiment(cls, config, mesh, model, params, patterns, tx, schedule, *,
+                        rules=sharding.DEFAULT_RULES, frozen: jnp.dtype, **fields):
+  """An Experiment of class `cls` whose state and frozen weights are `jax.ShapeDtypeStruct`s
+  carrying their shardings (nothing allocated, no data read): what `aot` compiles the task's
+  own step with. `params`: the abstract parameters (`jax.eval_shape` of the model's init);
+  they are split, cast and placed as `build` does. `fields`: the rest of `cls`'s fields."""
+  param_sh = sharding.shardings(params, mesh, rules)
+  mask = optim.trainable_mask(params, patterns, defaults=False)
+  trainable, frozen_params = optim.partition(params, mask)
+  trainable_sh, frozen_sh = optim.partition(param_sh, mask)
+  trainable = step_lib.with_shardings(trainable, trainable_sh)
+  frozen_params = step_lib.with_shardings(cast_frozen(frozen_params, frozen), frozen_sh)
+  state, state_sh = step_lib.abstract_state(tx, trainable, trainable_sh, mesh, rules)
+  base = dict(config=config, mesh=mesh, model=model, frozen=frozen_params, state=state,
+              state_shardings=state_sh, frozen_shardings=frozen_sh, tx=tx, schedule=schedule,
+              train_source=None, test_source=None, num_classes=0,
+              total_steps=config.total_steps or 1, local_batch_size=config.batch_size,
+              trainable_count=optim.count(params, mask), total_count=optim.count(params),
+              adapter_config={})
+  base.update(fields)
+  return cls(**base)
+
+
+def abstract_build(config, mesh, depth: dict[str, int] | None = None) -> Experiment:
+  """`build`'s Experiment with abstract state (`abstract_experiment`): the ViT from the preset
+  (or the checkpoint's config.json; no weights read), the classes from the dataset's
+  metadata. `depth` {'encoder': n} overrides the number of blocks (what `aot` uses to count
+  one block's cost)."""
+  validate.check_config(config)
+  validate.check_batch(config, sharding.data_parallel_size(mesh), 1)
+  try:
+    num_classes, _ = data.label_info(config.data.name, config.data.data_dir or None,
+                                     config.data.label_key)
+  except data.DataError as e:
+    raise ConfigError(str(e)) from None
+  loaded_cfg = None
+  if config.model.checkpoint:
+    from randlora_jax.models import loading
+    try:
+      with open(os.path.join(config.model.checkpoint, "config.json")) as f:
+        loaded_cfg = loading.config_from_hf(json.load(f), num_classes=num_classes,
+                                            image_size=config.model.image_size)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"model.checkpoint {config.model.checkpoint!r}: {e}") from None
+  if config.model.zero_shot_head:
+    raise ConfigError("model.zero_shot_head: not supported by an ahead-of-time compile (the "
+                      "head is built from the text tower's weights)")
+  vcfg = vit_config(config, num_classes, loaded_cfg)
+  if depth:
+    vcfg = vcfg.replace(num_layers=depth.get("encoder", vcfg.num_layers))
+  model = ViT(vcfg, dense_factory(config, mesh))
+  dummy = jax.ShapeDtypeStruct((1, vcfg.image_size, vcfg.image_size, vcfg.num_channels),
+                               jnp.float32)
+  params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x)["params"], dummy)
+  patterns = trainable_patterns(config, methods.CLASSIFIER_HEADS)
+  steps = config.total_steps or 1
+  schedule = step_lib.make_schedule(config.optim.lr[config.method], steps,
+                                    config.optim.warmup_steps, config.optim.end_lr_fraction)
+  tx = step_lib.make_optimizer(schedule, weight_decay=config.optim.weight_decay,
+                               grad_clip=config.optim.grad_clip)
+  return abstract_experiment(Experiment, config, mesh, model, params, patterns, tx, schedule,
+                             frozen=frozen_dtype(config), vit_config=vcfg,
+                             num_classes=num_classes)
+
+
+def image_batch_spec(exp: Experiment) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global training batch of an image task, as the pipeline yields it: uint8 images
+  and int32 labels, split over the batch axes."""
+  sh = sharding.batch_sharding(exp.mesh)
+  size, b = exp.vit_config.image_size, exp.config.batch_size
+  return {"image": jax.ShapeDtypeStruct((b, size, size, exp.vit_config.num_channels), jnp.uint8,
+                                        sharding=sh),
+          "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sh)}

@@ -33,12 +33,35 @@ def initial_state(tx: optax.GradientTransformation, trainable, trainable_shardin
   """(state at step 0, its shardings): the optimizer state initialised in place on the mesh and
   the whole state placed as the train step returns it. Otherwise the first step's input (an
   uncommitted step counter) differs from every later one and the whole step compiles twice."""
-  opt_sh = sharding.shardings(jax.eval_shape(tx.init, trainable), mesh, rules)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+  state_sh = state_shardings(tx, trainable, trainable_shardings, mesh, rules)
+  opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(trainable)
   state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt_state)
-  state_sh = TrainState(step=sharding.replicated(mesh), trainable=trainable_shardings,
-                        opt_state=opt_sh)
   return jax.device_put(state, state_sh), state_sh
+
+
+def state_shardings(tx: optax.GradientTransformation, trainable, trainable_shardings, mesh,
+                    rules=sharding.DEFAULT_RULES) -> TrainState:
+  """The train state's shardings (the optimizer state placed by the parameters' rules);
+  `trainable` may be arrays or `jax.ShapeDtypeStruct`s."""
+  opt_sh = sharding.shardings(jax.eval_shape(tx.init, trainable), mesh, rules)
+  return TrainState(step=sharding.replicated(mesh), trainable=trainable_shardings,
+                    opt_state=opt_sh)
+
+
+def abstract_state(tx: optax.GradientTransformation, trainable, trainable_shardings, mesh,
+                   rules=sharding.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+  """As `initial_state` with nothing allocated: (state of `jax.ShapeDtypeStruct`s carrying
+  their shardings, its shardings); what an ahead-of-time compile of the step takes."""
+  state_sh = state_shardings(tx, trainable, trainable_shardings, mesh, rules)
+  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=trainable,
+                     opt_state=jax.eval_shape(tx.init, trainable))
+  return with_shardings(state, state_sh), state_sh
+
+
+def with_shardings(tree, shardings):
+  """`jax.ShapeDtypeStruct`s of `tree`'s leaves carrying `shardings` (None stays None)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
 
 
 def make_schedule(peak_lr: float, total_steps: int, warmup_steps: int = 0,

@@ -150,6 +150,7 @@ register(
     _field("model.num_heads", integer(1, or_none=True)),
     _field("model.mlp_dim", integer(1, or_none=True)),
     _field("model.dtype", one_of(DTYPES)),
+    _field("model.frozen_dtype", one_of(("auto",) + DTYPES)),
     _field("model.remat", boolean()),
     _field("model.normalization", one_of(sorted(NORMALIZATION))),
 
@@ -256,7 +257,7 @@ register(
 )
 
 # The causal-LM fields (task causal_lm, randlora_jax/tasks/causal_lm.py).
-LM_PRESETS = ("tiny", "qwen2_0_5b", "phi3_mini", "llama3_8b", "gemma")  # all but tiny: checkpoint
+LM_PRESETS = ("tiny", "qwen2_0_5b", "phi3_mini", "llama3_8b", "llama3_70b", "gemma")  # all but tiny: checkpoint
 LM_EVAL_TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy",
                  "ARC-Challenge", "openbookqa")
 register(

@@ -1,0 +1,214 @@
+"""Reading a compiled HLO module's text (`jax.jit(f).lower(...).compile().as_text()`): its
+collectives with how many times each runs, and the kernels (custom calls) it contains.
+
+Loop bodies (an `nn.scan` over layers) run their trip count times. XLA:CPU writes that count on
+the while instruction (``"known_trip_count":{"n":"5"}``); the TPU compiler does not, so it is
+read from the loop's condition computation (``compare(i, constant(N)), direction=LT``, also
+inside a fusion the condition calls). A loop whose count neither gives is listed in
+`Module.unknown_loops` and counted ``default_trip_count`` times (e.g. the scan length the caller
+compiled) when it is not inside another loop, else once per run of its enclosing loop.
+
+A leaf: imports only numpy and the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+               "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+               "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1}
+# Custom-call targets of the kernels this project writes (Mosaic on TPU, Triton on GPU).
+KERNEL_TARGETS = {"tpu_custom_call": "mosaic", "__gpu$xla.gpu.triton": "triton"}
+
+_ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+) = (?P<type>.+?) "
+                    r"(?P<op>[a-z][\w\-]*)\((?P<args>.*)$")
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
+_CALLEE = re.compile(r"\b(?P<kind>body|condition|calls|to_apply|branch_computations|"
+                     r"true_computation|false_computation)="
+                     r"(?:\{(?P<list>[^}]*)\}|%?(?P<one>[\w.\-]+))")
+_KNOWN_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONSTANT = re.compile(r"^\s*%?(?P<name>[\w.\-]+) = [su](?:32|64)\[\]\S* constant\((?P<v>-?\d+)\)")
+_PARAM = re.compile(r"^\s*%?(?P<name>[\w.\-]+) = \S+ parameter\((?P<i>\d+)\)")
+_ROOT_FUSION = re.compile(r"^\s*ROOT\s+%?[\w.\-]+ = pred\[\]\S* fusion\((?P<args>[^)]*)\).*"
+                          r"\bcalls=%?(?P<callee>[\w.\-]+)")
+_COMPARE = re.compile(r"^\s*ROOT\s+%?[\w.\-]+ = pred\[\]\S* compare\(%?(?P<a>[\w.\-]+), "
+                      r"%?(?P<b>[\w.\-]+)\), direction=(?P<dir>[A-Z]+)")
+_OP_NAME = re.compile(r'op_name="[^"]*?([\w.\-]+)/pallas_call')
+_TARGET = re.compile(r'custom_call_target="(?P<target>[^"]+)"')
+
+
+@dataclasses.dataclass
+class Collective:
+  op: str        # one of COLLECTIVES
+  dtype: str
+  shape: tuple[int, ...]
+  bytes: int     # result bytes of one run (per device)
+  count: int     # runs per execution of the module (loop trip counts multiplied in)
+  computation: str
+
+
+@dataclasses.dataclass
+class Module:
+  computations: dict[str, list[str]]
+  entry: str
+  runs: dict[str, int]                  # computation -> runs per execution
+  trip_counts: dict[str, int | None]    # while instruction -> trip count (None: unknown)
+  unknown_loops: list[str]              # while instructions counted by default_trip_count / once
+
+  def collectives(self) -> list[Collective]:
+    found = []
+    for comp, lines in self.computations.items():
+      for line in lines:
+        m = _INSTR.match(line)
+        if not m:
+          continue
+        raw = m.group("op")
+        op = raw.removesuffix("-start")
+        if op not in COLLECTIVES or raw.endswith("-done"):
+          continue
+        arrays = _ARRAY.findall(m.group("type"))
+        if raw.endswith("-start") and op != "all-reduce" and len(arrays) > 1:
+          arrays = arrays[len(arrays) // 2:]  # async (operands..., results...): the results
+        for dtype, dims in arrays:
+          shape = tuple(int(v) for v in dims.split(",") if v)
+          n = int(np.prod(shape, dtype=np.int64))
+          found.append(Collective(op, dtype, shape, DTYPE_BYTES[dtype] * n,
+                                  self.runs.get(comp, 0), comp))
+    return found
+
+  def collective_bytes(self) -> dict[str, int]:
+    """Bytes each collective kind moves per device per execution (result sizes x runs)."""
+    out = {k: 0 for k in COLLECTIVES}
+    for c in self.collectives():
+      out[c.op] += c.bytes * c.count
+    return out
+
+  def kernels(self) -> dict[str, dict]:
+    """The custom-call kernels: instruction name (the Pallas kernel's name, without XLA's
+    ``.N`` suffix) -> {'kind': 'mosaic' | 'triton' | target, 'count': instructions,
+    'runs': executions per step (loop trip counts multiplied in)}. XLA's own library calls
+    (cuBLAS, TPU gather helpers) are left out."""
+    out: dict[str, dict] = {}
+    for comp, lines in self.computations.items():
+      for line in lines:
+        m = _INSTR.match(line)
+        if not m or m.group("op") != "custom-call":
+          continue
+        t = _TARGET.search(line)
+        if not t or t.group("target") not in KERNEL_TARGETS:
+          continue
+        name = re.sub(r"(\.\d+)+$", "", m.group("name"))
+        op_name = _OP_NAME.search(line)
+        if name in ("pallas_call", "custom-call") and op_name:  # Triton: name from the trace
+          name = op_name.group(1)
+        entry = out.setdefault(name, {"kind": KERNEL_TARGETS[t.group("target")], "count": 0,
+                                      "runs": 0})
+        entry["count"] += 1
+        entry["runs"] += self.runs.get(comp, 0)
+    return out
+
+
+def _split(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+  comps: dict[str, list[str]] = {}
+  entry, current = None, None
+  for line in hlo_text.splitlines():
+    m = _COMP.match(line) if not line.startswith((" ", "\t")) else None
+    if m:
+      current = m.group("name")
+      comps[current] = []
+      if line.startswith("ENTRY"):
+        entry = current
+    elif line.strip() == "}":
+      current = None
+    elif current is not None:
+      comps[current].append(line)
+  if not comps:
+    raise ValueError("no HLO computations in the text")
+  return comps, entry or next(iter(comps))
+
+
+def condition_trip_count(lines: list[str], computations: dict[str, list[str]] | None = None,
+                         outer: dict[str, int] | None = None) -> int | None:
+  """N of a counted loop's condition ``i < N`` (``N > i``, ``i <= N - 1``), counting from 0
+  as `lax.scan` / `fori_loop` lower, also where the compare sits in a fusion the condition
+  calls (`computations` holds it); None when the condition is not of that form."""
+  consts = {m.group("name"): int(m.group("v")) for m in map(_CONSTANT.match, lines) if m}
+  if outer:  # a fused computation: its parameters are the caller's operands
+    params = {m.group("name"): int(m.group("i")) for m in map(_PARAM.match, lines) if m}
+    consts.update({p: outer[i] for p, i in params.items() if i in outer})
+  for line in lines:
+    m = _ROOT_FUSION.match(line)
+    if m and computations and m.group("callee") in computations:
+      args = [a.strip().lstrip("%") for a in m.group("args").split(",")]
+      known = {i: consts[a] for i, a in enumerate(args) if a in consts}
+      return condition_trip_count(computations[m.group("callee")], computations, known)
+  for line in lines:
+    m = _COMPARE.match(line)
+    if not m:
+      continue
+    a, b, d = m.group("a"), m.group("b"), m.group("dir")
+    if b in consts and a not in consts:
+      n, d = consts[b], d
+    elif a in consts and b not in consts:
+      n, d = consts[a], {"GT": "LT", "GE": "LE", "LT": "GT", "LE": "GE"}.get(d, d)
+    else:
+      return None
+    if d == "LT":
+      return n
+    if d == "LE":
+      return n + 1
+    return None
+  return None
+
+
+def parse(hlo_text: str, default_trip_count: int | None = None) -> Module:
+  """The module's computations and how many times each runs per execution."""
+  comps, entry = _split(hlo_text)
+  trips: dict[str, int | None] = {}
+  unknown: list[str] = []
+  runs: dict[str, int] = {}
+
+  def visit(name: str, times: int, depth: int = 0):
+    if depth > 64:
+      raise ValueError(f"HLO call graph deeper than 64 at {name}")
+    runs[name] = runs.get(name, 0) + times
+    for line in comps.get(name, ()):
+      inst = _INSTR.match(line)
+      trip = 1
+      if inst and inst.group("op") == "while":
+        iname = inst.group("name")
+        known = _KNOWN_TRIP.search(line)
+        cond = re.search(r"\bcondition=%?([\w.\-]+)", line)
+        n = int(known.group(1)) if known else (
+            condition_trip_count(comps.get(cond.group(1), []), comps) if cond else None)
+        trips[iname] = n
+        if n is None:
+          if iname not in unknown:
+            unknown.append(iname)
+          # the caller's scan length for a top-level loop; a loop inside another loop (XLA's
+          # own, e.g. a decomposed collective matmul) is not a layer loop: once per run
+          n = (default_trip_count or 1) if times == 1 else 1
+        trip = n
+      for m in _CALLEE.finditer(line):
+        for callee in (m.group("list") or m.group("one")).split(","):
+          callee = callee.strip().lstrip("%")
+          if callee in comps:
+            visit(callee, times * (trip if m.group("kind") == "body" else 1), depth + 1)
+
+  visit(entry, 1)
+  return Module(comps, entry, runs, trips, unknown)
+
+
+def collective_bytes(hlo_text: str, default_trip_count: int | None = None) -> dict[str, int]:
+  """Per-device bytes of each collective kind over one execution of the module."""
+  return parse(hlo_text, default_trip_count).collective_bytes()
+
+
+__all__ = ["COLLECTIVES", "Collective", "Module", "collective_bytes", "condition_trip_count",
+           "parse"]

@@ -1,0 +1,85 @@
+"""Run by tests/test_aot.py under the TPU side venv (.venvs/tpu): compiles with libtpu for a
+4-chip v5e slice and prints one JSON object on the last line of stdout.
+
+  PYTHONPATH=. .venvs/tpu/bin/python tests/aot_side.py
+"""
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from randlora_jax import aot  # noqa: E402
+
+TARGET = "v5e-4"
+LAYERS, WIDTH = 5, 8
+
+
+def toy(devices) -> dict:
+  """A scanned toy model, data-parallel over the 4 chips: (1) a `psum` of f32[1, 6] in each
+  of 5 scan steps; (2) the gradient of LAYERS replicated (WIDTH x WIDTH) f32 layers under
+  `lax.scan`, the batch split: XLA all-reduces each layer's weight gradient, wherever it puts
+  that all-reduce (in the loop or after it)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from randlora_jax import hlo
+
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+
+  def f(x):
+    return jax.lax.scan(lambda c, _: (c + jax.lax.psum(c, "data"), None), x, None, length=5)[0]
+
+  g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+  x = jax.ShapeDtypeStruct((4, 6), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+  psum_text = g.lower(x).compile().as_text()
+  psum = hlo.parse(psum_text)
+
+  def loss(w, x):
+    return jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl), None), x, w)[0].sum()
+
+  w = jax.ShapeDtypeStruct((LAYERS, WIDTH, WIDTH), jnp.float32,
+                           sharding=NamedSharding(mesh, P()))
+  xs = jax.ShapeDtypeStruct((16, WIDTH), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+  grad = jax.jit(jax.grad(loss), out_shardings=NamedSharding(mesh, P()))
+  grad_text = grad.lower(w, xs).compile().as_text()
+  dense = hlo.parse(grad_text)
+  return {
+      "psum_known_trip_count_in_text": "known_trip_count" in psum_text,
+      "psum_trip_counts": list(psum.trip_counts.values()),
+      "psum_all_reduce_bytes": psum.collective_bytes()["all-reduce"],
+      "psum_counts": [c.count for c in psum.collectives() if c.op == "all-reduce"],
+      "grad_trip_counts": list(dense.trip_counts.values()),
+      "grad_all_reduce_bytes": dense.collective_bytes()["all-reduce"],
+      "layers": LAYERS, "width": WIDTH,
+  }
+
+
+def main():
+  import trainer_configs
+
+  from randlora_jax import targets
+  aot.prepare_jax()
+  out = {"toy": toy(targets.abstract_devices(targets.get(TARGET)))}
+  runs = {
+      # data=2 x fsdp=2: the frozen weights are split, the batch too
+      "classification": trainer_configs.load("tiny", **{"mesh.data": 2, "mesh.fsdp": 2}),
+      "causal_lm": trainer_configs.load("commonsense", "tiny",
+                                        **{"mesh.data": 2, "mesh.fsdp": 2}),
+      "clip_vl": trainer_configs.load("clip_vl", "tiny", **{"mesh.data": 2, "mesh.fsdp": 2}),
+  }
+  for name, config in runs.items():
+    # one layer's cost (a second compile) for the decoder only: the others' loops are alike
+    report = aot.compile_step(config, TARGET, per_layer=name == "causal_lm")
+    out[name] = report.to_dict()
+    out[name]["table"] = report.table()
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()

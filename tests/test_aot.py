@@ -1,0 +1,285 @@
+"""`randlora_jax.aot` and `hlo`: each task's own training step compiled by the REAL TPU compiler
+(libtpu, deviceless, in the side venv .venvs/tpu) for a 4-chip v5e slice, and the HLO reading
+that the reports rest on (collectives with loop trip counts, kernels)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from randlora_jax import aot, hlo, targets
+
+import xla_env
+
+ROOT = xla_env.ROOT
+TPU_PYTHON = os.path.join(aot.side_venv("tpu", ROOT), "bin", "python")
+
+# A TPU-compiled scan (libtpu 0.0.42.1, v5e 2x2: `lax.scan` of length 5 around a psum of
+# f32[1, 6] under shard_map), trimmed to the lines that matter: no known_trip_count anywhere;
+# the count is the condition's `i < 5`.
+TPU_SCAN_HLO = """\
+HloModule jit_f, entry_computation_layout={(f32[1,6]{1,0})->f32[1,6]{1,0}}
+
+%region_1.0 (a: f32[], b: f32[]) -> f32[] {
+  %b = f32[]{:T(128)} parameter(1)
+  %a = f32[]{:T(128)} parameter(0)
+  ROOT %add.0 = f32[]{:T(128)} add(%a, %b)
+}
+
+%wide.region_0.2_spmd.sunk (wide.param.2: (s32[], f32[1,6], s32[])) -> (s32[], f32[1,6], s32[]) {
+  %wide.param.2 = (s32[]{:T(128)}, f32[1,6]{1,0:T(1,128)}, s32[]{:T(128)}) parameter(0)
+  %constant.0.clone.1..sunk = s32[]{:T(128)} constant(1)
+  %get-tuple-element.35 = s32[]{:T(128)} get-tuple-element(%wide.param.2), index=0
+  %get-tuple-element.36 = f32[1,6]{1,0:T(1,128)} get-tuple-element(%wide.param.2), index=1
+  %add.11 = s32[]{:T(128)} add(%get-tuple-element.35, %constant.0.clone.1..sunk)
+  %psum.9 = f32[1,6]{1,0:T(1,128)S(1)} all-reduce(%get-tuple-element.36), channel_id=1, replica_groups={{0,1,2,3}}, use_global_device_ids=true, to_apply=%region_1.0, backend_config={"flag_configs":[]}
+  %add.12 = f32[1,6]{1,0:T(1,128)} add(%get-tuple-element.36, %psum.9)
+  ROOT %tuple.1 = (s32[]{:T(128)}, f32[1,6]{1,0:T(1,128)}, s32[]{:T(128)}) tuple(%add.11, %add.12, %constant.0.clone.1..sunk)
+}
+
+%wide.region_2.3_spmd (wide.param.1: (s32[], f32[1,6], s32[])) -> pred[] {
+  %wide.param.1 = (s32[]{:T(128)}, f32[1,6]{1,0:T(1,128)}, s32[]{:T(128)}) parameter(0)
+  %constant.1.clone.1 = s32[]{:T(128)} constant(5)
+  %get-tuple-element.21 = s32[]{:T(128)} get-tuple-element(%wide.param.1), index=0
+  ROOT %lt.3 = pred[]{:T(512)} compare(%get-tuple-element.21, %constant.1.clone.1), direction=LT
+}
+
+ENTRY %main.5_spmd (param.3: f32[1,6]) -> f32[1,6] {
+  %param.3 = f32[1,6]{1,0:T(1,128)} parameter(0)
+  %constant.3.clone.1 = s32[]{:T(128)} constant(0)
+  %constant.0.clone.1 = s32[]{:T(128)} constant(1)
+  %tuple.19 = (s32[]{:T(128)}, f32[1,6]{1,0:T(1,128)}, s32[]{:T(128)}) tuple(%constant.3.clone.1, %param.3, %constant.0.clone.1)
+  %while.10 = (s32[]{:T(128)}, f32[1,6]{1,0:T(1,128)}, s32[]{:T(128)}) while(%tuple.19), condition=%wide.region_2.3_spmd, body=%wide.region_0.2_spmd.sunk
+  %k.1 = (f32[1,6]{1,0}, f32[8]{0}) custom-call(%param.3), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/randlora_delta_bwd/pallas_call"}
+  ROOT %get-tuple-element.41 = f32[1,6]{1,0:T(1,128)S(1)} get-tuple-element(%while.10), index=1
+}
+"""
+
+
+def test_trip_count_is_read_from_the_tpu_loop_condition():
+  m = hlo.parse(TPU_SCAN_HLO)
+  assert m.trip_counts == {"while.10": 5} and m.unknown_loops == []
+  assert m.runs["wide.region_0.2_spmd.sunk"] == 5
+  assert m.collective_bytes()["all-reduce"] == 5 * 6 * 4
+  assert m.kernels() == {"k": {"kind": "mosaic", "count": 1, "runs": 1}}
+
+
+def test_unreadable_trip_count_falls_back_to_the_given_length():
+  text = TPU_SCAN_HLO.replace("direction=LT", "direction=NE")
+  m = hlo.parse(text, default_trip_count=7)
+  assert m.unknown_loops == ["while.10"] and m.trip_counts == {"while.10": None}
+  assert m.collective_bytes()["all-reduce"] == 7 * 6 * 4
+  assert hlo.parse(text).collective_bytes()["all-reduce"] == 6 * 4  # once, and listed
+  for direction, n in (("LE", 6), ("GT", None)):
+    assert hlo.condition_trip_count(
+        ["  %c = s32[] constant(5)",
+         f"  ROOT %r = pred[] compare(%i, %c), direction={direction}"]) == n
+  # a u32 counter (XLA's own loops, e.g. a decomposed matmul on 32 v5p chips)
+  assert hlo.condition_trip_count(
+      ["  %c = u32[]{:T(128)} constant(16)",
+       "  ROOT %r = pred[]{:T(512)} compare(%i, %c), direction=LT"]) == 16
+  # the constant first: 5 > i
+  assert hlo.condition_trip_count(
+      ["  %c = s32[] constant(5)", "  ROOT %r = pred[] compare(%c, %i), direction=GT"]) == 5
+
+
+def test_trip_count_of_a_fused_condition_and_nested_unknown_loops():
+  fused = """\
+%fused_lt (param_0: s32[], param_1: s32[]) -> pred[] {
+  %param_0 = s32[]{:T(128)} parameter(0)
+  %param_1 = s32[]{:T(128)} parameter(1)
+  ROOT %lt.1 = pred[]{:T(512)} compare(%param_0, %param_1), direction=LT
+}
+
+%cond (p: (s32[], f32[1,6], s32[])) -> pred[] {
+  %p = (s32[]{:T(128)}, f32[1,6]{1,0:T(1,128)}, s32[]{:T(128)}) parameter(0)
+  %n = s32[]{:T(128)} constant(12)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %f = pred[]{:T(512)} fusion(%i, %n), kind=kLoop, calls=%fused_lt
+}
+"""
+  text = TPU_SCAN_HLO.replace("%wide.region_2.3_spmd (", "%unused_cond (").replace(
+      "condition=%wide.region_2.3_spmd", "condition=%cond")
+  m = hlo.parse(fused + text)
+  assert m.trip_counts == {"while.10": 12} and m.collective_bytes()["all-reduce"] == 12 * 24
+  # an unreadable loop inside a counted one runs once per outer iteration, and is listed
+  inner = TPU_SCAN_HLO.replace("direction=LT", "direction=NE").replace(
+      "ENTRY %main.5_spmd", "%inner_main")
+  outer = f"""\
+%outer_body (q: (s32[], f32[1,6])) -> (s32[], f32[1,6]) {{
+  %q = (s32[]{{:T(128)}}, f32[1,6]{{1,0}}) parameter(0)
+  %x = f32[1,6]{{1,0}} get-tuple-element(%q), index=1
+  %y = f32[1,6]{{1,0}} call(%x), to_apply=%inner_main
+  ROOT %t = (s32[]{{:T(128)}}, f32[1,6]{{1,0}}) tuple(%x, %y)
+}}
+
+%outer_cond (q: (s32[], f32[1,6])) -> pred[] {{
+  %q = (s32[]{{:T(128)}}, f32[1,6]{{1,0}}) parameter(0)
+  %c = s32[]{{:T(128)}} constant(3)
+  %j = s32[]{{:T(128)}} get-tuple-element(%q), index=0
+  ROOT %lt = pred[]{{:T(512)}} compare(%j, %c), direction=LT
+}}
+
+ENTRY %main (a: f32[1,6]) -> f32[1,6] {{
+  %a = f32[1,6]{{1,0}} parameter(0)
+  %z = s32[]{{:T(128)}} constant(0)
+  %t0 = (s32[]{{:T(128)}}, f32[1,6]{{1,0}}) tuple(%z, %a)
+  %w = (s32[]{{:T(128)}}, f32[1,6]{{1,0}}) while(%t0), condition=%outer_cond, body=%outer_body
+  ROOT %r = f32[1,6]{{1,0}} get-tuple-element(%w), index=1
+}}
+"""
+  m = hlo.parse(inner + outer, default_trip_count=80)
+  assert m.trip_counts == {"w": 3, "while.10": None} and m.unknown_loops == ["while.10"]
+  assert m.collective_bytes()["all-reduce"] == 3 * 1 * 24
+
+
+def test_unknown_target_is_one_line_listing_the_names():
+  with pytest.raises(aot.AotError) as e:
+    aot.get_target("v9z-8")
+  msg = str(e.value)
+  assert "\n" not in msg and "v5p-N" in msg and "h100" in msg
+  r = subprocess.run([sys.executable, "train.py", "--config=configs/tiny.py",
+                      "--compile_for=v5p-7"], cwd=ROOT, capture_output=True, text=True,
+                     env=xla_env.subprocess_env(1, PYTHONPATH=ROOT), timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: --compile_for: unknown accelerator "
+                                                 "target 'v5p-7'"), r.stderr[-2000:]
+
+
+def test_missing_side_venv_names_the_make_target(tmp_path, monkeypatch):
+  monkeypatch.delenv("RANDLORA_AOT_REEXEC", raising=False)
+  monkeypatch.delenv("RANDLORA_SIDE_VENVS", raising=False)
+  with pytest.raises(aot.AotError, match="make side-venvs") as e:
+    aot.reexec_argv(targets.get("v5p-64"), ["train.py"], str(tmp_path))
+  assert "\n" not in str(e.value)
+  python, argv, env = aot.reexec_argv(targets.get("h100"), ["train.py", "--x"], ROOT)
+  assert python.endswith(os.path.join(".venvs", "gpu", "bin", "python"))
+  assert argv == [python, "train.py", "--x"] and env["PYTHONPATH"].split(os.pathsep)[0] == ROOT
+  assert env["JAX_PLATFORMS"] == "cpu" and env["RANDLORA_AOT_REEXEC"] == "1"
+
+
+def test_abstract_llama3_8b_run_holds_bf16_frozen_weights_split_over_fsdp():
+  """configs/commonsense.py:llama3_8b's experiment, abstract (nothing allocated): frozen
+  weights in bf16 by default (model.frozen_dtype 'auto' = the compute dtype), split over the
+  fsdp axis; the adapters float32."""
+  import jax
+  import numpy as np
+  import trainer_configs
+  from randlora_jax import sharding, tasks
+
+  mesh = sharding.make_mesh(data=1, fsdp=8)
+  config = trainer_configs.load("commonsense", "llama3_8b", **{"mesh.fsdp": 8})
+  exp = tasks.get("causal_lm").abstract_build(config, mesh)
+  frozen = [x for x in jax.tree.leaves(exp.frozen) if x is not None]
+  assert {x.dtype for x in frozen} == {np.dtype("bfloat16")}
+  assert sum(x.size for x in frozen) == 8_030_261_248  # Meta-Llama-3-8B's parameter count
+  q = exp.frozen["layers"]["q_proj"]["kernel"]
+  assert q.shape == (32, 4096, 4096) and q.sharding.spec == jax.sharding.PartitionSpec(
+      None, "fsdp", None)
+  assert {x.dtype for x in jax.tree.leaves(exp.state.trainable)} == {np.dtype("float32")}
+  config.model.frozen_dtype = "float32"
+  exp = tasks.get("causal_lm").abstract_build(config, mesh, {"layers": 1})
+  assert {x.dtype for x in jax.tree.leaves(exp.frozen)} == {np.dtype("float32")}
+  assert exp.frozen["layers"]["q_proj"]["kernel"].shape == (1, 4096, 4096)
+
+
+@pytest.mark.parametrize("task", ["classification", "causal_lm"])
+def test_abstract_build_lowers_to_the_trained_step(task, tmp_path):
+  """What aot compiles is what train.py runs: the step of `build`'s experiment (real arrays)
+  and of `abstract_build`'s (shapes only) lower to the same program on 8 CPU devices."""
+  import trainer_configs
+  from randlora_jax import sharding, tasks
+  from randlora_jax.data import commonsense_synth
+  from randlora_jax.train import loop
+
+  if task == "causal_lm":
+    commonsense_synth.write(str(tmp_path), n_train=24, n_test=4)
+    config = trainer_configs.load("commonsense", "tiny", **{
+        "lm.train_file": str(tmp_path / "train.json"),
+        "mesh.data": 2, "mesh.fsdp": 4})
+  else:
+    config = trainer_configs.load("tiny", **{"mesh.data": 2, "mesh.fsdp": 4})
+  t = tasks.get(task)
+  mesh = sharding.make_mesh(2, 4)
+  exp = t.build(config, mesh=mesh)
+  if task == "causal_lm":  # the BPE trained on the data has its own size: use it abstractly
+    config.lm.vocab_size = exp.decoder_config.vocab_size
+  abstract = t.abstract_build(config, mesh)
+  batch = t.batch_spec(abstract)
+  real = loop.jit_train_step(t, exp).lower(exp.state, exp.frozen, batch).as_text()
+  shapes = loop.jit_train_step(t, abstract).lower(abstract.state, abstract.frozen,
+                                                  batch).as_text()
+  assert real == shapes
+
+
+# ----------------------------------------------------------------------------- the TPU compiler
+
+
+@pytest.fixture(scope="module")
+def side():
+  """tests/aot_side.py's results: the toy models and each task's report for v5e-4."""
+  assert os.access(TPU_PYTHON, os.X_OK), (
+      f"{TPU_PYTHON} missing: the TPU compiler's side venv is created by `make side-venvs`")
+  env = dict(aot.compiler_env(), PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)  # the CPU test flags mean nothing to libtpu
+  r = subprocess.run([TPU_PYTHON, os.path.join("tests", "aot_side.py")], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-4000:]
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_toy_collectives_by_hand(side):
+  t = side["toy"]
+  # TPU HLO has no known_trip_count: the 5 comes from the loop condition
+  assert not t["psum_known_trip_count_in_text"]
+  assert t["psum_trip_counts"] == [5] and t["psum_counts"] == [5]
+  assert t["psum_all_reduce_bytes"] == 5 * 6 * 4
+  # each layer's f32 weight gradient is all-reduced once per step
+  assert all(n == t["layers"] for n in t["grad_trip_counts"]), t
+  assert t["grad_all_reduce_bytes"] == t["layers"] * t["width"] ** 2 * 4
+
+
+@pytest.mark.parametrize("task", ["classification", "causal_lm", "clip_vl"])
+def test_task_step_compiled_for_tpu(side, task):
+  r = side[task]
+  hbm = targets.get("v5e-4").hbm_bytes
+  assert r["target"] == "v5e-4" and r["devices"] == 4 and r["task"] == task
+  assert r["compiler"].startswith("TPU compiler") and r["device_kind"] == "TPU v5 lite"
+  assert r["backend"] == "v5e-4"  # the target's kernels, not this CPU host's XLA path
+  assert r["mesh"] == {"data": 2, "fsdp": 2}
+  assert 0 < r["peak_bytes"] < hbm and r["fits"]
+  assert r["memory"]["argument_size_in_bytes"] > 0
+  assert r["flops_compiled"] > 0 and r["seconds_compiled"] > 0
+  assert r["time_source"] == "the compiler's optimal_seconds"
+  assert set(r["collectives"]) == set(hlo.COLLECTIVES)
+  # every loop's trip count read from the TPU HLO, and it is the model's depth
+  depths = set(r["depths"].values())
+  assert r["trip_counts"] and all(n in depths for n in r["trip_counts"].values()), r
+  # kernels by name: all Mosaic (the target's); the decoder's layers run RandLoRA's kernels
+  # (the ViTs' layers, with their W0 split over fsdp, take the XLA path in today's ops)
+  assert all(v["kind"] == "mosaic" and v["runs"] >= v["count"] >= 1
+             for v in r["kernels"].values()), r["kernels"]
+  if task == "causal_lm":
+    assert {"randlora_delta_fused", "randlora_delta_bwd"} <= set(r["kernels"]), r["kernels"]
+  assert r["trainable_bytes"] == 4 * r["trainable_params"]  # adapters in float32
+  assert "HBM per device" in r["table"]
+
+
+def test_per_layer_cost_times_depth(side):
+  r = side["causal_lm"]
+  (name, n), = r["depths"].items()
+  layer = r["per_layer"][name]
+  assert n == 2 and layer["flops"] > 0 and layer["seconds"] > 0
+  assert r["flops"] == pytest.approx(r["flops_compiled"] + (n - 1) * layer["flops"])
+  assert r["seconds"] == pytest.approx(r["seconds_compiled"] + (n - 1) * layer["seconds"])
+  # a decoder layer is most of this tiny step's work, but not all of it (embedding, head)
+  assert 0.2 * r["flops"] < n * layer["flops"] < r["flops"]
+
+
+@pytest.mark.parametrize("task", ["classification", "causal_lm", "clip_vl"])
+def test_all_reduce_is_adapter_sized(side, task):
+  r = side[task]
+  assert r["collectives"]["all-reduce"] <= 1.5 * r["trainable_bytes"], r["table"]
