@@ -348,7 +348,7 @@ def results_table(summary: dict[Config, dict[str, Any]]) -> str:
       continue
     mem = "peak RSS" if s["memory_kind"] == "peak_rss_mib" else "device peak"
     rows.append([cfg.name, f"{s['trainable']:,}", f"{s['step']:.3f} s",
-                 f"{s['step_min']:.3f}-{s['step_max']:.3f}", f"{s['cpu']:.2f} s",
+                 f"{s['step_min']:.3f}-{s['step_max']:.3f}", f"{s['cpu']:.3f} s",
                  f"{s['memory']:.0f} MiB ({mem})",
                  f"{s['warmup']:.1f} s, {s['runs']} runs"
                  + ("" if s["loss_finite"] else ", NON-FINITE LOSS")])
@@ -365,7 +365,7 @@ def _find(summary, impl, method, targets):
 
 
 def ratio_rows(summary) -> list[list[str]]:
-  """[comparison, step-time ratio, memory ratio] for every pair that was measured."""
+  """[comparison, step-time ratio, CPU-time ratio, memory ratio] for every measured pair."""
   rows = []
   targets_seen = sorted({c.targets for c in summary if c.targets != "-"})
   for t in targets_seen:
@@ -390,17 +390,22 @@ def ratio_rows(summary) -> list[list[str]]:
     for label, (i1, m1), (i2, m2) in pairs:
       a, b = _find(summary, i1, m1, t), _find(summary, i2, m2, t)
       if a and b:
-        rows.append([label, f"{a['step'] / b['step']:.2f}x", f"{a['memory'] / b['memory']:.2f}x"])
+        rows.append([label, f"{a['step'] / b['step']:.2f}x", _cpu_ratio(a, b),
+                     f"{a['memory'] / b['memory']:.2f}x"])
   a, b = _find(summary, "peft", "full", "-"), _find(summary, "ours", "full", "-")
   if a and b:
     rows.append(["torch full FT / ours full FT: speed-up", f"{a['step'] / b['step']:.2f}x",
-                 f"{a['memory'] / b['memory']:.2f}x"])
+                 _cpu_ratio(a, b), f"{a['memory'] / b['memory']:.2f}x"])
   return rows
 
 
+def _cpu_ratio(a, b) -> str:
+  return f"{a['cpu'] / b['cpu']:.2f}x" if a["cpu"] > 0 and b["cpu"] > 0 else "-"
+
+
 def ratio_table(summary) -> str:
-  return common.markdown_table(["comparison", "step time ratio", "peak memory ratio"],
-                               ratio_rows(summary))
+  return common.markdown_table(["comparison", "step time ratio", "CPU time ratio",
+                                "peak memory ratio"], ratio_rows(summary))
 
 
 def plot(summary, path: str, title: str) -> None:

@@ -59,7 +59,7 @@ def test_train_step_quick_runs_every_config(tmp_path):
   for row in results:
     assert row["median step"].endswith(" s") and float(row["median step"][:-2]) > 0
     assert float(row["peak memory"].split()[0]) > 0
-    assert float(row["CPU s/step"][:-2]) > 0
+    assert float(row["CPU s/step"][:-2]) >= 0
   # Same model shape, adapted modules and rank on both sides: identical trainable counts.
   for ours, theirs in (("ours RandLoRA r8, q,v", "PEFT RandLoRA r8, q,v"),
                        ("ours LoRA r8, q,v", "PEFT LoRA r8, q,v"),
