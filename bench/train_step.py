@@ -102,18 +102,30 @@ class Config:
 # Children.
 
 
-def _timed_steps(step, warmups: int, steps: int) -> tuple[float, list[float]]:
-  """(seconds for the warm-ups, per-step seconds); ``step()`` must block until done."""
+def _cpu_seconds() -> float:
+  """User + system CPU time of this process so far (all its threads)."""
+  import resource
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def _timed_steps(step, warmups: int, steps: int) -> tuple[float, list[float], list[float]]:
+  """(seconds for the warm-ups, per-step wall seconds, per-step CPU seconds of the process);
+  ``step()`` must block until done. CPU seconds are what a step costs the cores whatever
+  else runs on them (a loaded machine stretches wall time, much less CPU time); torch's
+  OpenMP workers spin while waiting, which counts as CPU time, so compare CPU seconds
+  between our configurations, wall time between implementations."""
   t0 = time.perf_counter()
   for _ in range(warmups):
     step()
   warm = time.perf_counter() - t0
-  times = []
+  times, cpu = [], []
   for _ in range(steps):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     step()
     times.append(time.perf_counter() - t0)
-  return warm, times
+    cpu.append(_cpu_seconds() - c0)
+  return warm, times, cpu
 
 
 def _ours_model(cfg: Config):
@@ -145,7 +157,10 @@ def _ours_trainable_rules(method: str) -> tuple[tuple[str, ...], bool]:
   return methods.trainable_patterns(base, methods.CLASSIFIER_HEADS), False
 
 
-def run_ours(cfg: Config) -> dict[str, Any]:
+def build_ours(cfg: Config):
+  """(jitted step, (trainable, opt_state, frozen, x, y)) of our side: what `run_ours` times and
+  `bench/step_profile.py` profiles. ``step(trainable, opt_state, frozen, x, y)`` returns
+  (trainable, opt_state, loss); trainable and optimizer state are donated."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -178,7 +193,15 @@ def run_ours(cfg: Config) -> dict[str, Any]:
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
 
-  step_fn = jax.jit(train_step, donate_argnums=(0, 1))
+  return jax.jit(train_step, donate_argnums=(0, 1)), (trainable, opt_state, frozen, x, y)
+
+
+def run_ours(cfg: Config) -> dict[str, Any]:
+  import jax
+
+  from randlora_jax import optim
+
+  step_fn, (trainable, opt_state, frozen, x, y) = build_ours(cfg)
   state = {"t": trainable, "o": opt_state, "loss": []}
 
   def step():
@@ -187,13 +210,13 @@ def run_ours(cfg: Config) -> dict[str, Any]:
     state["t"], state["o"] = t, o
     state["loss"].append(float(loss))
 
-  warm, times = _timed_steps(step, cfg.warmups, cfg.steps)
+  warm, times, cpu = _timed_steps(step, cfg.warmups, cfg.steps)
   dev = jax.local_devices()[0]
   mem = None
   if dev.platform != "cpu":
     stats = dev.memory_stats() or {}
     mem = stats.get("peak_bytes_in_use", 0) / 2**20
-  return dict(trainable=optim.count(state["t"]), warmup_s=warm, step_s=times,
+  return dict(trainable=optim.count(state["t"]), warmup_s=warm, step_s=times, cpu_s=cpu,
               loss=state["loss"], device=dev.device_kind, device_peak_mib=mem)
 
 
@@ -237,11 +260,11 @@ def run_peft(cfg: Config) -> dict[str, Any]:
 
   if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
-  warm, times = _timed_steps(step, cfg.warmups, cfg.steps)
+  warm, times, cpu = _timed_steps(step, cfg.warmups, cfg.steps)
   mem = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
   name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
   return dict(trainable=sum(p.numel() for p in params), warmup_s=warm, step_s=times,
-              loss=losses, device=name, device_peak_mib=mem)
+              cpu_s=cpu, loss=losses, device=name, device_peak_mib=mem)
 
 
 def child_main(cfg: Config) -> None:
@@ -303,7 +326,9 @@ def summarise(results: dict[Config, list[dict[str, Any]]]) -> dict[Config, dict[
     medians = [statistics.median(r["step_s"]) for r in ok]
     mem_key = "device_peak_mib" if ok[0].get("device_peak_mib") is not None else "peak_rss_mib"
     med, lo, hi = common.spread(medians)
+    cpu = [statistics.median(r["cpu_s"]) for r in ok if r.get("cpu_s")]
     out[cfg] = dict(trainable=ok[0]["trainable"], step=med, step_min=lo, step_max=hi,
+                    cpu=statistics.median(cpu) if cpu else float("nan"),
                     memory=statistics.median(r[mem_key] for r in ok), memory_kind=mem_key,
                     warmup=statistics.median(r["warmup_s"] for r in ok), runs=len(ok),
                     failed=len(runs) - len(ok), device=ok[0]["device"],
@@ -319,16 +344,17 @@ def results_table(summary: dict[Config, dict[str, Any]]) -> str:
   rows = []
   for cfg, s in summary.items():
     if "error" in s:
-      rows.append([cfg.name, "-", "FAILED", "-", "-", s["error"][:120]])
+      rows.append([cfg.name, "-", "FAILED", "-", "-", "-", s["error"][:120]])
       continue
     mem = "peak RSS" if s["memory_kind"] == "peak_rss_mib" else "device peak"
     rows.append([cfg.name, f"{s['trainable']:,}", f"{s['step']:.3f} s",
-                 f"{s['step_min']:.3f}-{s['step_max']:.3f}", f"{s['memory']:.0f} MiB ({mem})",
+                 f"{s['step_min']:.3f}-{s['step_max']:.3f}", f"{s['cpu']:.3f} s",
+                 f"{s['memory']:.0f} MiB ({mem})",
                  f"{s['warmup']:.1f} s, {s['runs']} runs"
                  + ("" if s["loss_finite"] else ", NON-FINITE LOSS")])
   return common.markdown_table(
-      ["config", "trainable", "median step", "range over repeats", "peak memory",
-       "warm-up (compile), runs"], rows)
+      ["config", "trainable", "median step", "range over repeats", "CPU s/step",
+       "peak memory", "warm-up (compile), runs"], rows)
 
 
 def _find(summary, impl, method, targets):
@@ -339,7 +365,7 @@ def _find(summary, impl, method, targets):
 
 
 def ratio_rows(summary) -> list[list[str]]:
-  """[comparison, step-time ratio, memory ratio] for every pair that was measured."""
+  """[comparison, step-time ratio, CPU-time ratio, memory ratio] for every measured pair."""
   rows = []
   targets_seen = sorted({c.targets for c in summary if c.targets != "-"})
   for t in targets_seen:
@@ -348,6 +374,8 @@ def ratio_rows(summary) -> list[list[str]]:
         (f"PEFT RandLoRA / ours RandLoRA ({where}): speed-up", ("peft", "randlora"),
          ("ours", "randlora")),
         (f"PEFT LoRA / ours LoRA ({where}): speed-up", ("peft", "lora"), ("ours", "lora")),
+        (f"ours LoRA / ours full FT ({where})", ("ours", "lora"), ("ours", "full")),
+        (f"PEFT LoRA / torch full FT ({where})", ("peft", "lora"), ("peft", "full")),
         (f"ours RandLoRA / ours full FT ({where})", ("ours", "randlora"), ("ours", "full")),
         (f"ours RandLoRA / ours LoRA ({where})", ("ours", "randlora"), ("ours", "lora")),
         (f"PEFT RandLoRA / torch full FT ({where})", ("peft", "randlora"), ("peft", "full")),
@@ -362,17 +390,22 @@ def ratio_rows(summary) -> list[list[str]]:
     for label, (i1, m1), (i2, m2) in pairs:
       a, b = _find(summary, i1, m1, t), _find(summary, i2, m2, t)
       if a and b:
-        rows.append([label, f"{a['step'] / b['step']:.2f}x", f"{a['memory'] / b['memory']:.2f}x"])
+        rows.append([label, f"{a['step'] / b['step']:.2f}x", _cpu_ratio(a, b),
+                     f"{a['memory'] / b['memory']:.2f}x"])
   a, b = _find(summary, "peft", "full", "-"), _find(summary, "ours", "full", "-")
   if a and b:
     rows.append(["torch full FT / ours full FT: speed-up", f"{a['step'] / b['step']:.2f}x",
-                 f"{a['memory'] / b['memory']:.2f}x"])
+                 _cpu_ratio(a, b), f"{a['memory'] / b['memory']:.2f}x"])
   return rows
 
 
+def _cpu_ratio(a, b) -> str:
+  return f"{a['cpu'] / b['cpu']:.2f}x" if a["cpu"] > 0 and b["cpu"] > 0 else "-"
+
+
 def ratio_table(summary) -> str:
-  return common.markdown_table(["comparison", "step time ratio", "peak memory ratio"],
-                               ratio_rows(summary))
+  return common.markdown_table(["comparison", "step time ratio", "CPU time ratio",
+                                "peak memory ratio"], ratio_rows(summary))
 
 
 def plot(summary, path: str, title: str) -> None:
@@ -436,6 +469,10 @@ def parse_args(argv=None):
   return args
 
 
+def _load() -> str:
+  return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.child:
@@ -444,6 +481,7 @@ def main(argv=None) -> int:
   if "peft" in args.impls:
     common.ensure_torch_stack()
   configs = configurations(args)
+  load_before = _load()
   t0 = time.time()
   results = measure(configs, args.repeats, timeout=args.timeout)
   summary = summarise(results)
@@ -452,7 +490,8 @@ def main(argv=None) -> int:
            f"median of {args.steps} steps after {args.warmups} warm-ups, {args.repeats} "
            f"interleaved repeats, one process per run")
   print(f"## {title}\n")
-  print(f"machine: {common.machine()}; {json.dumps(common.versions())}\n")
+  print(f"machine: {common.machine()}; {json.dumps(common.versions())}")
+  print(f"load average (1, 5, 15 min): before {load_before}, after {_load()}\n")
   print(results_table(summary) + "\n")
   print(ratio_table(summary) + "\n")
   print(f"total wall time {time.time() - t0:.0f} s")

@@ -103,7 +103,8 @@ def _geometry(module, args, kwargs):
 
 
 def _check_supported(module):
-  if getattr(module, "dot_general", None) is not None or \
+  # layers.dot_general (our `linen.Dense`) is lax.dot_general with another backward: no loss
+  if getattr(module, "dot_general", None) not in (None, layers.dot_general) or \
      getattr(module, "dot_general_cls", None) is not None:
     raise NotImplementedError(f"layer {_path(module)!r} uses a custom dot_general; RandLoRA "
                               "injection computes in plain jnp and would drop it")

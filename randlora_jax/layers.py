@@ -25,6 +25,7 @@ input dim (the batch) does not divide; the first and the last log one warning pe
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -35,6 +36,63 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from randlora_jax import bases, ops, sharding
+
+
+# ----------------------------------------------------------------------------------------------
+# The plain matmul of every Dense layer, with a backward whose GEMMs need no layout copies.
+
+
+def _tokens(a):
+  """(..., k) -> (tokens, k): the layer's rows, whatever the leading dims."""
+  return a.reshape(-1, a.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x, kernel, precision):
+  return jnp.matmul(x, kernel, precision=precision)
+
+
+def _matmul_fwd(x, kernel, precision):
+  return _matmul(x, kernel, precision), (x, kernel)
+
+
+def _matmul_bwd(precision, res, g):
+  x, kernel = res
+  g2 = _tokens(g)
+  dx = jax.lax.dot_general(g2, kernel, (((1,), (1,)), ((), ())), precision=precision)
+  dk = jax.lax.dot_general(_tokens(x), g2, (((0,), (0,)), ((), ())), precision=precision)
+  return dx.reshape(x.shape).astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x, kernel, precision=None) -> jax.Array:
+  """``x @ kernel`` for x (..., in) and kernel (in, out); the same values and gradients as
+  `jnp.matmul`, with the backward written on the 2-D (tokens, features) views:
+  ``dx = g W^T`` and ``dW = x^T g`` contract the token axis of both operands directly.
+
+  Why: JAX's own transpose of a matmul with a 3-D input emits ``dW`` as ``(g^T x)^T``, and
+  XLA:CPU then materialises a transposed copy of the output cotangent g (tokens x out) per
+  layer, fused into the producer of g (e.g. GELU's backward) with a strided write: 15% of a
+  ViT-B LoRA step (bench/RESULTS.md, "The CPU step"). Here XLA sees a TN GEMM it runs as is.
+  A frozen kernel's ``dW`` is dead code XLA drops, as with `jnp.matmul`.
+  """
+  if kernel.ndim != 2 or x.ndim < 1:
+    return jnp.matmul(x, kernel, precision=precision)
+  return _matmul(x, kernel, precision)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`jax.lax.dot_general` for Flax's ``nn.Dense(dot_general=...)``: Dense's contraction
+  (last axis of the input with the kernel's first) goes through `matmul`; anything else
+  is the plain op."""
+  dims = tuple(tuple(tuple(axes) for axes in pair) for pair in dimension_numbers)
+  if preferred_element_type is None and rhs.ndim == 2 and dims == (((lhs.ndim - 1,), (0,)),
+                                                                   ((), ())):
+    return matmul(lhs, rhs, precision)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type)
 
 
 def compute_dtype(dtype, *arrays) -> jnp.dtype:

@@ -20,6 +20,14 @@ from randlora_jax.adapter import AdapterConfig
 Initializer = Callable[..., jax.Array]
 
 
+class Dense(nn.Dense):
+  """`nn.Dense` (same fields, parameters and auto-names) whose matmul is `layers.matmul`:
+  the layout-copy-free backward on XLA:CPU. What every non-adapted layer of our models is
+  built with (`methods.dense_factory`), frozen or fully fine-tuned."""
+
+  dot_general: Any = layers.dot_general
+
+
 class RandLoraDense(nn.Module):
   """`nn.Dense` + RandLoRA update ``x @ (W0 + dW) + b`` (see `randlora_jax.ops`).
 

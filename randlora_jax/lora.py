@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes
 
-from randlora_jax import adapter_dropout
+from randlora_jax import adapter_dropout, layers
 
 
 class LoraDense(nn.Module):
@@ -43,10 +43,12 @@ class LoraDense(nn.Module):
     b = self.param("lora_b", nn.initializers.zeros_init(), (self.r, self.features),
                    self.param_dtype)
     inputs, kernel, a, b = dtypes.promote_dtype(inputs, kernel, a, b, dtype=self.dtype)
-    y = jnp.matmul(inputs, kernel, precision=self.precision)
+    y = layers.matmul(inputs, kernel, precision=self.precision)
     xd = adapter_dropout.adapter_input(self, inputs, self.dropout)
     xd = inputs if xd is None else xd
-    y = y + (self.alpha / self.r) * jnp.matmul(jnp.matmul(xd, a), b)
+    # The scale goes on B (r x out), not on the (tokens x out) branch output: its backward
+    # then multiplies an r x out array instead of a tokens x out cotangent.
+    y = y + layers.matmul(layers.matmul(xd, a), b * jnp.asarray(self.alpha / self.r, b.dtype))
     if bias is not None:
       y = y + jnp.asarray(bias, y.dtype)
     return y

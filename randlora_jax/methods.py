@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 
-from randlora_jax.linen import RandLoraDense
+from randlora_jax.linen import Dense, RandLoraDense
 from randlora_jax.lora import LoraDense
 
 
@@ -155,8 +155,8 @@ CLASSIFIER_HEADS = TaskHeads("classification", new=(_HEAD,), probe=(_HEAD,))
 def dense_factory(method: str = "full", targets: Sequence[str] = (), **adapter_kwargs
                   ) -> Callable[[str], Callable[..., nn.Module]]:
   """Maps a layer name (e.g. 'q_proj', 'fc1') to the Dense class it should be built with:
-  the method's adapter class on names matching a `targets` regex, plain `nn.Dense` elsewhere
-  (what trains is the optimizer's business). `adapter_kwargs` go to the adapter class."""
+  the method's adapter class on names matching a `targets` regex, plain Dense
+  (`linen.Dense`) elsewhere (what trains is the optimizer's business). `adapter_kwargs` go to the adapter class."""
   layer = get(method).layer
   rules = [re.compile(t) for t in targets]
   adapter = functools.partial(layer, **adapter_kwargs) if layer is not None else None
@@ -164,7 +164,7 @@ def dense_factory(method: str = "full", targets: Sequence[str] = (), **adapter_k
   def pick(name: str):
     if adapter is not None and any(rx.search(name) for rx in rules):
       return adapter
-    return nn.Dense
+    return Dense
 
   return pick
 

@@ -59,6 +59,7 @@ def test_train_step_quick_runs_every_config(tmp_path):
   for row in results:
     assert row["median step"].endswith(" s") and float(row["median step"][:-2]) > 0
     assert float(row["peak memory"].split()[0]) > 0
+    assert float(row["CPU s/step"][:-2]) >= 0
   # Same model shape, adapted modules and rank on both sides: identical trainable counts.
   for ours, theirs in (("ours RandLoRA r8, q,v", "PEFT RandLoRA r8, q,v"),
                        ("ours LoRA r8, q,v", "PEFT LoRA r8, q,v"),
@@ -67,6 +68,9 @@ def test_train_step_quick_runs_every_config(tmp_path):
   comparisons = {r["comparison"] for r in ratios}
   assert "PEFT RandLoRA / ours RandLoRA (q,v): speed-up" in comparisons
   assert "ours RandLoRA / ours full FT (q,v)" in comparisons
+  assert "ours LoRA / ours full FT (q,v)" in comparisons
+  assert "torch full FT / ours full FT: speed-up" in comparisons
+  assert "load average" in out
   assert all(float(r["step time ratio"].rstrip("x")) > 0 for r in ratios)
   assert (tmp_path / "step.png").stat().st_size > 0
 

@@ -132,3 +132,38 @@ def test_one_spelling_for_the_adapter_fields():
   assert cfg.seed == seed_from_key(jax.random.key(5)) and isinstance(cfg.seed, int)
   assert RandLoraDense(8, **cfg.to_dict()).config == cfg
   assert "r" in LoraDense.__dataclass_fields__ and "rank" not in LoraDense.__dataclass_fields__
+
+
+def _dense_loss(module, params, x):
+  return jnp.sum(jnp.sin(module.apply(params, x)))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7), (7,)])
+def test_plain_dense_matches_flax_dense_values_and_grads(shape):
+  """`linen.Dense` (layers.matmul's backward) = `nn.Dense` in outputs and both gradients."""
+  from randlora_jax import linen
+
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+  ours, ref = linen.Dense(4), nn.Dense(4)
+  params = ref.init(jax.random.key(0), x)
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-6, atol=1e-6)
+  g_ours = jax.grad(lambda p, x: _dense_loss(ours, p, x), argnums=(0, 1))(params, x)
+  g_ref = jax.grad(lambda p, x: _dense_loss(ref, p, x), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_backward_keeps_no_transposed_cotangent_copy():
+  """The point of `layers.matmul`: the weight gradient of a 3-D input contracts the tokens of
+  x and g directly; JAX's own rule makes XLA:CPU transpose the (tokens, out) cotangent."""
+  from randlora_jax import layers
+
+  x = jnp.ones((2, 6, 8), jnp.float32)
+  w = jnp.ones((8, 16), jnp.float32)
+
+  def transposes(matmul):
+    f = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.tanh(matmul(x, w))), argnums=(0, 1)))
+    return f.lower(x, w).compile().as_text().count(" transpose(")
+
+  assert transposes(jnp.matmul) > 0  # the XLA:CPU behaviour this works around
+  assert transposes(layers.matmul) == 0

@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from randlora_jax import linen
+
 FAMILIES = ("vit", "dinov2", "clip")
 POOLINGS = ("cls", "cls_mean", "mean")
 
@@ -38,7 +40,7 @@ DenseFactory = Callable[[str], Callable[..., nn.Module]]
 
 def _default_dense(name: str) -> Callable[..., nn.Module]:
   del name
-  return nn.Dense
+  return linen.Dense
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
