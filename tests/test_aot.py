@@ -258,12 +258,12 @@ def test_task_step_compiled_for_tpu(side, task):
   # every loop's trip count read from the TPU HLO, and it is the model's depth
   depths = set(r["depths"].values())
   assert r["trip_counts"] and all(n in depths for n in r["trip_counts"].values()), r
-  # kernels by name: all Mosaic (the target's); the decoder's layers run RandLoRA's kernels
-  # (the ViTs' layers, with their W0 split over fsdp, take the XLA path in today's ops)
+  # kernels by name: all Mosaic (the target's); the decoder's layers form their block of
+  # W0 + dW with RandLoRA's fused kernel (the sharded backward reduces per block in XLA)
   assert all(v["kind"] == "mosaic" and v["runs"] >= v["count"] >= 1
              for v in r["kernels"].values()), r["kernels"]
   if task == "causal_lm":
-    assert {"randlora_delta_fused", "randlora_delta_bwd"} <= set(r["kernels"]), r["kernels"]
+    assert "randlora_delta_fused" in r["kernels"], r["kernels"]
   assert r["trainable_bytes"] == 4 * r["trainable_params"]  # adapters in float32
   assert "HBM per device" in r["table"]
 
