@@ -300,7 +300,7 @@ def test_unknown_keys_and_missing_checkpoint_error_clearly(tmp_path):
   with pytest.raises(CheckpointError, match="qkv"):
     load_pretrained(tmp_path)
   # Neither a directory nor a valid hub id: a FileNotFoundError that says what to do.
-  with pytest.raises(FileNotFoundError, match="neither a local directory"):
+  with pytest.raises(FileNotFoundError, match="no such directory .and not a hub id"):
     load_pretrained(str(tmp_path / "no such dir!"))
 
 
