@@ -114,7 +114,8 @@ class Module:
     return out
 
 
-def _split(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+def split_computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+  """(computation name -> its body lines, the entry computation's name) of an HLO module."""
   comps: dict[str, list[str]] = {}
   entry, current = None, None
   for line in hlo_text.splitlines():
@@ -169,7 +170,7 @@ def condition_trip_count(lines: list[str], computations: dict[str, list[str]] | 
 
 def parse(hlo_text: str, default_trip_count: int | None = None) -> Module:
   """The module's computations and how many times each runs per execution."""
-  comps, entry = _split(hlo_text)
+  comps, entry = split_computations(hlo_text)
   trips: dict[str, int | None] = {}
   unknown: list[str] = []
   runs: dict[str, int] = {}

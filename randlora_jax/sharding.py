@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from randlora_jax import optim
+from randlora_jax import hlo, optim
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -139,7 +139,6 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = (?P<type>.+?) (?P<op>[a-z][\w\-]*)\(")
-_COMP = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
 _CALLEE = re.compile(r"\b(?:body|calls|branch_computations)=\{?(?P<names>%?[\w.\-]+(?:,\s*%?[\w.\-]+)*)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
@@ -149,19 +148,7 @@ def collectives(hlo_text: str) -> list[dict]:
   as dicts ``op, dtype, shape, elements, bytes, count``: ``count`` is how many times it runs (loop
   bodies, e.g. `nn.scan`, times their known trip count); ``bytes`` the result size per run,
   summed over a tuple result. ``*-start`` ops count once, ``*-done`` not at all."""
-  comps: dict[str, list[str]] = {}
-  entry, current = None, None
-  for line in hlo_text.splitlines():
-    m = _COMP.match(line) if not line.startswith((" ", "\t")) else None
-    if m:
-      current = m.group("name")
-      comps[current] = []
-      if line.startswith("ENTRY"):
-        entry = current
-    elif line.strip() == "}":
-      current = None
-    elif current is not None:
-      comps[current].append(line)
+  comps, entry = hlo.split_computations(hlo_text)
   runs: dict[str, int] = {}
 
   def visit(name: str, times: int):
@@ -174,7 +161,7 @@ def collectives(hlo_text: str) -> list[dict]:
           if callee in comps:
             visit(callee, times * (int(trip.group(1)) if trip and "body=" in m.group(0) else 1))
 
-  visit(entry or next(iter(comps), ""), 1)
+  visit(entry, 1)
   found = []
   for name, lines in comps.items():
     for line in lines:
