@@ -183,14 +183,14 @@ def test_adapted_merged_and_factored_decoding_agree(checkpoints):
 
 README_DECODER = """
 import numpy as np
-from randlora_jax import generate, lora
+from randlora_jax import generate, methods
 from randlora_jax.models import hf_decoder
 from randlora_jax.models.decoder import Decoder
 
 # config.json + model.safetensors (or an index + shards), placed on a mesh when one is given
 config, params = hf_decoder.load_decoder(checkpoint_dir, mesh=None)
-dense = lora.dense_factory("randlora", ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
-                           r=8, alpha=16.0, seed=63098)
+dense = methods.dense_factory("randlora", ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+                              r=8, alpha=16.0, seed=63098)
 model = Decoder(config, dense)
 params = hf_decoder.with_adapter(params, config, dense)  # lambda = 0: still the base model
 

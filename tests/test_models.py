@@ -306,13 +306,13 @@ def test_unknown_keys_and_missing_checkpoint_error_clearly(tmp_path):
 
 @pytest.mark.torch
 def test_readme_snippet_load_local_dinov2_with_randlora(tmp_path):
-  """The README's loading example, run on a tiny local DINOv2 checkpoint."""
+  """docs/models.md's loading example, run on a tiny local DINOv2 checkpoint."""
   _hf_model("dinov2_registers").save_pretrained(tmp_path)
   local_dir = str(tmp_path)
   # --- README snippet ---
   import jax
   import jax.numpy as jnp
-  from randlora_jax.lora import dense_factory
+  from randlora_jax.methods import dense_factory
   from randlora_jax.models import ViT, load_pretrained, merge_pretrained
 
   config, pretrained = load_pretrained(local_dir, num_classes=10)  # or a hub id

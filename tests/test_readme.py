@@ -1,13 +1,18 @@
-"""The README's code is code that runs.
+"""The code in README.md and docs/*.md is code that runs.
 
 * A ```python block marked `<!-- tested -->` runs here as written.
-* A block marked `<!-- tested in tests/test_x.py -->` needs set-up the README leaves out (a
-  checkpoint on disk, PyTorch): it must equal, line for line, a snippet that test file runs:
-  a module-level string constant named `README_*` (run with `exec`), or the lines between
-  `# --- README snippet ---` and `# --- end snippet ---` (dedented).
+* A block marked `<!-- tested in tests/test_x.py -->` needs set-up the page leaves out (a
+  checkpoint on disk, PyTorch, a side venv). That test file runs it: either it holds a snippet
+  equal, line for line, to the block (a module-level string constant named `README_*`, run with
+  `exec`, or the lines between `# --- README snippet ---` and `# --- end snippet ---`,
+  dedented), or it reads the page and runs the blocks marked with its own name.
+
+No other spelling of the marker is accepted, and `MARKED` counts each page's blocks, so a block
+that moves between pages moves its count, and one that disappears fails here.
 """
 
 import ast
+import importlib.util
 import pathlib
 import re
 import textwrap
@@ -15,13 +20,32 @@ import textwrap
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"<!-- tested -->\s*```python\n(.*?)```", README, flags=re.S)
-PINNED = re.findall(r"<!-- tested in (\S+) -->\s*```python\n(.*?)```", README, flags=re.S)
+PAGES = ["README.md"] + sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))
+TEXT = {page: (ROOT / page).read_text() for page in PAGES}
+
+RUN_AS_WRITTEN = re.compile(r"<!-- tested -->\s*```python\n(.*?)```", flags=re.S)
+PINNED_TO = re.compile(r"<!-- tested in (\S+) -->\s*```python\n(.*?)```", flags=re.S)
+ANY_MARKER = re.compile(r"<!-- *tested\b[^>]*-->")
+
+BLOCKS = [(page, block) for page in PAGES for block in RUN_AS_WRITTEN.findall(TEXT[page])]
+PINNED = [(page, path, block) for page in PAGES for path, block in PINNED_TO.findall(TEXT[page])]
+
+# Per page: (blocks run as written, blocks pinned to a test file).
+MARKED = {
+    "README.md": (1, 2),
+    "docs/injection.md": (0, 1),
+    "docs/models.md": (0, 2),
+    "docs/merge_export.md": (0, 3),
+    "docs/kernels.md": (0, 1),
+    "docs/tunix.md": (0, 1),
+}
+# Before issue 24 moved sections out of the README (main 430a4ae): README 1 run as written and
+# 8 pinned, docs/tunix.md 1 pinned, docs/kernels.md 1 run by tests/test_targets.py.
+BEFORE = (1, 10)
 
 
 def snippets_in(path: pathlib.Path) -> list[str]:
-  """The README snippets a test file runs, normalised (stripped)."""
+  """The page snippets a test file runs, normalised (stripped)."""
   text = path.read_text()
   out = []
   for node in ast.parse(text).body:
@@ -35,27 +59,102 @@ def snippets_in(path: pathlib.Path) -> list[str]:
   return out
 
 
-def test_readme_has_tested_snippets():
-  assert BLOCKS, "README.md lost its tested snippets"
-  assert len(PINNED) >= 5, "README.md lost its snippets pinned to tests"
+def reads_page_blocks(path: pathlib.Path, page: str) -> bool:
+  """Whether a test file reads `page` and picks the blocks marked with its own name."""
+  text = path.read_text()
+  own = path.relative_to(ROOT).as_posix()
+  return pathlib.Path(page).name in text and f"<!-- tested in {own} -->" in text
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_snippet_runs(index, tmp_path, monkeypatch):
+def counts(page: str) -> tuple[int, int]:
+  return len(RUN_AS_WRITTEN.findall(TEXT[page])), len(PINNED_TO.findall(TEXT[page]))
+
+
+def test_no_marked_block_was_lost():
+  found = {page: counts(page) for page in PAGES if counts(page) != (0, 0)}
+  assert found == MARKED, "marked blocks per page changed; update MARKED only for a real move"
+  totals = tuple(sum(c[i] for c in found.values()) for i in range(2))
+  assert totals[0] >= BEFORE[0] and sum(totals) >= sum(BEFORE), (totals, BEFORE)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_marker_is_one_of_the_two_forms(page):
+  """A misspelt marker, or one not followed by a python block, would drop a block silently."""
+  markers = ANY_MARKER.findall(TEXT[page])
+  assert len(markers) == sum(counts(page)), (
+      f"{page}: a `<!-- tested ... -->` marker is not `<!-- tested -->` or "
+      f"`<!-- tested in tests/x.py -->` directly above a ```python block: {markers}")
+
+
+def test_readme_is_short_and_keeps_its_two_commands():
+  readme = TEXT["README.md"]
+  assert len(readme.splitlines()) <= 220, "the README is the front door: keep it near 200 lines"
+  first_block = re.search(r"```bash\n(.*?)```", readme, flags=re.S).group(1).splitlines()
+  assert [line.split("#")[0].strip() for line in first_block] == ["make demo", "make test"]
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)),
+                         ids=[f"{page}[{i}]" for i, (page, _) in enumerate(BLOCKS)])
+def test_block_runs(index, tmp_path, monkeypatch):
+  page, block = BLOCKS[index]
   monkeypatch.chdir(tmp_path)
-  namespace = {"__name__": f"readme_snippet_{index}"}
-  exec(compile(BLOCKS[index], f"README.md[snippet {index}]", "exec"), namespace)
+  namespace = {"__name__": f"page_snippet_{index}"}
+  exec(compile(block, f"{page}[snippet {index}]", "exec"), namespace)  # pylint: disable=exec-used
 
 
-@pytest.mark.parametrize("path,block", PINNED, ids=[p for p, _ in PINNED])
-def test_readme_snippet_is_the_tested_one(path, block):
+@pytest.mark.parametrize("page,path,block", PINNED,
+                         ids=[f"{page}:{path}" for page, path, _ in PINNED])
+def test_pinned_block_is_the_tested_one(page, path, block):
   source = ROOT / path
-  assert source.is_file(), f"README points at {path}, which does not exist"
+  assert source.is_file(), f"{page} points at {path}, which does not exist"
+  if reads_page_blocks(source, page):
+    return
   candidates = snippets_in(source)
-  assert candidates, f"{path} runs no README snippet"
+  assert candidates, f"{path} runs no snippet of {page}"
   assert block.strip() in candidates, (
-      f"README block differs from every snippet {path} runs; first lines:\n"
+      f"{page} block differs from every snippet {path} runs; first lines:\n"
       + "\n".join(block.strip().splitlines()[:3]))
+
+
+CONFIG_ARG = re.compile(r"--config=(configs/[\w/]+\.py)(?::(\w+))?")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_train_commands_name_existing_configs(page):
+  """Every `--config=configs/x.py[:preset]` a page shows builds its config (no drift)."""
+  for path, preset in sorted(set(CONFIG_ARG.findall(TEXT[page]))):
+    assert (ROOT / path).is_file(), f"{page}: {path} does not exist"
+    spec = importlib.util.spec_from_file_location(f"page_config_{pathlib.Path(path).stem}",
+                                                  ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(preset) if preset else module.get_config()
+    assert config is not None, f"{page}: {path}:{preset} built nothing"
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def anchors(markdown: str) -> set[str]:
+  """GitHub's heading anchors: lowercase, punctuation dropped, spaces to hyphens."""
+  out = set()
+  for heading in re.findall(r"^#+ (.*)$", re.sub(r"```.*?```", "", markdown, flags=re.S),
+                            flags=re.M):
+    out.add(re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-"))
+  return out
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_relative_links_resolve(page):
+  """A link to a moved section or file would otherwise rot silently."""
+  for target in LINK.findall(TEXT[page]):
+    if re.match(r"[a-z]+://", target):
+      continue
+    path, _, anchor = target.partition("#")
+    file = (ROOT / page).parent / path if path else ROOT / page
+    assert file.exists(), f"{page} links to {target}: no such file"
+    if anchor and file.suffix == ".md":
+      assert anchor in anchors(file.read_text()), f"{page} links to {target}: no such heading"
 
 
 def test_snippet_extraction_finds_both_forms(tmp_path):
@@ -63,3 +162,11 @@ def test_snippet_extraction_finds_both_forms(tmp_path):
   f.write_text("README_A = '''\nx = 1\n'''\n\ndef test():\n  # --- README snippet ---\n"
                "  y = 2\n  if y:\n    z = 3\n  # --- end snippet ---\n")
   assert snippets_in(f) == ["x = 1", "y = 2\nif y:\n  z = 3"]
+
+
+def test_markers_are_told_apart():
+  page = ("<!-- tested -->\n```python\nx = 1\n```\n<!-- tested in tests/a.py -->\n"
+          "```python\ny = 2\n```\n<!-- tested (tests/a.py) -->\n```python\nz = 3\n```\n")
+  assert RUN_AS_WRITTEN.findall(page) == ["x = 1\n"]
+  assert PINNED_TO.findall(page) == [("tests/a.py", "y = 2\n")]
+  assert len(ANY_MARKER.findall(page)) == 3  # the third spelling is counted, so it fails

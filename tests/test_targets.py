@@ -100,7 +100,7 @@ def test_tiling_reads_the_registry():
 def test_docs_kernels_blocks_run():
   """docs/kernels.md's tested python blocks run as written."""
   text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "kernels.md").read_text()
-  blocks = re.findall(r"<!-- tested \(tests/test_targets.py\) -->\s*```python\n(.*?)```", text,
+  blocks = re.findall(r"<!-- tested in tests/test_targets.py -->\s*```python\n(.*?)```", text,
                       flags=re.S)
   assert blocks
   for i, block in enumerate(blocks):
