@@ -92,7 +92,7 @@ def test_resolve_config_uses_pefts_very_sparse_rule():
   assert adapter.peft_sparse_dim([(12, 16), (20, 5)]) == 16
 
 
-# The README's snippet, verbatim: the README shows exactly what this test runs.
+# docs/merge_export.md's merge snippet, verbatim: the page shows exactly what this test runs.
 README_MERGE = '''
 import flax.linen as nn
 import jax

@@ -107,7 +107,7 @@ def test_export_requires_adapter_config_and_rejects_lora(tmp_path):
 
 @pytest.mark.torch
 def test_readme_snippet_export_merged(tmp_path):
-  """The README's export example: a tiny DINOv2 checkpoint from transformers, RandLoRA on
+  """docs/merge_export.md's export example: a tiny DINOv2 checkpoint from transformers, RandLoRA on
   q/v, (stand-in) training, merged export, loaded back by transformers' Auto class."""
   import torch
   import transformers as tf

@@ -114,7 +114,7 @@ def test_optimizer_step_changes_only_lambda_gamma():
   assert changed == want
 
 
-# The README's snippet, verbatim: the README shows exactly what this test runs.
+# docs/injection.md's NNX snippet, verbatim: the page shows exactly what this test runs.
 README_NNX = '''
 import jax
 import jax.numpy as jnp

@@ -221,7 +221,7 @@ def test_vit_export_reproduces_outputs_in_transformers_vit(tmp_path):
   assert np.abs(base - ours).max() > 1e-2  # the adapter changes the logits
 
 
-# The README's snippet, verbatim: the README shows exactly what this test runs.
+# docs/merge_export.md's PEFT snippet, verbatim: the page shows exactly what this test runs.
 README_PEFT = '''
 import jax
 import jax.numpy as jnp
