@@ -157,6 +157,18 @@ def test_relative_links_resolve(page):
       assert anchor in anchors(file.read_text()), f"{page} links to {target}: no such heading"
 
 
+def test_config_overrides_name_existing_fields():
+  """Every `--config.a.b=` a page shows is a field of the trainer's config schema."""
+  from randlora_jax.train.config import base_config  # pylint: disable=import-outside-toplevel
+  schema = base_config()
+  for page in PAGES:
+    for path in sorted(set(re.findall(r"--config\.([a-z_][\w.]*\w)", TEXT[page]))):
+      node = schema
+      for key in path.split("."):
+        assert key in node, f"{page}: --config.{path} is not a config field"
+        node = node[key]
+
+
 def test_snippet_extraction_finds_both_forms(tmp_path):
   f = tmp_path / "t.py"
   f.write_text("README_A = '''\nx = 1\n'''\n\ndef test():\n  # --- README snippet ---\n"
