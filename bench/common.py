@@ -60,7 +60,9 @@ def timed_with_cpu(fn: Callable[[], Any], warmup: int, repeats: int
                    ) -> tuple[float, list[float], list[float]]:
   """(seconds of the warm-up calls, per-call wall seconds, per-call CPU seconds of the
   process). CPU seconds are what a call costs the cores whatever else runs on them (a
-  loaded machine stretches wall time, much less CPU time)."""
+  loaded machine stretches wall time, much less CPU time); torch's OpenMP workers spin while
+  waiting, which counts as CPU time, so compare CPU seconds between JAX configurations and
+  wall time between implementations."""
   t0 = time.perf_counter()
   for _ in range(warmup):
     fn()

@@ -173,7 +173,8 @@ def test_fidelity_real_quick_runs_the_protocol_on_synthetic_idx_files(tmp_path, 
   def no_training(*a, **k):
     raise AssertionError("re-trained a (method, k) that the JSON already holds")
 
-  monkeypatch.setattr(real_transfer, "finetune", no_training)
+  from randlora_jax.experiments import real_transfer as protocol
+  monkeypatch.setattr(protocol, "finetune", no_training)
   again = io.StringIO()
   with contextlib.redirect_stdout(again):
     assert fidelity.main(argv) == 0
