@@ -11,7 +11,7 @@ import numpy as np
 
 import common  # bench/common.py
 from randlora_jax.experiments.real_transfer import (  # noqa: F401  (the protocol, re-exported)
-    KINDS, Setup, adapter_count, head_count, matched_lora_rank, run, summarise)
+    KINDS, SHAPE_KEYS, Setup, adapter_count, head_count, matched_lora_rank, run, summarise)
 
 LABELS = {"head": "linear probe", "lora": "LoRA", "randlora": "RandLoRA (full rank)",
           "randlora_rank_r": "RandLoRA, gamma tied (rank <= r)", "full": "full fine-tuning"}
