@@ -236,6 +236,29 @@ def dense_for(name: str, targets: Sequence[str], *, r: int, alpha: float, seed=0
   return methods.dense_factory(method)
 
 
+# The decoder benchmarks' adapted projections (attention q, k, v and the MLP's up, down).
+DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+
+def decoder_partition(config, method: str, *, r: int, alpha: float, seed=0):
+  """(model, trainable, frozen, mask): a `Decoder` of `config` with `method`'s adapters on
+  `DECODER_TARGETS`, initialised from key 0 and split by the causal-LM task's trainable rule
+  (`tasks.causal_lm.trainable_patterns`, the registry's)."""
+  import jax
+  import jax.numpy as jnp
+
+  from randlora_jax import optim
+  from randlora_jax.models.decoder import Decoder
+  from randlora_jax.tasks.causal_lm import trainable_patterns
+
+  model = Decoder(config, dense_for(method, DECODER_TARGETS, r=r, alpha=alpha, seed=seed))
+  params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))()
+  mask = optim.trainable_mask(params["params"], trainable_patterns(registry_method(method)),
+                              defaults=False)
+  trainable, frozen = optim.partition(params["params"], mask)
+  return model, trainable, frozen, mask
+
+
 def parse_markdown_tables(text: str) -> list[list[dict[str, str]]]:
   """Every markdown table in ``text`` as a list of {header: cell} rows (for tests/tools)."""
   tables, block = [], []
