@@ -31,6 +31,7 @@ from bench.common import rss_mib, timed  # noqa: E402
 
 TARGETS = common.DECODER_TARGETS
 VOCAB = 8192
+ALPHA_PER_RANK = 2  # alpha = 2 * rank on both sides, for RandLoRA and LoRA
 SIZES = dict(hidden=1024, layers=8, seq=256, batch=8, rank=32, steps=5, warmup=2, decode=32)
 
 
@@ -51,8 +52,9 @@ def ours(a) -> dict:
   from randlora_jax.tasks.causal_lm import weighted_lm_loss
 
   cfg = DecoderConfig(family="llama", **llama_shape(a))
-  model, trainable, frozen, mask = common.decoder_partition(cfg, a.method, r=a.rank,
-                                                            alpha=2.0 * a.rank, seed=0)
+  alpha = float(ALPHA_PER_RANK * a.rank)
+  model, trainable, frozen, _ = common.decoder_partition(cfg, a.method, r=a.rank, alpha=alpha,
+                                                         seed=0)
   ids = jnp.asarray(np.random.default_rng(0).integers(2, VOCAB, (a.batch, a.seq)), jnp.int32)
   tx = optax.adamw(1e-4, weight_decay=0.0)
   opt = tx.init(trainable)
@@ -87,7 +89,7 @@ def ours(a) -> dict:
   if a.method == "randlora" and a.decode:  # decode speed on merged weights (plain decoder)
     from randlora_jax.tasks.causal_lm import merged_params
     plain = merged_params(optim.combine(state[0], frozen), "randlora",
-                          {"r": a.rank, "alpha": 2.0 * a.rank, "seed": 0})
+                          {"r": a.rank, "alpha": alpha, "seed": 0})
     prompt = np.asarray(ids[:, :32])
     run = lambda: gen_lib.generate(Decoder(cfg), {"params": plain}, prompt, method="greedy",
                                    max_new_tokens=a.decode)
@@ -107,9 +109,11 @@ def peft_run(a) -> dict:
       intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_layers"],
       num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"]))
   if a.method == "peft_randlora":
-    pcfg = peft.RandLoraConfig(r=a.rank, randlora_alpha=2 * a.rank, target_modules=list(TARGETS))
+    pcfg = peft.RandLoraConfig(r=a.rank, randlora_alpha=ALPHA_PER_RANK * a.rank,
+                               target_modules=list(TARGETS))
   else:
-    pcfg = peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=list(TARGETS))
+    pcfg = peft.LoraConfig(r=a.rank, lora_alpha=ALPHA_PER_RANK * a.rank,
+                           target_modules=list(TARGETS))
   model = peft.get_peft_model(model, pcfg).train()
   if {p.dtype for p in model.parameters()} != {torch.float32}:
     raise SystemExit("the PEFT model is not float32 throughout")
