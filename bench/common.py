@@ -207,7 +207,8 @@ def add_options(parser, options: dict[str, Any], helps: dict[str, str] | None = 
 # the difference being in the protocol, not the layer: randlora_rank_r ties gamma across the
 # N terms (`experiments.ablation.tie_gamma`), randlora_saved keeps W0 + dW for the backward
 # (`ops.apply(save_merged=True)`).
-VARIANTS = {"randlora_rank_r": "randlora", "randlora_saved": "randlora"}
+VARIANTS = {"randlora_rank_r": "randlora", "randlora_saved": "randlora",
+            "randlora_exp": "randlora"}  # bench/fidelity_vl.py: CLIP's logit scale as exp
 
 
 def registry_method(name: str) -> str:

@@ -38,8 +38,6 @@ sys.path.insert(1, os.path.dirname(_HERE))
 
 import common  # noqa: E402
 
-import optax  # noqa: E402
-
 from randlora_jax.experiments import ablation  # noqa: E402
 from randlora_jax.experiments import synthetic_fidelity as synthetic  # noqa: E402
 from randlora_jax.experiments.synthetic_fidelity import lora_rank_for  # noqa: E402,F401
@@ -74,41 +72,26 @@ def run_embedded(args) -> dict[str, Any]:
   The backbone is the same for every seed (pretrained once with the config's seed); seeds
   change the fine-tuning (data order, head init, basis seed). Learning rates are the demo's
   (no grid: each run costs about a minute here). The tied-gamma ablation runs the trainer's
-  RandLoRA with `tie_gamma_transform` prepended to its optimizer.
+  RandLoRA with `ablation.tie_gamma` in front of its optimizer (`trainer_arms.tied_gamma`).
   """
-  import importlib.util
   import tempfile
 
-  import ml_collections
-
+  from randlora_jax.experiments import trainer_arms
   from randlora_jax.train import demo, loop
-  from randlora_jax.train import step as step_lib
 
-  path = os.path.join(os.path.dirname(_HERE), "configs", "demo.py")
-  spec = importlib.util.spec_from_file_location("demo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  base = module.get_config()
+  base = trainer_arms.load_config(os.path.join(os.path.dirname(_HERE), "configs", "demo.py"))
   base.progress, base.export.adapter, base.eval_every = False, False, 0
   if args.embedded_steps:
     base.total_steps = args.embedded_steps
   load = demo.pretrained_loader(base)
-  original = step_lib.make_optimizer
   runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
   with tempfile.TemporaryDirectory() as tmp:
     for seed in range(args.seeds):
       for method in args.methods:
-        c = ml_collections.ConfigDict(base.to_dict())
-        c.method = "randlora" if method == "randlora_rank_r" else method
-        c.seed, c.adapter.seed = seed, seed
-        if method == "randlora_rank_r":
-          step_lib.make_optimizer = lambda *a, **k: optax.chain(ablation.tie_gamma_transform(),
-                                                                original(*a, **k))
+        c = trainer_arms.arm_config(base, ablation.registry_name(method), seed)
         t0 = time.time()
-        try:
+        with trainer_arms.tied_gamma(method == "randlora_rank_r"):
           summary = loop.train(c, os.path.join(tmp, f"{method}_{seed}"), load_pretrained=load)
-        finally:
-          step_lib.make_optimizer = original
         acc = float(summary["test_accuracy"])
         runs[method].append(dict(seed=seed, lr=float(c.optim.lr[c.method]), val=acc, test=acc,
                                  trainable=int(summary["trainable_params"]), ranks=[],

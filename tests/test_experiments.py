@@ -101,3 +101,35 @@ def test_random_adapter_moves_only_lambda_and_gamma_deterministically():
   moved = perturb.random_adapter(qwix_like, jax.random.key(0), lambda_std=1.0)["mm"]
   assert float(jnp.abs(moved[lam]).max()) > 0 and not np.allclose(moved[gam], 1.0)
   np.testing.assert_array_equal(moved["w"], qwix_like["mm"]["w"])
+
+
+def test_tied_gamma_wraps_the_trainers_optimizer_only_while_open():
+  import os
+
+  from randlora_jax.experiments import trainer_arms
+  from randlora_jax.train import step as step_lib
+
+  original = step_lib.make_optimizer
+  _, params = _randlora_mlp()
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(4), x.shape), params)
+
+  def first_update(tx):  # Adam's first step is elementwise: equal gradients, equal updates
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return np.asarray(updates["fc0"]["randlora_gamma"])
+
+  with trainer_arms.tied_gamma():
+    tied = first_update(step_lib.make_optimizer(1e-2, weight_decay=0.0, grad_clip=0.0))
+  assert step_lib.make_optimizer is original
+  np.testing.assert_allclose(tied, np.broadcast_to(tied[:1], tied.shape), rtol=1e-6)
+  untied = first_update(step_lib.make_optimizer(1e-2, weight_decay=0.0, grad_clip=0.0))
+  assert not np.allclose(untied, untied[:1])
+  with trainer_arms.tied_gamma(active=False):
+    assert step_lib.make_optimizer is original
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  base = trainer_arms.load_config(os.path.join(root, "configs", "demo.py"))
+  before = base.to_dict()
+  arm = trainer_arms.arm_config(base, "lora", 7)
+  assert (arm.method, arm.seed, arm.adapter.seed) == ("lora", 7, 7)
+  assert base.to_dict() == before  # a copy is changed, not the base
+  assert arm.adapter.targets == base.adapter.targets

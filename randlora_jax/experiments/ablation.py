@@ -21,6 +21,12 @@ import optax
 from randlora_jax import optim
 
 RANK_TOL = 1e-4  # relative singular-value threshold for an update's numerical rank
+TIED = "randlora_rank_r"  # the ablation's name beside the registry's methods
+
+
+def registry_name(kind: str) -> str:
+  """The `randlora_jax.methods` entry a study's arm trains with (the ablation is RandLoRA)."""
+  return "randlora" if kind == TIED else kind
 
 
 def tie_gamma(grads):

@@ -210,7 +210,7 @@ class Method:
   @property
   def registry_name(self) -> str:
     """The `randlora_jax.methods` entry this configuration trains with."""
-    return "randlora" if self.kind == "randlora_rank_r" else self.kind
+    return ablation.registry_name(self.kind)
 
   def adapter_kwargs(self, basis_seed=0) -> dict[str, Any]:
     """The layer keywords of the registry method (none for head / full)."""
@@ -306,7 +306,7 @@ def finetune(backbone, x, y, subsets, counts, lrs, seeds, xv, yv, xs, ys, *, met
       pick = jax.random.randint(jax.random.fold_in(k_batch, i), (setup.batch,), 0, count)
       idx = subset[pick]
       g = jax.grad(loss_fn)(t, x[idx], y[idx])
-      if method.kind == "randlora_rank_r":
+      if method.kind == ablation.TIED:
         g = ablation.tie_gamma(g)
       u, s = tx.update(g, s, t)
       return (optax.apply_updates(t, jax.tree.map(lambda v: lr * v, u)), s), None

@@ -65,13 +65,8 @@ def lora_rank_for(width: int, r: int) -> int:
   return max(1, math.ceil(spec.num_trainable / (2 * width)))
 
 
-def registry_name(kind: str) -> str:
-  """The `randlora_jax.methods` entry a kind trains with (the ablation is RandLoRA)."""
-  return "randlora" if kind == "randlora_rank_r" else kind
-
-
 def adapter_kwargs(kind: str, r: int, lora_rank: int, basis_seed=0) -> dict[str, Any]:
-  method = registry_name(kind)
+  method = ablation.registry_name(kind)
   if method == "randlora":
     return dict(r=r, alpha=RANDLORA_ALPHA_PER_RANK * r, seed=basis_seed)
   if method == "lora":
@@ -81,12 +76,13 @@ def adapter_kwargs(kind: str, r: int, lora_rank: int, basis_seed=0) -> dict[str,
 
 def dense_for(kind: str, r: int, lora_rank: int, basis_seed) -> Callable:
   kw = adapter_kwargs(kind, r, lora_rank, basis_seed)
-  return methods.dense_factory(registry_name(kind), TARGETS if kw else (), **kw)
+  return methods.dense_factory(ablation.registry_name(kind), TARGETS if kw else (), **kw)
 
 
 def trainable_rules(kind: str) -> tuple[tuple[str, ...], bool]:
   """(regexes, include optim's defaults) from the methods registry."""
-  return methods.trainable_patterns(registry_name(kind), methods.CLASSIFIER_HEADS), False
+  patterns = methods.trainable_patterns(ablation.registry_name(kind), methods.CLASSIFIER_HEADS)
+  return patterns, False
 
 
 def make_task(seed: int, width: int, depth: int, num_classes: int, rel: float,
@@ -132,7 +128,7 @@ def train(base, x, y, lr, basis_seed, key, *, method: str, width: int, depth: in
     t, s = carry
     idx = jax.random.randint(jax.random.fold_in(k_batches, i), (batch,), 0, x.shape[0])
     grads = jax.grad(loss_fn)(t, x[idx], y[idx])
-    if method == "randlora_rank_r":
+    if method == ablation.TIED:
       grads = ablation.tie_gamma(grads)
     updates, s = tx.update(grads, s, t)
     updates = jax.tree.map(lambda u: -lr * schedule(i) * u, updates)
@@ -153,7 +149,7 @@ def update_ranks(params, base, *, method: str, r: int, lora_rank: int, basis_see
   ranks = []
   for i in range(depth):
     layer = params[f"fc{i}"]
-    if registry_name(method) == "randlora":
+    if ablation.registry_name(method) == "randlora":
       dw = adapter.delta_for(layer, adapter.AdapterConfig(
           **adapter_kwargs(method, r, lora_rank, basis_seed)))
     elif method == "lora":
@@ -166,7 +162,7 @@ def update_ranks(params, base, *, method: str, r: int, lora_rank: int, basis_see
 
 def effective_trainable(method: str, raw: int, *, width: int, depth: int, r: int) -> int:
   """Trainable count; for the tied-gamma ablation, gamma counts once per layer (d, not N*d)."""
-  if method != "randlora_rank_r":
+  if method != ablation.TIED:
     return raw
   spec = ops.LayerSpec(width, width, r)
   return raw - depth * (spec.num_bases - 1) * spec.d
