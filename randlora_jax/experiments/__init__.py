@@ -8,6 +8,11 @@ drivers in ``bench/`` call and tabulate.
   digits by each method at matched budgets, k-shot and full.
 * `synthetic_fidelity`: a frozen random MLP and a teacher with a full-rank change; each
   method's student at an equal budget.
+* `trainer_arms`: the same arms trained by the trainer itself (`train.loop.train`), the
+  tied-gamma ablation as the trainer's optimizer.
+* `perturb`: a RandLoRA adapter that is not a no-op without training (random lambda/gamma),
+  for checking merges and quantised bases.
 
-Modules import from the package's lower layers only (models, data, methods, optim, adapter).
+Nothing in the package imports these modules; they import the layers below them (models,
+data, methods, optim, adapter; `trainer_arms` the trainer).
 """
