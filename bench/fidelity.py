@@ -213,7 +213,8 @@ def real_setup(args):
 
 
 def main_real(args) -> int:
-  """`--task real`: the transfer protocol of bench/real_transfer.py, then its tables."""
+  """`--task real`: the protocol of `randlora_jax.experiments.real_transfer`, then the tables
+  of bench/real_transfer.py."""
   import real_transfer as rt
 
   t0 = time.time()

@@ -118,11 +118,6 @@ def _ours_model(cfg: Config):
   return vit.ViT(vcfg, dense)
 
 
-# (regexes, include optim's defaults) of a method's trainable set, from the methods registry
-# (randlora_saved is RandLoRA keeping the merged weight); bench/device_check.py reads it too.
-_ours_trainable_rules = common.classifier_trainable
-
-
 def build_ours(cfg: Config):
   """(jitted step, (trainable, opt_state, frozen, x, y)) of our side: what `run_ours` times and
   `bench/step_profile.py` profiles. ``step(trainable, opt_state, frozen, x, y)`` returns
@@ -143,7 +138,7 @@ def build_ours(cfg: Config):
   x = jnp.asarray(rng.standard_normal((cfg.batch, s["image"], s["image"], 3), np.float32))
   y = jnp.asarray(rng.integers(0, NUM_CLASSES, cfg.batch))
   params = jax.jit(model.init)(jax.random.key(0), x)["params"]
-  extra, defaults = _ours_trainable_rules(cfg.method)
+  extra, defaults = common.classifier_trainable(cfg.method)
   mask = optim.trainable_mask(params, extra, defaults=defaults)
   trainable, frozen = optim.partition(params, mask)
   del params
