@@ -30,12 +30,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from randlora_jax import lora, optim, sharding  # noqa: E402
+from randlora_jax import methods, optim, sharding  # noqa: E402
 from randlora_jax.kernels import dispatch  # noqa: E402
 from randlora_jax.train import setup, step as step_lib  # noqa: E402
 
 MESHES = {"data=8": dict(data=8, fsdp=1), "data=2 x fsdp=4": dict(data=2, fsdp=4)}
-TRAINABLE = {"randlora": (r"randlora_",), "lora": (r"lora_",), "full": (r".*",)}
+# The MLP has no task head: what trains is the registry's adapter leaves (everything for full).
+MLP_HEADS = methods.TaskHeads("mlp")
 
 
 def _nbytes(tree) -> int:
@@ -52,7 +53,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dense = lora.dense_factory(self.method, (".*",), **(
+    dense = methods.dense_factory(self.method, (".*",), **(
         dict(r=16, path="merged") if self.method == "randlora" else dict(r=16, alpha=32.0)
         if self.method == "lora" else {}))
     x = dense("up")(1024, name="up")(x)
@@ -64,8 +65,9 @@ def mlp_row(method: str, mesh_kw: dict, mode: str, boundary: bool = True) -> dic
   model = MLP(method)
   x = jax.ShapeDtypeStruct((16, 256), jnp.float32)
   params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-  trainable, frozen = optim.partition(
-      params, optim.trainable_mask(params, TRAINABLE[method], defaults=False))
+  mask = optim.trainable_mask(params, methods.trainable_patterns(method, MLP_HEADS),
+                              defaults=False)
+  trainable, frozen = optim.partition(params, mask)
   tx = optax.adamw(1e-3)
   opt = jax.eval_shape(tx.init, trainable)
 

@@ -195,7 +195,7 @@ def train_step_rows(model: str, batch: int, r: int, steps: int,
     x = jnp.asarray(rng.standard_normal((batch, s["image"], s["image"], 3), np.float32))
     y = jnp.asarray(rng.integers(0, train_step.NUM_CLASSES, batch))
     params = jax.jit(net.init)(jax.random.key(0), x)["params"]
-    extra, defaults = train_step._ours_trainable_rules(method)
+    extra, defaults = common.classifier_trainable(method)
     mask = optim.trainable_mask(params, extra, defaults=defaults)
     trainable, frozen = optim.partition(params, mask)
     tx = optim.freeze_others(optax.adamw(train_step.LEARNING_RATE), mask)

@@ -1,6 +1,6 @@
 r"""Vision-language fidelity on the embedded task (configs/clip_vl.py:demo), several seeds:
 head (the two projections), LoRA, RandLoRA (full rank), RandLoRA with gamma tied across its
-N terms (update rank <= r; `fidelity.tie_gamma_transform`, the paper's Table 2 ablation), and
+N terms (update rank <= r; `experiments.trainer_arms.tied_gamma`, the paper's Table 2 ablation), and
 full fine-tuning, all in BOTH towers of a tiny CLIP pretrained once on embedded captioned
 shapes (cached); then RandLoRA with the logit scale's exponential (`clip.logit_scale=exp`)
 beside the paper's raw log-space scale.
@@ -28,12 +28,10 @@ sys.path.insert(0, _HERE)
 sys.path.insert(1, os.path.dirname(_HERE))
 
 import common  # noqa: E402
-import fidelity  # noqa: E402  (tie_gamma_transform: the rank <= r ablation)
-import ml_collections  # noqa: E402
-import optax  # noqa: E402
+import fidelity  # noqa: E402  (the method labels)
 
+from randlora_jax.experiments import trainer_arms  # noqa: E402
 from randlora_jax.train import loop  # noqa: E402
-from randlora_jax.train import step as step_lib  # noqa: E402
 
 METHODS = ("head", "lora", "randlora", "randlora_rank_r", "full", "randlora_exp")
 LABELS = dict(fidelity.LABELS, head="projections only",
@@ -41,12 +39,8 @@ LABELS = dict(fidelity.LABELS, head="projections only",
 
 
 def demo_config():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "clip_vl_config", os.path.join(os.path.dirname(_HERE), "configs", "clip_vl.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("demo")
+  return trainer_arms.load_config(os.path.join(os.path.dirname(_HERE), "configs", "clip_vl.py"),
+                                  "demo")
 
 
 def run(args) -> dict:
@@ -54,25 +48,17 @@ def run(args) -> dict:
   base.progress, base.export.adapter, base.eval_every, base.eval_at_start = False, False, 0, True
   if args.steps:
     base.total_steps = args.steps
-  original = step_lib.make_optimizer
   runs = {m: [] for m in args.methods}
   with tempfile.TemporaryDirectory() as tmp:
     for seed in args.seeds:
       for method in args.methods:
-        c = ml_collections.ConfigDict(base.to_dict())
+        c = trainer_arms.arm_config(base, common.registry_method(method), seed)
         c.methods = ()
-        c.method = "randlora" if method.startswith("randlora") else method
-        c.seed, c.adapter.seed = seed, seed
         if method == "randlora_exp":
           c.clip.logit_scale = "exp"
-        if method == "randlora_rank_r":
-          step_lib.make_optimizer = lambda *a, **k: optax.chain(fidelity.tie_gamma_transform(),
-                                                                original(*a, **k))
         t0 = time.time()
-        try:
+        with trainer_arms.tied_gamma(method == "randlora_rank_r"):
           s = loop.train(c, os.path.join(tmp, f"{method}_{seed}"))
-        finally:
-          step_lib.make_optimizer = original
         runs[method].append(dict(seed=seed, test=float(s["test_accuracy"]),
                                  zero_shot=float(s["initial_test_accuracy"]),
                                  trainable=int(s["trainable_params"]),

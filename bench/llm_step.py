@@ -24,30 +24,15 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import common  # noqa: E402
+from bench.common import rss_mib, timed  # noqa: E402
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+TARGETS = common.DECODER_TARGETS
 VOCAB = 8192
-
-
-def rss_mib() -> float:
-  """Current resident set size of this process, MiB."""
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def timed(fn, warmup: int, repeats: int) -> list[float]:
-  """Wall times of `repeats` calls of `fn` after `warmup` untimed ones."""
-  times = []
-  for i in range(warmup + repeats):
-    t0 = time.perf_counter()
-    fn()
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
-  return times
+ALPHA_PER_RANK = 2  # alpha = 2 * rank on both sides, for RandLoRA and LoRA
+SIZES = dict(hidden=1024, layers=8, seq=256, batch=8, rank=32, steps=5, warmup=2, decode=32)
 
 
 def llama_shape(a):
@@ -62,22 +47,15 @@ def ours(a) -> dict:
   import optax
 
   from randlora_jax import generate as gen_lib
-  from randlora_jax import lora, optim
+  from randlora_jax import optim
   from randlora_jax.models.decoder import Decoder, DecoderConfig
-  from randlora_jax.tasks.causal_lm import trainable_patterns, weighted_lm_loss
+  from randlora_jax.tasks.causal_lm import weighted_lm_loss
 
   cfg = DecoderConfig(family="llama", **llama_shape(a))
-  if a.method == "randlora":
-    dense = lora.dense_factory("randlora", TARGETS, r=a.rank, alpha=2.0 * a.rank, seed=0)
-  elif a.method == "lora":
-    dense = lora.dense_factory("lora", TARGETS, r=a.rank, alpha=2.0 * a.rank)
-  else:
-    dense = lora.dense_factory("full")
-  model = Decoder(cfg, dense)
+  alpha = float(ALPHA_PER_RANK * a.rank)
+  model, trainable, frozen, _ = common.decoder_partition(cfg, a.method, r=a.rank, alpha=alpha,
+                                                         seed=0)
   ids = jnp.asarray(np.random.default_rng(0).integers(2, VOCAB, (a.batch, a.seq)), jnp.int32)
-  params = jax.jit(lambda: model.init(jax.random.key(0), ids[:1, :8])["params"])()
-  mask = optim.trainable_mask(params, trainable_patterns(a.method), defaults=False)
-  trainable, frozen = optim.partition(params, mask)
   tx = optax.adamw(1e-4, weight_decay=0.0)
   opt = tx.init(trainable)
   w = jnp.ones(ids.shape, jnp.float32)
@@ -107,11 +85,11 @@ def ours(a) -> dict:
   out = {"step_s": common.spread(times)[0], "times": times, "peak_rss_mib": common.peak_rss_mib(),
          "growth_mib": common.peak_rss_mib() - before, "xla_plan_mib": plan / 2**20,
          "gflop": (cost or {}).get("flops", float("nan")) / 1e9,
-         "trainable": optim.count(params, mask)}
+         "trainable": optim.count(state[0])}
   if a.method == "randlora" and a.decode:  # decode speed on merged weights (plain decoder)
     from randlora_jax.tasks.causal_lm import merged_params
     plain = merged_params(optim.combine(state[0], frozen), "randlora",
-                          {"r": a.rank, "alpha": 2.0 * a.rank, "seed": 0})
+                          {"r": a.rank, "alpha": alpha, "seed": 0})
     prompt = np.asarray(ids[:, :32])
     run = lambda: gen_lib.generate(Decoder(cfg), {"params": plain}, prompt, method="greedy",
                                    max_new_tokens=a.decode)
@@ -131,9 +109,11 @@ def peft_run(a) -> dict:
       intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_layers"],
       num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"]))
   if a.method == "peft_randlora":
-    pcfg = peft.RandLoraConfig(r=a.rank, randlora_alpha=2 * a.rank, target_modules=list(TARGETS))
+    pcfg = peft.RandLoraConfig(r=a.rank, randlora_alpha=ALPHA_PER_RANK * a.rank,
+                               target_modules=list(TARGETS))
   else:
-    pcfg = peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=list(TARGETS))
+    pcfg = peft.LoraConfig(r=a.rank, lora_alpha=ALPHA_PER_RANK * a.rank,
+                           target_modules=list(TARGETS))
   model = peft.get_peft_model(model, pcfg).train()
   if {p.dtype for p in model.parameters()} != {torch.float32}:
     raise SystemExit("the PEFT model is not float32 throughout")
@@ -169,14 +149,7 @@ METHODS = ("randlora", "lora", "full", "peft_randlora", "peft_lora")
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--hidden", type=int, default=1024)
-  p.add_argument("--layers", type=int, default=8)
-  p.add_argument("--seq", type=int, default=256)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--rank", type=int, default=32)
-  p.add_argument("--steps", type=int, default=5)
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--decode", type=int, default=32)
+  common.add_options(p, SIZES)
   p.add_argument("--method", choices=METHODS)
   p.add_argument("--methods", default=",".join(METHODS))
   a = p.parse_args()
@@ -184,9 +157,8 @@ def main():
     common.emit_result(peft_run(a) if a.method.startswith("peft") else ours(a))
     return
   rows, res = [], {}
-  load_before = os.getloadavg()
-  shape = [f"--{k}={getattr(a, k)}" for k in ("hidden", "layers", "seq", "batch", "rank",
-                                              "steps", "warmup", "decode")]
+  load_before = common.load_average()
+  shape = [f"--{k}={getattr(a, k)}" for k in SIZES]
   for m in a.methods.split(","):
     res[m] = common.run_child([sys.executable, __file__, f"--method={m}", *shape])
     print(m, json.dumps(res[m]), flush=True)
@@ -217,7 +189,7 @@ def main():
           f"{res['randlora']['step_s'] / res['peft_randlora']['step_s']:.2f}")
   print(f"shape: {llama_shape(a)}, seq {a.seq}, batch {a.batch}, rank {a.rank}, "
         f"{a.warmup} warm-up + {a.steps} timed steps; {common.machine()}; load average before "
-        f"{load_before}, after {os.getloadavg()}")
+        f"{load_before}, after {common.load_average()}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ import time
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402
+
+SIZES = dict(examples=512, cutoff=256, batch=8, hidden=128, layers=2, vocab=1024, rounds=3)
 
 # task: (share of the training examples, token length range with the template) -- assumed
 MIX = {"boolq": (9427, (150, 320)), "piqa": (16113, (70, 130)), "social_i_qa": (33410, (80, 120)),
@@ -67,22 +70,15 @@ def records(n: int, seed: int = 0) -> list[dict]:
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--examples", type=int, default=512)
-  p.add_argument("--cutoff", type=int, default=256)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--hidden", type=int, default=128)
-  p.add_argument("--layers", type=int, default=2)
-  p.add_argument("--vocab", type=int, default=1024)
-  p.add_argument("--rounds", type=int, default=3)
+  common.add_options(p, SIZES)
   a = p.parse_args()
 
   import jax
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from randlora_jax import lora, optim
   from randlora_jax.data import commonsense as data_lib
-  from randlora_jax.models.decoder import Decoder, DecoderConfig
+  from randlora_jax.models.decoder import DecoderConfig
   from randlora_jax.tasks import causal_lm
   from randlora_jax.train import step as step_lib
 
@@ -93,12 +89,8 @@ def main():
   cfg = DecoderConfig(family="qwen2", vocab_size=a.vocab, hidden_size=a.hidden,
                       intermediate_size=4 * a.hidden, num_layers=a.layers, num_heads=4,
                       num_kv_heads=2, qkv_bias=True)
-  dense = lora.dense_factory("randlora", ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
-                             r=8, alpha=16.0, seed=63098)
-  model = Decoder(cfg, dense)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  mask = optim.trainable_mask(params, causal_lm.trainable_patterns("randlora"), defaults=False)
-  trainable, frozen = optim.partition(params, mask)
+  model, trainable, frozen, _ = common.decoder_partition(cfg, "randlora", r=8, alpha=16.0,
+                                                         seed=63098)
   tx = optax.adamw(1e-4, weight_decay=0.0)
   exp = types.SimpleNamespace(model=model, tx=tx, config=types.SimpleNamespace(seed=0))
   train_step = jax.jit(causal_lm.make_train_step(exp))

@@ -31,6 +31,7 @@ import numpy as np
 import qwix
 
 from randlora_jax import optim
+from randlora_jax.experiments import perturb
 from randlora_jax.integrations.qwix import GAMMA_SUFFIX, LAMBDA_SUFFIX, RandLoraProvider
 
 WIDTH, MLP = 768, 3072
@@ -64,17 +65,6 @@ def _frozen_weight_bytes(params) -> int:
   return sum(_bytes(v) for k, v in flat.items() if "/kernel" in k and "randlora" not in k)
 
 
-def _adapter(params, key):
-  flat = flax.traverse_util.flatten_dict(params, sep="/")
-  keys = dict(zip(sorted(flat), jax.random.split(key, len(flat))))
-  for k, v in flat.items():
-    if k.endswith(LAMBDA_SUFFIX):
-      flat[k] = 0.05 * jax.random.normal(keys[k], v.shape)
-    elif k.endswith(GAMMA_SUFFIX):
-      flat[k] = v * (1 + 0.5 * jax.random.normal(keys[k], v.shape))
-  return flax.traverse_util.unflatten_dict(flat, sep="/")
-
-
 def _with_adapter_of(params, adapted):
   """`params` with the lambda/gamma leaves of `adapted` (same paths)."""
   flat = flax.traverse_util.flatten_dict(params, sep="/")
@@ -104,7 +94,7 @@ def run(blocks: int, tokens: int, r: int, alpha: float) -> dict:
     apply = jax.jit(model.apply)
     y0 = apply({"params": params}, x)
     if adapter is None:
-      adapter = _adapter(params, jax.random.key(2))
+      adapter = perturb.random_adapter(params, jax.random.key(2), lambda_std=0.05)
     trained = _with_adapter_of(params, adapter)
     y = apply({"params": trained}, x)
     merged = jax.jit(provider.merge)(trained)

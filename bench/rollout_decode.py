@@ -33,17 +33,13 @@ sys.path.insert(1, os.path.dirname(_HERE))
 
 import common  # noqa: E402
 
+SIZES = dict(new_tokens=32, repeats=5, layers=2, dim=512, ffn=1536, rank=16, dtype="float32")
+
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-  ap.add_argument("--new-tokens", type=int, default=32)
-  ap.add_argument("--repeats", type=int, default=5)
-  ap.add_argument("--layers", type=int, default=2)
-  ap.add_argument("--dim", type=int, default=512)
-  ap.add_argument("--ffn", type=int, default=1536)
-  ap.add_argument("--rank", type=int, default=16)
-  ap.add_argument("--dtype", default="float32")
+  common.add_options(ap, SIZES)
   args = ap.parse_args(argv)
 
   import jax

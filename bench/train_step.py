@@ -102,59 +102,20 @@ class Config:
 # Children.
 
 
-def _cpu_seconds() -> float:
-  """User + system CPU time of this process so far (all its threads)."""
-  import resource
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_utime + r.ru_stime
-
-
-def _timed_steps(step, warmups: int, steps: int) -> tuple[float, list[float], list[float]]:
-  """(seconds for the warm-ups, per-step wall seconds, per-step CPU seconds of the process);
-  ``step()`` must block until done. CPU seconds are what a step costs the cores whatever
-  else runs on them (a loaded machine stretches wall time, much less CPU time); torch's
-  OpenMP workers spin while waiting, which counts as CPU time, so compare CPU seconds
-  between our configurations, wall time between implementations."""
-  t0 = time.perf_counter()
-  for _ in range(warmups):
-    step()
-  warm = time.perf_counter() - t0
-  times, cpu = [], []
-  for _ in range(steps):
-    t0, c0 = time.perf_counter(), _cpu_seconds()
-    step()
-    times.append(time.perf_counter() - t0)
-    cpu.append(_cpu_seconds() - c0)
-  return warm, times, cpu
-
-
 def _ours_model(cfg: Config):
-  """Our Linen ViT with the Dense class of each layer picked by `lora.dense_factory`."""
-  from randlora_jax import lora
+  """Our Linen ViT with the Dense class of each layer from the methods registry
+  (`common.dense_for`: `methods.dense_factory` of the variant's registry method)."""
   from randlora_jax.models import vit
 
   s = cfg.shape
-  if cfg.method in ("randlora", "randlora_saved"):
-    dense = lora.dense_factory("randlora", [rf"^{t}$" for t in TARGETS[cfg.targets]],
-                               r=cfg.r, alpha=RANDLORA_ALPHA, seed=0)
-  elif cfg.method == "lora":
-    dense = lora.dense_factory("lora", [rf"^{t}$" for t in TARGETS[cfg.targets]],
-                               r=cfg.r, alpha=LORA_ALPHA)
-  else:
-    dense = lora.dense_factory("full")
+  alpha = LORA_ALPHA if cfg.method == "lora" else RANDLORA_ALPHA
+  dense = common.dense_for(cfg.method, [rf"^{t}$" for t in TARGETS.get(cfg.targets, ())],
+                           r=cfg.r, alpha=alpha, seed=0)
   # The same shape as the transformers ViTConfig of the PEFT side (HF ViT family, exact GELU).
   vcfg = vit.ViTConfig(family="vit", hidden_size=s["hidden"], num_layers=s["layers"],
                        num_heads=s["heads"], mlp_dim=s["mlp"], patch_size=s["patch"],
                        image_size=s["image"], num_classes=NUM_CLASSES)
   return vit.ViT(vcfg, dense)
-
-
-def _ours_trainable_rules(method: str) -> tuple[tuple[str, ...], bool]:
-  """(regexes, include optim's defaults) for `optim.trainable_mask`, from the methods
-  registry (randlora_saved is RandLoRA keeping the merged weight)."""
-  from randlora_jax import methods
-  base = "randlora" if method.startswith("randlora") else method
-  return methods.trainable_patterns(base, methods.CLASSIFIER_HEADS), False
 
 
 def build_ours(cfg: Config):
@@ -177,7 +138,7 @@ def build_ours(cfg: Config):
   x = jnp.asarray(rng.standard_normal((cfg.batch, s["image"], s["image"], 3), np.float32))
   y = jnp.asarray(rng.integers(0, NUM_CLASSES, cfg.batch))
   params = jax.jit(model.init)(jax.random.key(0), x)["params"]
-  extra, defaults = _ours_trainable_rules(cfg.method)
+  extra, defaults = common.classifier_trainable(cfg.method)
   mask = optim.trainable_mask(params, extra, defaults=defaults)
   trainable, frozen = optim.partition(params, mask)
   del params
@@ -210,7 +171,7 @@ def run_ours(cfg: Config) -> dict[str, Any]:
     state["t"], state["o"] = t, o
     state["loss"].append(float(loss))
 
-  warm, times, cpu = _timed_steps(step, cfg.warmups, cfg.steps)
+  warm, times, cpu = common.timed_with_cpu(step, cfg.warmups, cfg.steps)
   dev = jax.local_devices()[0]
   mem = None
   if dev.platform != "cpu":
@@ -260,7 +221,7 @@ def run_peft(cfg: Config) -> dict[str, Any]:
 
   if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
-  warm, times, cpu = _timed_steps(step, cfg.warmups, cfg.steps)
+  warm, times, cpu = common.timed_with_cpu(step, cfg.warmups, cfg.steps)
   mem = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
   name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
   return dict(trainable=sum(p.numel() for p in params), warmup_s=warm, step_s=times,
@@ -409,11 +370,7 @@ def ratio_table(summary) -> str:
 
 
 def plot(summary, path: str, title: str) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = common.pyplot()
   items = [(c.name, s) for c, s in summary.items() if "error" not in s]
   fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(items) + 1.8))
   names = [n for n, _ in items]
@@ -430,10 +387,7 @@ def plot(summary, path: str, title: str) -> None:
     ax.invert_yaxis()
     ax.set_xlabel(label)
   fig.suptitle(title)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def parse_args(argv=None):
@@ -469,10 +423,6 @@ def parse_args(argv=None):
   return args
 
 
-def _load() -> str:
-  return ", ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.child:
@@ -481,7 +431,7 @@ def main(argv=None) -> int:
   if "peft" in args.impls:
     common.ensure_torch_stack()
   configs = configurations(args)
-  load_before = _load()
+  load_before = common.load_average()
   t0 = time.time()
   results = measure(configs, args.repeats, timeout=args.timeout)
   summary = summarise(results)
@@ -491,7 +441,7 @@ def main(argv=None) -> int:
            f"interleaved repeats, one process per run")
   print(f"## {title}\n")
   print(f"machine: {common.machine()}; {json.dumps(common.versions())}")
-  print(f"load average (1, 5, 15 min): before {load_before}, after {_load()}\n")
+  print(f"load average (1, 5, 15 min): before {load_before}, after {common.load_average()}\n")
   print(results_table(summary) + "\n")
   print(ratio_table(summary) + "\n")
   print(f"total wall time {time.time() - t0:.0f} s")

@@ -46,6 +46,42 @@ def test_peak_rss_grows_with_allocation():
   assert after >= 64 * 0.9 or before >= 64
 
 
+def test_add_options_types_names_and_defaults():
+  import argparse
+
+  p = argparse.ArgumentParser()
+  common.add_options(p, dict(new_tokens=32, rel=0.5, dtype="float32"), {"rel": "relative"})
+  a = p.parse_args(["--new-tokens", "7", "--rel", "0.25"])
+  assert (a.new_tokens, a.rel, a.dtype) == (7, 0.25, "float32")
+  with pytest.raises(SystemExit):  # typed by the default: an int option refuses "x"
+    p.parse_args(["--new-tokens", "x"])
+
+
+def test_timed_with_cpu_separates_wall_from_cpu_time():
+  import time
+
+  calls = []
+  warm, wall, cpu = common.timed_with_cpu(lambda: (calls.append(1), time.sleep(0.05)), 1, 2)
+  assert len(calls) == 3 and len(wall) == len(cpu) == 2 and warm >= 0.05
+  assert all(w >= 0.05 for w in wall)
+  assert all(c < w for c, w in zip(cpu, wall))  # sleeping costs the cores (almost) nothing
+
+
+def test_method_variants_train_the_registry_methods():
+  from randlora_jax import methods
+  from randlora_jax.linen import Dense, RandLoraDense
+  from randlora_jax.lora import LoraDense
+
+  for variant in ("randlora_rank_r", "randlora_saved"):
+    assert common.classifier_trainable(variant) == (
+        methods.trainable_patterns("randlora", methods.CLASSIFIER_HEADS), False)
+    layer = common.dense_for(variant, ["^q$"], r=4, alpha=8.0, seed=3)("q")
+    assert layer.func is RandLoraDense and layer.keywords == dict(r=4, alpha=8.0, seed=3)
+  assert common.dense_for("lora", ["^q$"], r=4, alpha=8.0)("q").func is LoraDense
+  assert common.dense_for("randlora", ["^q$"], r=4, alpha=8.0)("fc1") is Dense
+  assert common.dense_for("full", ["^q$"], r=4, alpha=8.0)("q") is Dense
+
+
 @pytest.mark.slow
 @pytest.mark.torch
 def test_train_step_quick_runs_every_config(tmp_path):
@@ -173,7 +209,8 @@ def test_fidelity_real_quick_runs_the_protocol_on_synthetic_idx_files(tmp_path, 
   def no_training(*a, **k):
     raise AssertionError("re-trained a (method, k) that the JSON already holds")
 
-  monkeypatch.setattr(real_transfer, "finetune", no_training)
+  from randlora_jax.experiments import real_transfer as protocol
+  monkeypatch.setattr(protocol, "finetune", no_training)
   again = io.StringIO()
   with contextlib.redirect_stdout(again):
     assert fidelity.main(argv) == 0

@@ -29,6 +29,7 @@ from transformers.models.gpt2.modeling_flax_gpt2 import FlaxGPT2LMHeadModule  # 
 from transformers.models.llama.modeling_flax_llama import FlaxLlamaForCausalLMModule  # noqa: E402
 
 from randlora_jax import optim  # noqa: E402
+from randlora_jax.experiments import perturb  # noqa: E402
 from randlora_jax.integrations.qwix import (GAMMA_SUFFIX, LAMBDA_SUFFIX,  # noqa: E402
                                             RandLoraProvider)
 
@@ -87,18 +88,6 @@ CLIENTS = {
 }
 
 
-def _randomize(params, key):
-  """lambda ~ 0.3 N(0, 1); gamma = its init * (1 + 0.5 N(0, 1))."""
-  flat = flax.traverse_util.flatten_dict(params, sep="/")
-  keys = dict(zip(sorted(flat), jax.random.split(key, len(flat))))
-  for path, v in flat.items():
-    if path.endswith(LAMBDA_SUFFIX):
-      flat[path] = 0.3 * jax.random.normal(keys[path], v.shape)
-    elif path.endswith(GAMMA_SUFFIX):
-      flat[path] = v * (1 + 0.5 * jax.random.normal(keys[path], v.shape))
-  return flax.traverse_util.unflatten_dict(flat, sep="/")
-
-
 def _out(outputs):
   return outputs[0]
 
@@ -118,7 +107,7 @@ def test_client(name):
   y0 = plain(merge(params))
   np.testing.assert_allclose(run(params), y0, rtol=1e-5, atol=1e-6)
 
-  trained = _randomize(params, jax.random.key(2))
+  trained = perturb.random_adapter(params, jax.random.key(2), lambda_std=0.3)  # gamma * (1 + 0.5 N)
   y = run(trained)
   # fp32, two ways to the same function through <= 2 layers: relative error ~1e-6.
   scale = float(jnp.abs(y).max())
