@@ -233,7 +233,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   validate.check_config(config)
   patterns = setup_lib.trainable_patterns(config, HEADS)  # ConfigError for method 'head'
   if mesh is None:
-    mesh = sharding.make_mesh(*validate.resolve_mesh(config, jax.device_count()))
+    mesh = setup_lib.make_mesh(config)
   local_batch = validate.check_batch(config, sharding.data_parallel_size(mesh),
                                      jax.process_count())
   lm = config.lm
