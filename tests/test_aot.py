@@ -308,6 +308,16 @@ def test_toy_collectives_by_hand(side):
   assert t["grad_all_reduce_bytes"] == t["layers"] * t["width"] ** 2 * 4
 
 
+def test_reduce_scatter_compiled_for_tpu_is_read_as_one(side):
+  """A `lax.psum_scatter` compiled by libtpu for v5e-4: the compiler's reduce-scatter fusion
+  (an all-reduce inside) is there, and it reads as a reduce-scatter of about a quarter."""
+  t = side["toy"]
+  assert t["rs_fusions"], "no all-reduce-scatter fusion: the TPU compiler's form changed"
+  whole = 4096 * 4096 * 2
+  assert t["rs_bytes"]["all-reduce"] == 0, t["rs_bytes"]
+  assert whole / 4 <= t["rs_bytes"]["reduce-scatter"] < whole / 2, t["rs_bytes"]
+
+
 @pytest.mark.parametrize("task", ["classification", "causal_lm", "clip_vl"])
 def test_task_step_compiled_for_tpu(side, task):
   r = side[task]
