@@ -82,10 +82,10 @@ def compile_layer(method: str, model: str, *, r: int | None = None, lora_rank: i
 
   def run(params, x):
     return block.apply({"params": params}, x, None, jnp.broadcast_to(jnp.arange(seq), (batch, seq)),
-                       jnp.ones((batch, seq), bool), 0)[0]
+                       jnp.ones((batch, seq), bool), 0, None)[0]
 
   params = jax.eval_shape(lambda: block.init(jax.random.key(0), jnp.zeros(x_abs.shape, x_abs.dtype),
-                                             None, pos, valid, 0))["params"]
+                                             None, pos, valid, 0, None))["params"]
   adapter = ("randlora_lambda", "randlora_gamma", "lora_a", "lora_b")
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: jax.ShapeDtypeStruct(x.shape, jnp.float32)
