@@ -32,27 +32,23 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 QKVUD = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
-# name: (DecoderConfig overrides, topology, chips, batch, seq, RandLoRA r)
+# name: (DecoderConfig overrides, target (a `randlora_jax.targets` name), batch, seq,
+# RandLoRA r). v5p-8: 4 chips; v5p-64: 32 chips (the targets registry's grid, 2x4x4).
 MODELS = {
     "8b": (dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8),
-           "v5p:2x2x1", 4, 64, 256, 30),
+           "v5p-8", 64, 256, 30),
     "70b": (dict(hidden_size=8192, intermediate_size=28672, num_heads=64, num_kv_heads=8),
-            "v5p:4x4x2", 32, 128, 1024, 64),
+            "v5p-64", 128, 1024, 64),
     # a quick check of the same structure (seconds to compile)
     "small": (dict(hidden_size=1024, intermediate_size=3584, num_heads=8, num_kv_heads=2),
-              "v5p:2x2x1", 4, 64, 256, 16),
+              "v5p-8", 64, 256, 16),
 }
 
 
-def tpu_devices(topology: str):
-  """Abstract TPU devices of a topology 'gen:AxBxC' (aot.md): one JAX device per chip."""
-  from jax.experimental import topologies
-  gen, grid = topology.split(":")
-  dims = tuple(int(v) for v in grid.split("x"))
-  bounds = (2, 2, 1) if len(dims) == 3 else (2, 2)
-  topo = topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                      chips_per_host_bounds=bounds, num_slices=1)
-  return topo.devices
+def tpu_devices(target: str):
+  """Abstract devices of a `randlora_jax.targets` TPU target (one JAX device per chip)."""
+  from randlora_jax import targets
+  return targets.abstract_devices(targets.get(target))
 
 
 def compile_layer(method: str, model: str, *, r: int | None = None, lora_rank: int = 16,
@@ -66,9 +62,9 @@ def compile_layer(method: str, model: str, *, r: int | None = None, lora_rank: i
   from randlora_jax import methods, optim, sharding
   from randlora_jax.models import decoder, hf_decoder
 
-  overrides, topology, chips, dbatch, dseq, dr = MODELS[model]
+  overrides, target, dbatch, dseq, dr = MODELS[model]
   batch, seq, r = batch or dbatch, seq or dseq, r or dr
-  devices = devices if devices is not None else tpu_devices(topology)
+  devices = devices if devices is not None else tpu_devices(target)
   mesh = sharding.make_mesh(data=1, fsdp=len(devices), devices=devices)
   cfg = decoder.DecoderConfig(family="llama", num_layers=1, vocab_size=8, remat="full",
                               dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, **overrides)
@@ -86,10 +82,10 @@ def compile_layer(method: str, model: str, *, r: int | None = None, lora_rank: i
 
   def run(params, x):
     return block.apply({"params": params}, x, None, jnp.broadcast_to(jnp.arange(seq), (batch, seq)),
-                       jnp.ones((batch, seq), bool), 0)[0]
+                       jnp.ones((batch, seq), bool), 0, None)[0]
 
   params = jax.eval_shape(lambda: block.init(jax.random.key(0), jnp.zeros(x_abs.shape, x_abs.dtype),
-                                             None, pos, valid, 0))["params"]
+                                             None, pos, valid, 0, None))["params"]
   adapter = ("randlora_lambda", "randlora_gamma", "lora_a", "lora_b")
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: jax.ShapeDtypeStruct(x.shape, jnp.float32)
@@ -127,7 +123,7 @@ def compile_layer(method: str, model: str, *, r: int | None = None, lora_rank: i
     if c["bytes"] >= 1 << 20:  # the weight-sized ones, by shape
       big.append(f"{c['op']} {c['dtype']}{list(c['shape'])} x{c['count']}")
   n_train = sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))
-  return dict(method=method, model=model, topology=topology, chips=len(devices), batch=batch,
+  return dict(method=method, model=model, target=target, chips=len(devices), batch=batch,
               seq=seq, tokens_per_chip=batch * seq // len(devices),
               rank=r if method == "randlora" else lora_rank, backend=backend,
               flops=float(cost.get("flops", 0.0)),

@@ -229,11 +229,11 @@ class _Compiled:
 
 
 def _compile(config, devices, backend: str, depth: dict[str, int] | None = None) -> _Compiled:
-  from randlora_jax import sharding, tasks  # pylint: disable=g-import-not-at-top
+  from randlora_jax import tasks  # pylint: disable=g-import-not-at-top
   from randlora_jax.kernels import dispatch  # pylint: disable=g-import-not-at-top
-  from randlora_jax.train import loop, validate  # pylint: disable=g-import-not-at-top
+  from randlora_jax.train import loop, setup  # pylint: disable=g-import-not-at-top
 
-  mesh = sharding.make_mesh(*validate.resolve_mesh(config, len(devices)), devices=devices)
+  mesh = setup.make_mesh(config, devices)
   task = tasks.get(config.task)
   exp = task.abstract_build(config, mesh, depth)
   step = loop.jit_train_step(task, exp)

@@ -8,6 +8,14 @@ inside a fusion the condition calls). A loop whose count neither gives is listed
 `Module.unknown_loops` and counted ``default_trip_count`` times (e.g. the scan length the caller
 compiled) when it is not inside another loop, else once per run of its enclosing loop.
 
+The TPU compiler emits a reduce-scatter (`lax.psum_scatter`, FSDP's gradient reduction, an
+embedding lookup from a vocabulary-split table) as a fusion calling a computation named
+``all-reduce-scatter``: an ``all-reduce`` of the padded input followed by this device's
+``dynamic-slice``, run by the compiler's reduce-scatter emitter
+(``"emitter":"SingleInputAllReduceScatterFusion"``, the same emitter that runs a plain
+``reduce-scatter`` instruction). Each device receives only its slice, so such a fusion is counted
+as a reduce-scatter of its result (the slice), not as an all-reduce of the whole input.
+
 A leaf: imports only numpy and the standard library.
 """
 
@@ -41,6 +49,10 @@ _COMPARE = re.compile(r"^\s*ROOT\s+%?[\w.\-]+ = pred\[\]\S* compare\(%?(?P<a>[\w
                       r"%?(?P<b>[\w.\-]+)\), direction=(?P<dir>[A-Z]+)")
 _OP_NAME = re.compile(r'op_name="[^"]*?([\w.\-]+)/pallas_call')
 _TARGET = re.compile(r'custom_call_target="(?P<target>[^"]+)"')
+# A TPU reduce-scatter fusion: the called computation's name, or the emitter that runs it.
+_RS_FUSION_NAME = re.compile(r"^all-reduce-scatter(\.[\w.\-]*)?$")
+_RS_FUSION_EMITTER = re.compile(r'"emitter":"\w*AllReduceScatterFusion"')
+_CALLS = re.compile(r"\bcalls=%?(?P<callee>[\w.\-]+)")
 
 
 @dataclasses.dataclass
@@ -61,9 +73,31 @@ class Module:
   trip_counts: dict[str, int | None]    # while instruction -> trip count (None: unknown)
   unknown_loops: list[str]              # while instructions counted by default_trip_count / once
 
+  def reduce_scatter_fusions(self) -> set[str]:
+    """Computations that the TPU compiler runs as a reduce-scatter (module docstring)."""
+    out = {c for c in self.computations if _RS_FUSION_NAME.match(c)}
+    for lines in self.computations.values():
+      for line in lines:
+        callee = _CALLS.search(line)
+        if callee and _RS_FUSION_EMITTER.search(line):
+          out.add(callee.group("callee"))
+    return {c for c in out if any(" all-reduce(" in l or " all-reduce-start(" in l
+                                  for l in self.computations.get(c, ()))}
+
   def collectives(self) -> list[Collective]:
     found = []
+    fused_rs = self.reduce_scatter_fusions()
+    for comp in fused_rs:  # the slice each device receives: the computation's result
+      root = next((l for l in self.computations[comp] if l.lstrip().startswith("ROOT")), "")
+      m = _INSTR.match(root)
+      for dtype, dims in (_ARRAY.findall(m.group("type")) if m else ()):
+        shape = tuple(int(v) for v in dims.split(",") if v)
+        n = int(np.prod(shape, dtype=np.int64))
+        found.append(Collective("reduce-scatter", dtype, shape, DTYPE_BYTES[dtype] * n,
+                                self.runs.get(comp, 0), comp))
     for comp, lines in self.computations.items():
+      if comp in fused_rs:
+        continue
       for line in lines:
         m = _INSTR.match(line)
         if not m:

@@ -134,52 +134,18 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
 
 # ----------------------------------------------------------------------------- communication
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = (?P<type>.+?) (?P<op>[a-z][\w\-]*)\(")
-_CALLEE = re.compile(r"\b(?:body|calls|branch_computations)=\{?(?P<names>%?[\w.\-]+(?:,\s*%?[\w.\-]+)*)")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+COLLECTIVES = hlo.COLLECTIVES
 
 
 def collectives(hlo_text: str) -> list[dict]:
   """Every collective of a compiled HLO module (`jax.jit(f).lower(...).compile().as_text()`),
   as dicts ``op, dtype, shape, elements, bytes, count``: ``count`` is how many times it runs (loop
-  bodies, e.g. `nn.scan`, times their known trip count); ``bytes`` the result size per run,
-  summed over a tuple result. ``*-start`` ops count once, ``*-done`` not at all."""
-  comps, entry = hlo.split_computations(hlo_text)
-  runs: dict[str, int] = {}
-
-  def visit(name: str, times: int):
-    runs[name] = runs.get(name, 0) + times
-    for line in comps.get(name, ()):
-      trip = _TRIP.search(line)
-      for m in _CALLEE.finditer(line):
-        for callee in m.group("names").split(","):
-          callee = callee.strip().lstrip("%")
-          if callee in comps:
-            visit(callee, times * (int(trip.group(1)) if trip and "body=" in m.group(0) else 1))
-
-  visit(entry, 1)
-  found = []
-  for name, lines in comps.items():
-    for line in lines:
-      m = _INSTR.match(line)
-      if not m:
-        continue
-      op = m.group("op").removesuffix("-start")
-      if op not in COLLECTIVES or m.group("op").endswith("-done"):
-        continue
-      arrays = _ARRAY.findall(m.group("type"))
-      if m.group("op").endswith("-start") and op != "all-reduce" and len(arrays) > 1:
-        arrays = arrays[len(arrays) // 2:]  # async (operands..., results...): the results
-      for dtype, dims in arrays:
-        shape = tuple(int(v) for v in dims.split(",") if v)
-        elements = int(np.prod(shape, dtype=np.int64))
-        found.append(dict(op=op, dtype=dtype, shape=shape, count=runs.get(name, 1),
-                          elements=elements, bytes=_DTYPE_BYTES[dtype] * elements))
-  return found
+  bodies, e.g. `nn.scan`, times their trip count); ``bytes`` the result size per run, one entry
+  per array of a tuple result. ``*-start`` ops count once, ``*-done`` not at all; the TPU
+  compiler's reduce-scatter fusions are reduce-scatters. Read by `hlo.parse`, the one reader."""
+  return [dict(op=c.op, dtype=c.dtype, shape=c.shape, count=c.count,
+               elements=int(np.prod(c.shape, dtype=np.int64)), bytes=c.bytes)
+          for c in hlo.parse(hlo_text).collectives()]
 
 
 def collective_bytes(hlo_text: str, op: str = "all-reduce") -> int:

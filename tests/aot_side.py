@@ -49,7 +49,16 @@ def toy(devices) -> dict:
   grad = jax.jit(jax.grad(loss), out_shardings=NamedSharding(mesh, P()))
   grad_text = grad.lower(w, xs).compile().as_text()
   dense = hlo.parse(grad_text)
+  # a reduce-scatter of a bf16 (4096, 4096) block: the TPU compiler writes it as its
+  # all-reduce-scatter fusion (an all-reduce inside), each chip receives its slice
+  rs = jax.jit(jax.shard_map(lambda x: jax.lax.psum_scatter(x, "data", tiled=True), mesh=mesh,
+                             in_specs=P("data"), out_specs=P("data")))
+  rs_text = rs.lower(jax.ShapeDtypeStruct((4 * 4096, 4096), jnp.bfloat16, sharding=NamedSharding(
+      mesh, P("data")))).compile().as_text()
+  scattered = hlo.parse(rs_text)
   return {
+      "rs_fusions": sorted(scattered.reduce_scatter_fusions()),
+      "rs_bytes": scattered.collective_bytes(),
       "psum_known_trip_count_in_text": "known_trip_count" in psum_text,
       "psum_trip_counts": list(psum.trip_counts.values()),
       "psum_all_reduce_bytes": psum.collective_bytes()["all-reduce"],

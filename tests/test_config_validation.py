@@ -40,7 +40,7 @@ BAD_VALUES = [
     ("optim.grad_clip", -1.0), ("batch_size", 0), ("eval_batch_size", -8),
     ("total_steps", -5), ("num_epochs", 0), ("num_epochs", math.inf), ("log_every", 0),
     ("eval_every", -1), ("checkpoint_every", -1), ("keep_checkpoints", 0), ("progress", "no"),
-    ("mesh.data", 0), ("mesh.data", -2), ("mesh.fsdp", 0),
+    ("mesh.data", 0), ("mesh.data", -2), ("mesh.fsdp", 0), ("mesh.tensor", 0),
     ("distributed.enabled", "yes"), ("distributed.coordinator_address", "localhost"),
     ("pretrain.enabled", 1), ("pretrain.dataset", ""), ("pretrain.steps", 0),
     ("pretrain.batch_size", 0), ("pretrain.lr", -2e-3), ("export.adapter", "true"),

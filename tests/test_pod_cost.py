@@ -5,7 +5,8 @@ in the side venv (`tests/tpu_cost_probe.py`), minus the same step of the frozen 
 
 Measured (jax 0.10.2, libtpu 0.0.42.1): the compiler counts 2.162e10 extra flops, the model
 2.15e10 (formation of the chip's block, x^T g, the block's reduction); the compiler estimates
-106 us extra, the model ~90 us. Skipped where the side venv is absent (`make side-venvs`).
+106 us extra, the model ~90 us. Without the side venv the test fails and names `make side-venvs`
+(which `make test` runs).
 """
 
 import json
@@ -14,18 +15,20 @@ import subprocess
 
 import pytest
 
-from randlora_jax import ops, targets
+from randlora_jax import aot, ops, targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TPU_PYTHON = os.path.join(ROOT, ".venvs", "tpu", "bin", "python")
+TPU_PYTHON = os.path.join(aot.side_venv("tpu", ROOT), "bin", "python")
 
 
 @pytest.fixture(scope="module")
 def compiled():
-  if not os.path.exists(TPU_PYTHON):
-    pytest.skip("no .venvs/tpu (the TPU compiler's side venv)")
-  env = dict(os.environ, PYTHONPATH=ROOT, TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-  env.pop("XLA_FLAGS", None)
+  if not os.access(TPU_PYTHON, os.X_OK):
+    pytest.fail(f"{TPU_PYTHON} is missing: the TPU compiler's side venv is created by "
+                f"`make side-venvs` (which `make test` runs); set RANDLORA_SIDE_VENVS to "
+                f"another folder holding tpu/ and gpu/")
+  env = dict(aot.compiler_env(), PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)  # the CPU test flags mean nothing to libtpu
   out = subprocess.run([TPU_PYTHON, os.path.join(ROOT, "tests", "tpu_cost_probe.py"), "v5p-8",
                         "1024", "4096", "16", "2048"], env=env, capture_output=True, text=True,
                        timeout=600, check=True)

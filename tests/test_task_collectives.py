@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from randlora_jax import sharding
+from randlora_jax import layers, sharding
 from randlora_jax.tasks import causal_lm, clip_vl
 from randlora_jax.data import commonsense_synth as synth
 
@@ -46,7 +46,8 @@ def _check(task, exp, batch):
   return reduced / trainable
 
 
-def test_decoder_step_all_reduces_adapter_sized_bytes(tmp_path):
+def test_decoder_step_all_reduces_adapter_sized_bytes(tmp_path, caplog, monkeypatch):
+  monkeypatch.setattr(layers, "_warned", set())  # each (layer, reason) warns once per process
   synth.write(str(tmp_path), n_train=24, n_test=4)
   c = trainer_configs.load("commonsense", "tiny", method="randlora", **MESH)
   c.lm.train_file = os.path.join(str(tmp_path), "train.json")
@@ -55,6 +56,8 @@ def test_decoder_step_all_reduces_adapter_sized_bytes(tmp_path):
   local = next(causal_lm.train_iterator(exp))
   batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in local.items()}
   _check(causal_lm, exp, batch)
+  # every adapted layer is on the boundary, its init included (no fallback warning)
+  assert not [r for r in caplog.records if "left to GSPMD" in r.getMessage()], caplog.text
 
 
 def test_clip_step_all_reduces_adapter_sized_bytes():

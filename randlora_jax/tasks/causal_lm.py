@@ -233,7 +233,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   validate.check_config(config)
   patterns = setup_lib.trainable_patterns(config, HEADS)  # ConfigError for method 'head'
   if mesh is None:
-    mesh = sharding.make_mesh(*validate.resolve_mesh(config, jax.device_count()))
+    mesh = setup_lib.make_mesh(config)
   local_batch = validate.check_batch(config, sharding.data_parallel_size(mesh),
                                      jax.process_count())
   lm = config.lm
@@ -277,7 +277,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   plain = hf_decoder.abstract_params(dcfg)
   setup_lib.check_targets(config, plain)
   model = Decoder(dcfg, dense)
-  ids = jnp.zeros((1, 8), jnp.int32)
+  ids = jnp.zeros(_init_ids_shape(mesh), jnp.int32)
   rules = hf_decoder.DECODER_RULES
   if loaded is not None:
     params = hf_decoder.with_adapter(loaded, dcfg, dense, mesh=mesh, rules=rules)
@@ -323,6 +323,13 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
 # ----------------------------------------------------------------------------- abstract
 
 
+def _init_ids_shape(mesh) -> tuple[int, int]:
+  """The dummy batch `init` traces the decoder with: one row per data-parallel device, so the
+  adapted layers see a batch their mesh splits (a single row would log that each layer is
+  left to GSPMD, which only the init would be)."""
+  return (sharding.data_parallel_size(mesh), 8)
+
+
 def abstract_build(config, mesh, depth: dict[str, int] | None = None) -> LMExperiment:
   """`build`'s experiment with abstract state (`setup.abstract_experiment`): the decoder's
   shapes from the checkpoint's config.json (no weights read) or the preset (vocabulary:
@@ -343,7 +350,7 @@ def abstract_build(config, mesh, depth: dict[str, int] | None = None) -> LMExper
     dcfg = dcfg.replace(num_layers=depth.get("layers", dcfg.num_layers))
   setup_lib.check_targets(config, hf_decoder.abstract_params(dcfg))
   model = Decoder(dcfg, setup_lib.dense_factory(config, mesh))
-  ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  ids = jax.ShapeDtypeStruct(_init_ids_shape(mesh), jnp.int32)
   params = jax.eval_shape(lambda i: model.init(jax.random.key(0), i)["params"], ids)
   o = config.optim
   steps = config.total_steps or 1

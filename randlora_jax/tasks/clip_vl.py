@@ -200,7 +200,7 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
   check_mode(config)
   patterns = setup_lib.trainable_patterns(config, HEADS)
   if mesh is None:
-    mesh = sharding.make_mesh(*validate.resolve_mesh(config, jax.device_count()))
+    mesh = setup_lib.make_mesh(config)
   local_batch = validate.check_batch(config, sharding.data_parallel_size(mesh),
                                      jax.process_count())
   try:

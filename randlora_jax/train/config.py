@@ -91,7 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.progress = True           # tqdm bar
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # data x fsdp split the batch (fsdp also the weights' input dims); tensor > 1 adds a third
+  # axis splitting the frozen kernels' output dims (docs/pod.md), not the batch
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=0, process_id=-1))
 

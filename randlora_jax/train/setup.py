@@ -192,12 +192,21 @@ def load_data(config, process_index: int, process_count: int):
 # ----------------------------------------------------------------------------- build
 
 
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """The run's (data, fsdp) mesh, or (data, fsdp, tensor) when ``mesh.tensor`` > 1, over
+  ``devices`` (default: all of them)."""
+  devices = list(jax.devices() if devices is None else devices)
+  tensor = config.mesh.get("tensor", 1)
+  data, fsdp = validate.resolve_mesh(config, len(devices))
+  return sharding.make_mesh(data, fsdp, devices=devices, tensor=tensor)
+
+
 def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Experiment:
   """Builds a run. `load_pretrained(init_params, vit_config) -> params` supplies the backbone
   weights (None: the random init, or `config.model.checkpoint` when set)."""
   validate.check_config(config)
   if mesh is None:
-    mesh = sharding.make_mesh(*validate.resolve_mesh(config, jax.device_count()))
+    mesh = make_mesh(config)
   local_batch = validate.check_batch(config, sharding.data_parallel_size(mesh),
                                      jax.process_count())
 

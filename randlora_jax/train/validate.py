@@ -201,6 +201,8 @@ register(
           lambda v, c: _is_int(v) and (v >= 1 or v == -1)),
     Field("mesh.fsdp", "an integer >= 1, or -1 when mesh.data is not -1",
           lambda v, c: _is_int(v) and (v >= 1 or (v == -1 and c.mesh.data != -1))),
+    Field("mesh.tensor", "an integer >= 1 (the devices splitting the kernels' output dims)",
+          lambda v, c: _is_int(v) and v >= 1),
 
     _field("distributed.enabled", boolean()),
     _field("distributed.coordinator_address", ("a string host:port ('' to auto-detect)",
@@ -350,8 +352,13 @@ def check_overrides(argv: Iterable[str]) -> None:
 
 
 def resolve_mesh(config, device_count: int) -> tuple[int, int]:
-  """(data, fsdp) sizes, -1 resolved; they must use every device exactly."""
+  """(data, fsdp) sizes, -1 resolved; with ``mesh.tensor`` they must use every device
+  exactly."""
   data, fsdp = config.mesh.data, config.mesh.fsdp
+  tensor = config.mesh.get("tensor", 1)
+  if device_count % tensor:
+    raise ConfigError(f"mesh.tensor={tensor} does not divide the {device_count} devices")
+  device_count //= tensor
   d = device_count // fsdp if data == -1 and device_count % fsdp == 0 else data
   f = device_count // data if fsdp == -1 and data > 0 and device_count % data == 0 else fsdp
   if d < 1 or f < 1 or d * f != device_count:
