@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from randlora_jax import lora, optim, sharding  # noqa: E402
+from randlora_jax import methods, optim, sharding  # noqa: E402
 from randlora_jax.kernels import dispatch  # noqa: E402
 from randlora_jax.train import setup, step as step_lib  # noqa: E402
 
@@ -52,7 +52,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dense = lora.dense_factory(self.method, (".*",), **(
+    dense = methods.dense_factory(self.method, (".*",), **(
         dict(r=16, path="merged") if self.method == "randlora" else dict(r=16, alpha=32.0)
         if self.method == "lora" else {}))
     x = dense("up")(1024, name="up")(x)

@@ -48,7 +48,7 @@ def main(argv=None):
   import jax.numpy as jnp
   import numpy as np
 
-  from randlora_jax import adapter, generate, lora
+  from randlora_jax import adapter, generate, methods
   from randlora_jax.models.decoder import Decoder, DecoderConfig
 
   if args.quick:
@@ -61,7 +61,7 @@ def main(argv=None):
   acfg = adapter.AdapterConfig(r=16, alpha=32.0, seed=63098)
   kw = dict(r=acfg.r, alpha=acfg.alpha, seed=acfg.seed)
   ids0 = jnp.zeros((1, 1), jnp.int32)
-  adapted_dense = lora.dense_factory("randlora", TARGETS, **kw)
+  adapted_dense = methods.dense_factory("randlora", TARGETS, **kw)
   params = jax.jit(Decoder(cfg, adapted_dense).init)(jax.random.key(0), ids0)["params"]
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map_with_path(
@@ -73,9 +73,9 @@ def main(argv=None):
       "base": (Decoder(cfg), plain),
       "merged weights": (Decoder(cfg), merged),
       "auto": (Decoder(cfg, adapted_dense), params),
-      "factored": (Decoder(cfg, lora.dense_factory("randlora", TARGETS, path="factored", **kw)),
+      "factored": (Decoder(cfg, methods.dense_factory("randlora", TARGETS, path="factored", **kw)),
                    params),
-      "merged path": (Decoder(cfg, lora.dense_factory("randlora", TARGETS, path="merged", **kw)),
+      "merged path": (Decoder(cfg, methods.dense_factory("randlora", TARGETS, path="merged", **kw)),
                       params),
   }
   rows = []

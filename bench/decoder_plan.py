@@ -42,7 +42,7 @@ def main(argv=None):
 
   import jax
 
-  from randlora_jax import aot, lora
+  from randlora_jax import aot, methods
   from randlora_jax.models.decoder import DecoderConfig
 
   count_rows = []
@@ -53,7 +53,7 @@ def main(argv=None):
        (40, 20, 10), (0.58, 1.16, 2.29))]:
     for r, paper in zip(ranks, table):
       n, base, pct = aot.trainable_percent(
-          cfg, lora.dense_factory("randlora", targets, r=r, alpha=2.0 * r))
+          cfg, methods.dense_factory("randlora", targets, r=r, alpha=2.0 * r))
       count_rows.append([name, f"RandLoRA-{r}", f"{n:,}", f"{base:,}", f"{pct:.3f}", f"{paper:.2f}",
                          f"{pct - paper:+.3f}"])
   counts = common.markdown_table(["model", "config", "trainable", "base params", "ours %",

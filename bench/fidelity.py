@@ -60,7 +60,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from randlora_jax import adapter, lora, methods, ops, optim  # noqa: E402
+from randlora_jax import adapter, methods, ops, optim  # noqa: E402
 
 METHODS = ("head", "lora", "randlora", "randlora_rank_r", "full")
 LABELS = {
@@ -97,10 +97,10 @@ def lora_rank_for(width: int, r: int) -> int:
 def dense_for(method: str, r: int, lora_rank: int, basis_seed) -> Callable:
   targets = [r"^fc\d+$"]
   if method in ("randlora", "randlora_rank_r"):
-    return lora.dense_factory("randlora", targets, r=r, alpha=20.0 * r, seed=basis_seed)
+    return methods.dense_factory("randlora", targets, r=r, alpha=20.0 * r, seed=basis_seed)
   if method == "lora":
-    return lora.dense_factory("lora", targets, r=lora_rank, alpha=2.0 * lora_rank)
-  return lora.dense_factory("full")
+    return methods.dense_factory("lora", targets, r=lora_rank, alpha=2.0 * lora_rank)
+  return methods.dense_factory("full")
 
 
 def trainable_rules(method: str) -> tuple[tuple[str, ...], bool]:
@@ -136,7 +136,7 @@ def make_task(seed: int, width: int, depth: int, num_classes: int, rel: float,
               sizes: tuple[int, int, int]):
   """(base params, (x, y) for train/val/test, base-vs-teacher agreement on test)."""
   k_base, k_delta, k_data = jax.random.split(jax.random.key(seed), 3)
-  base_model = MLP(width, depth, num_classes, lora.dense_factory("full"))
+  base_model = MLP(width, depth, num_classes, methods.dense_factory("full"))
   base = base_model.init(k_base, jnp.zeros((1, width)))["params"]
   teacher = jax.tree.map(lambda x: x, base)
   for i, k in enumerate(jax.random.split(k_delta, depth)):

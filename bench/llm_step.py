@@ -62,17 +62,17 @@ def ours(a) -> dict:
   import optax
 
   from randlora_jax import generate as gen_lib
-  from randlora_jax import lora, optim
+  from randlora_jax import methods, optim
   from randlora_jax.models.decoder import Decoder, DecoderConfig
   from randlora_jax.tasks.causal_lm import trainable_patterns, weighted_lm_loss
 
   cfg = DecoderConfig(family="llama", **llama_shape(a))
   if a.method == "randlora":
-    dense = lora.dense_factory("randlora", TARGETS, r=a.rank, alpha=2.0 * a.rank, seed=0)
+    dense = methods.dense_factory("randlora", TARGETS, r=a.rank, alpha=2.0 * a.rank, seed=0)
   elif a.method == "lora":
-    dense = lora.dense_factory("lora", TARGETS, r=a.rank, alpha=2.0 * a.rank)
+    dense = methods.dense_factory("lora", TARGETS, r=a.rank, alpha=2.0 * a.rank)
   else:
-    dense = lora.dense_factory("full")
+    dense = methods.dense_factory("full")
   model = Decoder(cfg, dense)
   ids = jnp.asarray(np.random.default_rng(0).integers(2, VOCAB, (a.batch, a.seq)), jnp.int32)
   params = jax.jit(lambda: model.init(jax.random.key(0), ids[:1, :8])["params"])()

@@ -80,7 +80,7 @@ def main():
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from randlora_jax import lora, optim
+  from randlora_jax import methods, optim
   from randlora_jax.data import commonsense as data_lib
   from randlora_jax.models.decoder import Decoder, DecoderConfig
   from randlora_jax.tasks import causal_lm
@@ -93,8 +93,8 @@ def main():
   cfg = DecoderConfig(family="qwen2", vocab_size=a.vocab, hidden_size=a.hidden,
                       intermediate_size=4 * a.hidden, num_layers=a.layers, num_heads=4,
                       num_kv_heads=2, qkv_bias=True)
-  dense = lora.dense_factory("randlora", ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
-                             r=8, alpha=16.0, seed=63098)
+  dense = methods.dense_factory("randlora", ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
+                                r=8, alpha=16.0, seed=63098)
   model = Decoder(cfg, dense)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   mask = optim.trainable_mask(params, causal_lm.trainable_patterns("randlora"), defaults=False)

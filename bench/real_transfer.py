@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from PIL import Image
 
-from randlora_jax import adapter, data, lora, methods, ops, optim
+from randlora_jax import adapter, data, methods, ops, optim
 from randlora_jax.models import ViT, ViTConfig
 
 PRETRAIN_DATASET = "fashion_mnist_idx"
@@ -190,11 +190,11 @@ class Method:
 
   def dense(self, basis_seed):
     if self.kind in ("randlora", "randlora_rank_r"):
-      return lora.dense_factory("randlora", TARGETS, r=self.r, alpha=2.0 * self.r,
-                                seed=basis_seed)
+      return methods.dense_factory("randlora", TARGETS, r=self.r, alpha=2.0 * self.r,
+                                   seed=basis_seed)
     if self.kind == "lora":
-      return lora.dense_factory("lora", TARGETS, r=self.lora_rank, alpha=2.0 * self.lora_rank)
-    return lora.dense_factory("full")
+      return methods.dense_factory("lora", TARGETS, r=self.lora_rank, alpha=2.0 * self.lora_rank)
+    return methods.dense_factory("full")
 
   def trainable(self) -> tuple[str, ...]:
     """The methods registry's rule for the arm's method (randlora_rank_r is RandLoRA)."""

@@ -129,19 +129,19 @@ def _timed_steps(step, warmups: int, steps: int) -> tuple[float, list[float], li
 
 
 def _ours_model(cfg: Config):
-  """Our Linen ViT with the Dense class of each layer picked by `lora.dense_factory`."""
-  from randlora_jax import lora
+  """Our Linen ViT with the Dense class of each layer picked by `methods.dense_factory`."""
+  from randlora_jax import methods
   from randlora_jax.models import vit
 
   s = cfg.shape
   if cfg.method in ("randlora", "randlora_saved"):
-    dense = lora.dense_factory("randlora", [rf"^{t}$" for t in TARGETS[cfg.targets]],
-                               r=cfg.r, alpha=RANDLORA_ALPHA, seed=0)
+    dense = methods.dense_factory("randlora", [rf"^{t}$" for t in TARGETS[cfg.targets]],
+                                  r=cfg.r, alpha=RANDLORA_ALPHA, seed=0)
   elif cfg.method == "lora":
-    dense = lora.dense_factory("lora", [rf"^{t}$" for t in TARGETS[cfg.targets]],
-                               r=cfg.r, alpha=LORA_ALPHA)
+    dense = methods.dense_factory("lora", [rf"^{t}$" for t in TARGETS[cfg.targets]],
+                                  r=cfg.r, alpha=LORA_ALPHA)
   else:
-    dense = lora.dense_factory("full")
+    dense = methods.dense_factory("full")
   # The same shape as the transformers ViTConfig of the PEFT side (HF ViT family, exact GELU).
   vcfg = vit.ViTConfig(family="vit", hidden_size=s["hidden"], num_layers=s["layers"],
                        num_heads=s["heads"], mlp_dim=s["mlp"], patch_size=s["patch"],

@@ -167,7 +167,7 @@ def test_scan_and_remat_forward_and_gradients():
 
 @pytest.mark.slow
 def test_our_vit_injection_matches_float64_and_built_in_tree():
-  from randlora_jax.lora import dense_factory
+  from randlora_jax.methods import dense_factory
   from randlora_jax.models.vit import ViT, ViTConfig
 
   vit_cfg = ViTConfig.tiny(num_classes=3)

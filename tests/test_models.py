@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from randlora_jax import optim
-from randlora_jax.lora import dense_factory
+from randlora_jax.methods import dense_factory
 from randlora_jax.models import (CheckpointError, ViT, ViTConfig, load_pretrained,
                                  merge_pretrained, param_count)
 from randlora_jax.models import loading
@@ -312,7 +312,7 @@ def test_readme_snippet_load_local_dinov2_with_randlora(tmp_path):
   # --- README snippet ---
   import jax
   import jax.numpy as jnp
-  from randlora_jax.lora import dense_factory
+  from randlora_jax.methods import dense_factory
   from randlora_jax.models import ViT, load_pretrained, merge_pretrained
 
   config, pretrained = load_pretrained(local_dir, num_classes=10)  # or a hub id

@@ -45,30 +45,21 @@ from randlora_jax import checkpoint as ckpt_lib
 from randlora_jax import methods, optim, sharding
 from randlora_jax import tree as tree_lib
 from randlora_jax.data import commonsense as data_lib
+from randlora_jax.errors import ConfigError
 from randlora_jax.evaluation import commonsense as eval_lib
 from randlora_jax.models import hf_decoder, lm_tokenizer, loading
 from randlora_jax.models.decoder import Decoder, DecoderConfig
+# PRESETS and weighted_lm_loss are also this module's names (tests, benchmarks use them here).
+from randlora_jax.tasks.lm_common import PRESETS, shape_overrides, weighted_lm_loss
 from randlora_jax.train import setup as setup_lib
 from randlora_jax.train import preemption
 from randlora_jax.train import step as step_lib
 from randlora_jax.train import validate
-from randlora_jax.train.validate import ConfigError
 
 import grain
 
 TOKENIZER_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "randlora_jax", "lm_tokenizers")
 
-# Shapes without a checkpoint (the tests' and the demo's: a Qwen2-shaped tiny decoder).
-PRESETS = {
-    "tiny": lambda vocab: DecoderConfig(
-        family="qwen2", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_layers=2,
-        num_heads=4, num_kv_heads=2, rope_theta=10000.0, tie_word_embeddings=True,
-        qkv_bias=True),
-    "qwen2_0_5b": lambda vocab: DecoderConfig.qwen2_0_5b(),
-    "phi3_mini": lambda vocab: DecoderConfig.phi3_mini(),
-    "llama3_8b": lambda vocab: DecoderConfig.llama3_8b(),
-    "llama3_70b": lambda vocab: DecoderConfig.llama3_70b(),
-}
 # lm.preset -> the checkpoint the paper used for it (named by the refusal when none is given).
 HUB_IDS = {"qwen2_0_5b": "Qwen/Qwen2-0.5B-Instruct",
            "phi3_mini": "microsoft/Phi-3-mini-4k-instruct",
@@ -102,12 +93,8 @@ def _compute(config) -> dict:
 def decoder_config(config, vocab_size: int) -> DecoderConfig:
   """The `lm.preset` shapes without a checkpoint, with the config's overrides."""
   dcfg = PRESETS[config.lm.preset](vocab_size)
-  m = config.model
-  overrides = {k: v for k, v in (("hidden_size", m.hidden_size), ("num_layers", m.num_layers),
-                                 ("num_heads", m.num_heads), ("intermediate_size", m.mlp_dim))
-               if v is not None}
   try:
-    return dcfg.replace(**overrides, **_compute(config))
+    return dcfg.replace(**shape_overrides(config.model), **_compute(config))
   except ValueError as e:
     raise ConfigError(f"model: {e}") from None
 
@@ -370,17 +357,6 @@ def depths(exp: LMExperiment) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- steps
-
-
-def weighted_lm_loss(logits, input_ids, weights):
-  """(mean cross-entropy, next-token accuracy, count) over tokens t+1 with weight > 0 that
-  follow a real token: position t predicts token t + 1."""
-  w = weights[:, 1:]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32),
-                                                       input_ids[:, 1:])
-  hit = (jnp.argmax(logits[:, :-1], -1) == input_ids[:, 1:]).astype(jnp.float32)
-  n = w.sum()
-  return (ce * w).sum() / jnp.maximum(n, 1.0), (hit * w).sum() / jnp.maximum(n, 1.0), n
 
 
 def _weights(batch):

@@ -43,13 +43,13 @@ import optax
 
 from randlora_jax import data, methods, optim, sharding
 from randlora_jax.data import vl_datasets
+from randlora_jax.errors import ConfigError
 from randlora_jax.models import clip as clip_lib
 from randlora_jax.models import loading
 from randlora_jax.models import tokenizer as tok_lib
 from randlora_jax.train import setup as setup_lib
 from randlora_jax.train import step as step_lib
 from randlora_jax.train import validate
-from randlora_jax.train.validate import ConfigError
 
 MIN_BATCHES = 10  # a k-shot epoch is at least this many batches (the paper's repetition)
 TEXT_CHUNK = 256  # prompts per text-tower call when embedding a template ensemble

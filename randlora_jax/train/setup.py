@@ -25,7 +25,7 @@ from randlora_jax import data, methods, optim, sharding
 from randlora_jax.models import ViT, ViTConfig
 from randlora_jax.train import step as step_lib
 from randlora_jax.train import validate
-from randlora_jax.train.validate import ConfigError  # noqa: F401  (raised by build)
+from randlora_jax.errors import ConfigError  # noqa: F401  (raised by build)
 
 
 @dataclasses.dataclass
