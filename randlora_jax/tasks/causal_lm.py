@@ -29,7 +29,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -40,10 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from randlora_jax import adapter as adapter_lib
 from randlora_jax import checkpoint as ckpt_lib
 from randlora_jax import methods, optim, sharding
-from randlora_jax import tree as tree_lib
 from randlora_jax.data import commonsense as data_lib
 from randlora_jax.errors import ConfigError
 from randlora_jax.evaluation import commonsense as eval_lib
@@ -269,18 +266,14 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   if loaded is not None:
     params = hf_decoder.with_adapter(loaded, dcfg, dense, mesh=mesh, rules=rules)
   else:
-    init = lambda key: model.init(key, ids)["params"]
-    param_sh = sharding.shardings(jax.eval_shape(init, jax.random.key(config.seed)), mesh, rules)
-    params = jax.jit(init, out_shardings=param_sh)(jax.random.key(config.seed))
+    params, _ = setup_lib.init_params(config, model, (ids,), mesh, rules)
   param_sh = sharding.shardings(params, mesh, rules)
   if load_pretrained is not None:
     params = jax.device_put(load_pretrained(params, dcfg), param_sh)
 
-  mask = optim.trainable_mask(params, patterns, defaults=False)
-  trainable, frozen = optim.partition(params, mask)
+  mask, trainable, frozen, trainable_sh, frozen_sh = setup_lib.split_trainable(
+      params, param_sh, patterns, fdtype)
   trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)  # a bf16 checkpoint
-  frozen = setup_lib.cast_frozen(frozen, fdtype)
-  trainable_sh, frozen_sh = optim.partition(param_sh, mask)  # the shardings, split alike
 
   source_cls = data_lib.PackedSource if lm.packing else data_lib.TokenizedSource
   try:
@@ -394,24 +387,11 @@ def train_iterator(exp: LMExperiment):
 
 
 def merged_params(params, method: str, adapter_config: dict):
-  """The plain decoder's parameters with the adapter folded in (on device, jitted)."""
-  if method == "randlora":
-    cfg = adapter_lib.AdapterConfig.from_dict(adapter_config)
-    return jax.jit(functools.partial(adapter_lib.merge, cfg=cfg, drop_adapter=True))(params)
-  if method == "lora":
-    scale = ckpt_lib.lora_scale(adapter_config)
-
-    def fold(_, node):  # matmul batches over the leading layer axis of scanned stacks
-      if "lora_a" not in node:
-        return node
-      out = {k: v for k, v in node.items() if k not in ("lora_a", "lora_b")}
-      w = node["kernel"]  # merged in float32, kept in the frozen weights' dtype (bf16: 16 GB)
-      out["kernel"] = (w.astype(jnp.float32) + scale * jnp.matmul(
-          node["lora_a"], node["lora_b"])).astype(w.dtype)
-      return out
-
-    return jax.jit(lambda p: tree_lib.map_nodes(p, fold))(params)
-  return params
+  """The plain decoder's parameters with the adapter folded in (the registry's fold,
+  `methods.merged_params`), on device, jitted."""
+  if methods.get(method).fold is None:
+    return params
+  return jax.jit(lambda p: methods.merged_params(p, method, adapter_config))(params)
 
 
 EARLY_STOPPING = {"false": False, "never": "never", "true": True}  # lm.early_stopping
