@@ -85,14 +85,10 @@ def get_config(preset: str = "b32"):
     c.checkpoint_every = 500
     return c
   if preset == "tiny":
-    c = recipes.smoke_size(c)
+    c = recipes.embedded_task(recipes.smoke_size(c))
     c.clip.preset = "tiny"
-    c.model.image_size = 32
-    c.model.normalization = "half"
     c.adapter.r, c.adapter.alpha = 4, 8.0
     c.adapter.lora_rank, c.adapter.lora_alpha = 2, 4.0
-    c.data.name = "synthetic_shapes/left_shape"
-    c.data.flip = False
     c.data.max_test_examples = 32
     c.batch_size, c.eval_batch_size = 16, 32
     return c

@@ -1,7 +1,7 @@
 """Blocks of settings that several files in `configs/` share, each defined once: the paper's
-vision fine-tuning recipe (ViT and CLIP), the embedded demos' tiny vision tower and adapter
-budget, and the tests' size. The files in `configs/` are loaded by path (not a package), so
-what they share lives here, beside the schema (`config.base_config`)."""
+vision fine-tuning recipe (ViT and CLIP), the embedded task, the demos' tiny vision tower and
+adapter budget, and the tests' size. The files in `configs/` are loaded by path (not a
+package), so what they share lives here, beside the schema (`config.base_config`)."""
 
 from __future__ import annotations
 
@@ -31,28 +31,35 @@ def paper_vision(c, adapter_lr: float):
   return c
 
 
+def embedded_task(c):
+  """The embedded classification task the demos and the smoke tests run: which shape is on
+  the LEFT of two (synthetic_shapes/left_shape), 32-pixel images, mean/std 0.5; no flip, which
+  would swap left and right, i.e. change the label."""
+  c.model.image_size = 32
+  c.model.normalization = "half"
+  c.data.name = "synthetic_shapes/left_shape"
+  c.data.flip = False
+  return c
+
+
 def demo_vision(c):
   """The embedded vision demos' common part (configs/demo.py, configs/clip_vl.py:demo): a
-  4-block, 64-wide tower on 32-pixel images (16 patches), every method fine-tuning on
-  synthetic_shapes/left_shape (which shape is on the LEFT: no flip, which would swap the
-  label), RandLoRA r = 16 against LoRA rank 2 (about the same number of adapter parameters
+  4-block, 64-wide tower on 16 patches, every method fine-tuning on the embedded task,
+  RandLoRA r = 16 against LoRA rank 2 (about the same number of adapter parameters
   here), both at scale s = alpha / r = 2: PEFT's default s = 20 is sized for ViT-B/L layers
   (gamma = 1/d is 12x smaller there); at width 64 it let dW swamp the pretrained weights
   within a few steps (test accuracy 0.23 vs 0.39 at s = 2, same lr; bench/RESULTS.md)."""
+  c = embedded_task(c)
   c.methods = ("head", "lora", "randlora", "full")
-  c.model.image_size = 32
   c.model.patch_size = 8
   c.model.hidden_size = 64
   c.model.num_layers = 4
   c.model.num_heads = 4
   c.model.mlp_dim = 128
-  c.model.normalization = "half"
   c.adapter.targets = VISION_TARGETS
   c.adapter.r, c.adapter.alpha = 16, 32.0
   c.adapter.lora_rank, c.adapter.lora_alpha = 2, 4.0
-  c.data.name = "synthetic_shapes/left_shape"
   c.data.crop_scale = (0.8, 1.0)
-  c.data.flip = False
   c.optim.weight_decay = 0.0
   c.batch_size = 64
   c.eval_batch_size = 500
