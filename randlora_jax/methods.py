@@ -1,5 +1,7 @@
 """The training methods, in one registry: what each builds on the targeted layers, what
-trains, what is exported. The trainer, every task and the benchmarks read it from here.
+trains, what is exported, and how its adapter folds into the kernels (`merged_params`, which
+the merged exports of every task call). The trainer, every task and the benchmarks read it
+from here.
 
 A task declares only its own head parameters (`TaskHeads`): those that are new for the task
 and train with every method (a classifier head), and those a linear probe trains (method

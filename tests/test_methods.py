@@ -1,6 +1,7 @@
 """The methods registry drives every task: for each registered method and each task, what
 trains on that task's model is what the method says; a method a task cannot train and an
-unknown method are refused with the registry's names."""
+unknown method are refused with the registry's names; each method's fold gives the plain model
+that computes what the adapted one does."""
 
 import re
 
