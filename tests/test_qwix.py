@@ -21,7 +21,7 @@ from randlora_jax.adapter import AdapterConfig
 from randlora_jax.integrations.qwix import (GAMMA_SUFFIX, LAMBDA_SUFFIX, RandLoraProvider,
                                             RandLoraRule, lora_provider_is_randlora)
 from randlora_jax.nnx import RANDLORA_PARAMS
-from randlora_np import ScannedModel, np_delta_kernel
+from randlora_np import np_delta_kernel
 
 _QWIX_LORA_PROVIDER = qwix.LoraProvider
 
@@ -253,18 +253,33 @@ def test_gemma_style_optimizer_trains_only_lambda_gamma(gemma):
 
 
 # ---------------------------------------------------------------------------------------------
-# Linen, Qwix-test style: nn.Dense layers, here stacked with nn.scan over nn.remat blocks
-# (`randlora_np.ScannedModel`).
+# Linen, Qwix-test style: nn.Dense layers, here stacked with nn.scan over nn.remat blocks.
+
+
+class DenseBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.gelu(nn.Dense(12, name="up")(x))
+    return x + nn.Dense(6, name="down")(h), None
+
+
+class ScannedDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(nn.remat(DenseBlock), variable_axes={"params": 0},
+                    split_rngs={"params": True}, length=3)
+    x, _ = stack(name="blocks")(x, None)
+    return nn.Dense(4, name="head")(x)
 
 
 def test_linen_scan_remat_dense():
   x = jax.random.normal(jax.random.key(0), (5, 6))
   provider = RandLoraProvider(module_path="blocks/.*", r=R, alpha=ALPHA, seed=SEED)
-  model = qwix.apply_lora_to_model(ScannedModel(), provider)
+  model = qwix.apply_lora_to_model(ScannedDense(), provider)
   params = jax.jit(model.init)(jax.random.key(1), x)["params"]
   assert params["blocks"]["up"]["kernel" + LAMBDA_SUFFIX].shape == (3, R, 3)  # stacked
   assert not any(k.endswith(LAMBDA_SUFFIX) for k in params["head"])  # path not matched
-  plain = jax.jit(ScannedModel().apply)
+  plain = jax.jit(ScannedDense().apply)
   apply, merge = jax.jit(model.apply), jax.jit(provider.merge)
   np.testing.assert_allclose(apply({"params": params}, x), plain({"params": merge(params)}, x),
                              rtol=1e-6, atol=1e-6)
