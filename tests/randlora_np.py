@@ -137,19 +137,27 @@ def adapted_mha():
 
 
 class Block(nn.Module):
+  hidden: int = 9
+
   @nn.compact
   def __call__(self, x, _):
-    h = nn.gelu(nn.Dense(9, name="up")(x))
+    h = nn.gelu(nn.Dense(self.hidden, name="up")(x))
     return x + nn.Dense(6, name="down")(h), None
 
 
 class ScannedModel(nn.Module):
-  """Blocks under nn.scan(nn.remat(...)), as large models are written."""
+  """Three width-6 blocks (up to `hidden`, gelu, down, residual) under nn.scan(nn.remat(...)),
+  as large models are written; an input Dense ('embed') first when `embed`."""
+
+  hidden: int = 9
+  embed: bool = True
+  out: int = 3
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Dense(6, name="embed")(x)
+    if self.embed:
+      x = nn.Dense(6, name="embed")(x)
     stack = nn.scan(nn.remat(Block), variable_axes={"params": 0},
                     split_rngs={"params": True}, length=3)
-    x, _ = stack(name="blocks")(x, None)
-    return nn.Dense(3, name="head")(x)
+    x, _ = stack(self.hidden, name="blocks")(x, None)
+    return nn.Dense(self.out, name="head")(x)
