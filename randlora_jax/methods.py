@@ -52,7 +52,7 @@ class Method:
     layer_extras: keywords of ``layer`` the trainer supplies itself (the run's ``mesh``).
     export_constants: (key, value) pairs the export records as they are.
     fold: ``fold(params, adapter_config) -> params``: the adapter merged into the kernels and
-      its leaves dropped (a plain model's tree; `adapter_config` as the export writes it:
+      its leaves dropped, a plain model's tree (`adapter_config`: the dict the export writes,
       `adapter_config`); None: nothing to fold (the parameters are the model's already).
     rank_arg: the config.adapter field bounded by min(in, out) of each target.
     description: one line, for listings.
