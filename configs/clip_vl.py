@@ -39,6 +39,7 @@ The checkpoint directory is a transformers CLIPModel (`save_pretrained`: config.
 model.safetensors) with its tokenizer files (tokenizer.json, or vocab.json + merges.txt).
 """
 
+from randlora_jax.train import recipes
 from randlora_jax.train.config import base_config
 
 # preset -> (clip.preset: the towers' shapes, RandLoRA rank)
@@ -47,26 +48,13 @@ MODES = ("ours", "paper")
 
 
 def paper_recipe(c):
+  c = recipes.paper_vision(c, adapter_lr=1e-3)
   c.task = "clip_vl"
   c.method = "randlora"
-  c.model.image_size = 224
-  c.model.dtype = "bfloat16"
   c.model.normalization = "clip"
-  c.adapter.targets = ("q_proj", "k_proj", "v_proj", "fc1", "fc2")
-  c.adapter.lora_rank = 32
-  c.adapter.lora_alpha = 64.0
   c.clip.prompt = "An image of {}"
   c.clip.logit_scale = "raw"
-  c.data.crop_scale = (0.5, 1.0)
-  c.data.flip = True
   c.data.resize = "bicubic"   # CLIP's preprocessing and the authors' RandomResizedCrop
-  c.optim.lr.update(dict(randlora=1e-3, lora=1e-3, full=1e-5, head=1e-3))
-  c.optim.weight_decay = 0.1
-  c.optim.end_lr_fraction = 0.01
-  c.optim.warmup_steps = 0
-  c.optim.grad_clip = 1.0
-  c.batch_size = 128
-  c.num_epochs = 10
   c.eval_at_start = True   # zero-shot accuracy beside the fine-tuned one
   c.clip.paper_epochs = True  # 10 epochs k-shot; the authors' table with data.fraction
   return c
@@ -97,18 +85,12 @@ def get_config(preset: str = "b32"):
     c.checkpoint_every = 500
     return c
   if preset == "tiny":
+    c = recipes.embedded_task(recipes.smoke_size(c))
     c.clip.preset = "tiny"
-    c.model.image_size = 32
-    c.model.dtype = "float32"
-    c.model.normalization = "half"
     c.adapter.r, c.adapter.alpha = 4, 8.0
     c.adapter.lora_rank, c.adapter.lora_alpha = 2, 4.0
-    c.data.name = "synthetic_shapes/left_shape"
-    c.data.flip = False
     c.data.max_test_examples = 32
     c.batch_size, c.eval_batch_size = 16, 32
-    c.total_steps, c.log_every = 3, 1
-    c.progress = False
     return c
   if preset == "demo":
     return demo(c)
@@ -117,31 +99,14 @@ def get_config(preset: str = "b32"):
 
 
 def demo(c):
-  """The embedded VL demo; the architecture matches configs/demo.py's vision tower."""
-  c.methods = ("head", "lora", "randlora", "full")
-  c.model.image_size = 32
-  c.model.patch_size = 8
-  c.model.hidden_size = 64
-  c.model.num_layers = 4
-  c.model.num_heads = 4
-  c.model.mlp_dim = 128
+  """The embedded VL demo; the tower, adapter budgets and task are configs/demo.py's
+  (`recipes.demo_vision`)."""
+  c = recipes.demo_vision(c)
   c.model.dtype = "float32"
-  c.model.normalization = "half"
   c.clip.pretrain.enabled = True
   c.clip.ensemble_eval = False  # the demo's vocabulary has no template words
   c.data.resize = "bilinear"    # the demo's published numbers (README) were measured so
-  # Matched budgets as in configs/demo.py: RandLoRA r = 16 (N = 4 bases per layer) and LoRA
-  # rank 2 train about the same number of parameters; both at scale 2.
-  c.adapter.r, c.adapter.alpha = 16, 32.0
-  c.adapter.lora_rank, c.adapter.lora_alpha = 2, 4.0
-  c.data.name = "synthetic_shapes/left_shape"
-  c.data.crop_scale = (0.8, 1.0)
-  c.data.flip = False          # a flip swaps left and right, i.e. changes the label
   c.optim.lr.update(dict(head=5e-3, lora=5e-3, randlora=5e-3, full=5e-4))
-  c.optim.weight_decay = 0.0
-  c.batch_size = 64
-  c.eval_batch_size = 500
   c.total_steps = 200
-  c.log_every = 25
   c.eval_every = 0
   return c

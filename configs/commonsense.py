@@ -52,6 +52,7 @@ over all chips, data parallel over the same axis):
       --workdir=gs://bucket/runs/llama3_8b_cs170k
 """
 
+from randlora_jax.train import recipes
 from randlora_jax.train.config import base_config
 
 EVAL_TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy",
@@ -123,9 +124,9 @@ def get_config(preset: str = "qwen2_0_5b_instruct"):
       c.mesh.data, c.mesh.fsdp = 1, -1
     return c
   if preset == "tiny":
+    c = recipes.smoke_size(c)
     c.lm.preset = "tiny"
     c.adapter.scaling = SCALING["tiny"]
-    c.model.dtype = "float32"
     c.adapter.r, c.adapter.alpha = 8, 16.0
     c.adapter.lora_rank, c.adapter.lora_alpha = 4, 8.0
     # cutoff 160: every row of the tests' data (synthetic commonsense, <= 155 tokens with this
@@ -136,9 +137,7 @@ def get_config(preset: str = "qwen2_0_5b_instruct"):
     c.optim.warmup_steps = 1
     c.optim.lr.update(dict(randlora=1e-2, lora=1e-2, full=1e-3))
     c.batch_size, c.eval_batch_size = 8, 8  # the tests' 8 virtual devices
-    c.total_steps, c.log_every = 3, 1
     c.eval_every, c.checkpoint_every = 0, 0
-    c.progress = False
     return c
   if preset == "demo":
     return demo(c)

@@ -17,6 +17,7 @@ else changes. The dataset must be prepared in the array_record format
 (`tfds build <name> --file_format=array_record --data_dir=...`).
 """
 
+from randlora_jax.train import recipes
 from randlora_jax.train.config import base_config
 
 # family -> (normalization, peak lr of RandLoRA / LoRA)
@@ -27,37 +28,22 @@ def get_config(family: str = "clip"):
   if family not in FAMILIES:
     raise ValueError(f"configs/vit_l.py:<family> with family in {sorted(FAMILIES)}")
   normalization, adapter_lr = FAMILIES[family]
-  c = base_config()
+  c = recipes.paper_vision(base_config(), adapter_lr)
   c.method = "randlora"
 
   c.model.preset = "vit_l14"
   c.model.family = family
-  c.model.image_size = 224
-  c.model.dtype = "bfloat16"
   c.model.normalization = normalization
   c.model.checkpoint = ""       # a local HF directory; empty: random init (smoke tests only)
 
-  c.adapter.targets = ("q_proj", "k_proj", "v_proj", "fc1", "fc2")
   c.adapter.r = 8               # RandLoRA-8 for L-sized models (~LoRA-32 in parameters)
   c.adapter.alpha = 160.0       # s = alpha / r = 20, PEFT's default scale
-  c.adapter.lora_rank = 32
-  c.adapter.lora_alpha = 64.0
 
   c.data.name = "oxford_flowers102"
   c.data.train_split = "train"
   c.data.test_split = "test"
-  c.data.crop_scale = (0.5, 1.0)
-  c.data.flip = True
 
-  c.optim.lr.update(dict(randlora=adapter_lr, lora=adapter_lr, full=1e-5, head=1e-3))
-  c.optim.weight_decay = 0.1
-  c.optim.end_lr_fraction = 0.01
-  c.optim.warmup_steps = 0
-  c.optim.grad_clip = 1.0
-
-  c.batch_size = 128
   c.eval_batch_size = 256
-  c.num_epochs = 10
   c.log_every = 10
   c.eval_every = 500
   c.checkpoint_every = 500

@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from randlora_jax import adapter as adapter_lib
+from randlora_jax import methods
 from randlora_jax import tree as tree_lib
 
 
@@ -329,48 +330,12 @@ def restore_nnx_adapter(directory: str, model, metadata: dict) -> None:
   nnx.update(model, state)
 
 
-def _fold(params, is_layer, fold_one):
-  """Applies `fold_one(layer dict) -> kernel` to every adapted layer of a nested-dict tree;
-  stacked layers (`nn.scan`: a leading layer axis on every leaf) are folded slice by slice."""
-  return tree_lib.map_nodes(
-      params, lambda _, node: _fold_layer(node, fold_one) if is_layer(node) else node)
-
-
-def _fold_layer(tree, fold_one):
-  layer = {k: np.asarray(v) for k, v in tree.items()}
-  adapter_keys = [k for k in layer if k not in ("kernel", "bias")]
-  extra = layer[adapter_keys[0]].ndim - 2  # leading stacked axes
-  if extra == 0:
-    kernel = fold_one(layer)
-  else:
-    lead = layer["kernel"].shape[:extra]
-    flat = {k: layer[k].reshape((-1,) + layer[k].shape[extra:]) for k in ["kernel", *adapter_keys]}
-    kernel = np.stack([fold_one({k: v[i] for k, v in flat.items()})
-                       for i in range(flat["kernel"].shape[0])]).reshape(lead + flat["kernel"].shape[1:])
-  out = {k: v for k, v in layer.items() if k not in adapter_keys}
-  out["kernel"] = kernel.astype(layer["kernel"].dtype)
-  return out
-
-
-def lora_scale(adapter_config: dict) -> float:
-  """LoRA's alpha / r from an `adapter_config` (exports written before the rank was called
-  `r` everywhere say 'rank')."""
-  return adapter_config["alpha"] / adapter_config.get("r", adapter_config.get("rank"))
-
-
 def merged_params(params, method: str, adapter_config: dict):
-  """A plain ViT's parameter tree with the adapter folded into the kernels.
-
-  RandLoRA: W0 + dW (regenerated from the seed); LoRA: W0 + (alpha / r) A B."""
+  """A plain ViT's parameter tree with the adapter folded into the kernels, as host arrays
+  (the registry's fold, `methods.merged_params`: RandLoRA W0 + dW regenerated from the seed;
+  LoRA W0 + (alpha / r) A B)."""
   params = jax.tree.map(np.asarray, params)
-  if method == "randlora":
-    cfg = adapter_lib.AdapterConfig.from_dict(adapter_config)
-    return jax.tree.map(np.asarray, adapter_lib.merge(params, cfg, drop_adapter=True))
-  if method == "lora":
-    scale = lora_scale(adapter_config)
-    return _fold(params, lambda t: "lora_a" in t,
-                 lambda layer: layer["kernel"] + scale * (layer["lora_a"] @ layer["lora_b"]))
-  return params
+  return jax.tree.map(np.asarray, methods.merged_params(params, method, adapter_config))
 
 
 def export_merged(directory: str, params, method: str, adapter_config: dict) -> int:

@@ -53,11 +53,3 @@ class LoraDense(nn.Module):
       y = y + jnp.asarray(bias, y.dtype)
     return y
 
-
-def __getattr__(name):
-  # `lora.dense_factory`, the older home of the registry's factory (randlora_jax.methods,
-  # which imports this module: resolved lazily, no import cycle).
-  if name == "dense_factory":
-    from randlora_jax import methods  # pylint: disable=g-import-not-at-top
-    return methods.dense_factory
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

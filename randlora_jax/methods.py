@@ -1,5 +1,7 @@
 """The training methods, in one registry: what each builds on the targeted layers, what
-trains, what is exported. The trainer, every task and the benchmarks read it from here.
+trains, what is exported, and how its adapter folds into the kernels (`merged_params`, which
+the merged exports of every task call). The trainer, every task and the benchmarks read it
+from here.
 
 A task declares only its own head parameters (`TaskHeads`): those that are new for the task
 and train with every method (a classifier head), and those a linear probe trains (method
@@ -19,7 +21,10 @@ import re
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
+from randlora_jax import adapter, tree
 from randlora_jax.linen import Dense, RandLoraDense
 from randlora_jax.lora import LoraDense
 
@@ -46,6 +51,9 @@ class Method:
       are also the keys adapter_config.json records and the checkpoint fingerprint holds.
     layer_extras: keywords of ``layer`` the trainer supplies itself (the run's ``mesh``).
     export_constants: (key, value) pairs the export records as they are.
+    fold: ``fold(params, adapter_config) -> params``: the adapter merged into the kernels and
+      its leaves dropped, a plain model's tree (`adapter_config`: the dict the export writes,
+      `adapter_config`); None: nothing to fold (the parameters are the model's already).
     rank_arg: the config.adapter field bounded by min(in, out) of each target.
     description: one line, for listings.
   """
@@ -61,6 +69,7 @@ class Method:
   layer_args: tuple[tuple[str, str], ...] = ()
   layer_extras: tuple[str, ...] = ()
   export_constants: tuple[tuple[str, Any], ...] = ()
+  fold: Callable[[Any, dict], Any] | None = None
   rank_arg: str | None = None
   description: str = ""
 
@@ -91,6 +100,37 @@ class Method:
     return {key: adapter_cfg[field] for key, field in self.layer_args}
 
 
+def lora_scale(adapter_config: dict) -> float:
+  """LoRA's alpha / r from an `adapter_config` (exports written before the rank was called
+  `r` everywhere say 'rank')."""
+  return adapter_config["alpha"] / adapter_config.get("r", adapter_config.get("rank"))
+
+
+def _fold_randlora(params, adapter_config: dict):
+  """W0 + dW, dW regenerated from the seed (`adapter.merge`)."""
+  return adapter.merge(params, adapter.AdapterConfig.from_dict(adapter_config),
+                       drop_adapter=True)
+
+
+def _fold_lora(params, adapter_config: dict):
+  """W0 + (alpha / r) A B, in float32, kept in W0's dtype (bf16 frozen weights stay bf16). A
+  scanned stack (a leading layer axis on every leaf) folds in one batched matmul."""
+  scale = lora_scale(adapter_config)
+
+  def fold(_, node):
+    if "lora_a" not in node:
+      return node
+    out = {k: v for k, v in node.items() if k not in ("lora_a", "lora_b")}
+    w = node["kernel"]
+    ab = jnp.matmul(jnp.asarray(node["lora_a"], jnp.float32),
+                    jnp.asarray(node["lora_b"], jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)  # once per export: exact f32
+    out["kernel"] = (jnp.asarray(w, jnp.float32) + scale * ab).astype(w.dtype)
+    return out
+
+  return tree.map_nodes(params, fold)
+
+
 _HEAD = r"^head/"
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("randlora", layer=RandLoraDense,
@@ -99,11 +139,11 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            layer_args=(("r", "r"), ("alpha", "alpha"), ("seed", "seed"),
                        ("distribution", "distribution"), ("scaling", "scaling")),
            layer_extras=("mesh",),
-           export_constants=(("sparse_dim", None),),
+           export_constants=(("sparse_dim", None),), fold=_fold_randlora,
            rank_arg="r", description="RandLoRA on the targets (lambda, gamma train)"),
     Method("lora", layer=LoraDense, adapter_leaves=(r"lora_a$", r"lora_b$"),
            exports_adapter=True, dropout=True,
-           layer_args=(("r", "lora_rank"), ("alpha", "lora_alpha")),
+           layer_args=(("r", "lora_rank"), ("alpha", "lora_alpha")), fold=_fold_lora,
            rank_arg="lora_rank", description="LoRA on the targets (A, B train)"),
     Method("full", trains_all=True, description="every parameter trains"),
     Method("head", trains_new_head=False, trains_probe=True, exports_adapter=True,
@@ -189,10 +229,18 @@ def adapter_config(config) -> dict[str, Any]:
   return out
 
 
+def merged_params(params, method: str, adapter_config: dict):
+  """The plain model's parameter tree: `method`'s adapter folded into the kernels (its
+  `Method.fold`), or `params` as they are for a method with nothing to fold. Traceable (jit
+  it to fold on device); `adapter_config` is the export's (`adapter_config`)."""
+  m = get(method)
+  return params if m.fold is None else m.fold(params, adapter_config)
+
+
 def describe() -> str:
   return "\n".join(f"{m.name:10s} {m.description}" for m in REGISTRY.values())
 
 
 __all__ = ["CLASSIFIER_HEADS", "METHODS", "Method", "MethodError", "REGISTRY", "TaskHeads",
-           "adapter_config", "config_dense_factory", "dense_factory", "get", "supported",
-           "trainable_patterns"]
+           "adapter_config", "config_dense_factory", "dense_factory", "get", "lora_scale",
+           "merged_params", "supported", "trainable_patterns"]

@@ -36,7 +36,24 @@ MiB = 1024**2
 
 
 @dataclasses.dataclass(frozen=True)
-class Target:
+class ChipFacts:
+  """What one chip generation is (the table below), per JAX device; `Target` adds the slice."""
+
+  platform: str  # "tpu" | "cuda"
+  hbm_bytes: int
+  peak_flops_bf16: float
+  hbm_bytes_per_s: float
+  ici_bytes_per_s: float
+  vmem_bytes: int | None
+  smem_per_block_bytes: int | None
+  cores: int
+  macs_per_vector_op: float
+  f32_dot_slowdown: float
+  device_kind: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Target(ChipFacts):
   """One accelerator target: a TPU slice or one or more GPUs of one model.
 
   All rates and sizes are per JAX device. ``ici_bytes_per_s``: one chip's total one-way
@@ -52,20 +69,9 @@ class Target:
   """
 
   name: str
-  platform: str  # "tpu" | "cuda"
   generation: str  # "v4", "v5e", "v5p", "v6e", "h100", "h200", "a100", "b200"
   num_devices: int
-  hbm_bytes: int
-  peak_flops_bf16: float
-  hbm_bytes_per_s: float
-  ici_bytes_per_s: float
-  vmem_bytes: int | None
-  smem_per_block_bytes: int | None
-  cores: int
-  macs_per_vector_op: float
-  f32_dot_slowdown: float
   topology: str
-  device_kind: str
 
   @property
   def num_chips(self) -> int:
@@ -73,20 +79,9 @@ class Target:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Chip:
-  """Facts of one chip generation (the table below); `get` adds the slice size."""
+class _Chip(ChipFacts):
+  """One chip generation's facts as the table gives them; `get` adds the slice size."""
 
-  platform: str
-  hbm_bytes: int
-  peak_flops_bf16: float
-  hbm_bytes_per_s: float
-  ici_bytes_per_s: float
-  vmem_bytes: int | None
-  smem_per_block_bytes: int | None
-  cores: int
-  macs_per_vector_op: float
-  f32_dot_slowdown: float
-  device_kind: str
   megacore: bool = False  # v4 / v5p: a "-N" slice name counts TensorCores (N/2 chips)
   grid_dims: int = 3  # TPU torus dimensions (3: v4 / v5p, 2: v5e / v6e)
 
@@ -197,8 +192,7 @@ def get(name: str) -> Target:
       if grid is None:
         raise _bad(name, f"{n} chips is not a {gen} slice")
     topology = "x".join(map(str, grid))
-  fields = {f.name: getattr(chip, f.name) for f in dataclasses.fields(Target)
-            if hasattr(chip, f.name)}
+  fields = {f.name: getattr(chip, f.name) for f in dataclasses.fields(ChipFacts)}
   return Target(name=key, generation=gen, num_devices=n, topology=topology, **fields)
 
 

@@ -55,6 +55,28 @@ def map_nodes(tree, visit: Callable[[str, Any], Any], prefix: str = ""):
   return {k: map_nodes(v, visit, join(prefix, k)) for k, v in tree.items()}
 
 
+def flatten(tree, prefix: str = "") -> dict[str, Any]:
+  """{path: leaf} for every leaf of a nested-mapping tree (a checkpoint's key -> array view)."""
+  if not is_node(tree):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(flatten(v, join(prefix, k)))
+  return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+  """The nested plain dicts that `flatten` reads back to `flat`."""
+  tree: dict = {}
+  for path, v in flat.items():
+    node = tree
+    *parents, leaf = path.split(SEP)
+    for k in parents:
+      node = node.setdefault(k, {})
+    node[leaf] = v
+  return tree
+
+
 def iter_nodes(tree, prefix: str = "") -> Iterator[tuple[str, Any]]:
   """(path, node) for every mapping node of a nested-mapping tree, top-down."""
   if not is_node(tree):

@@ -96,20 +96,68 @@ def np_merged(params, cfg: AdapterConfig, in_outs, sparse_dim=None):
   return walk(params, "")
 
 
+class ReluMLP(nn.Module):
+  """fc0 -> relu -> fc1 -> relu -> fc2 (in -> hidden -> hidden -> out): a layer that widens,
+  one that keeps the width and one that narrows, for every pairing of the bases."""
+
+  hidden: int = 16
+  out: int = 5
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(self.hidden, name="fc0")(x))
+    x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))
+    return nn.Dense(self.out, name="fc2")(x)
+
+
+def nnx_mlp(rngs):
+  """An existing NNX model: fc0 (12 -> 16) -> relu -> fc1 (16 -> 5)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.fc0 = nnx.Linear(12, 16, rngs=rngs)
+      self.fc1 = nnx.Linear(16, 5, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc1(jax.nn.relu(self.fc0(x)))
+
+  return MLP(rngs)
+
+
+def adapted_mha():
+  """(Flax attention, its RandLoRA injection on query / value / out, random adapter params,
+  inputs): DenseGeneral kernels whose in / out are not their 2-D shapes."""
+  from randlora_jax import inject  # pylint: disable=g-import-not-at-top
+  mha = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=10, out_features=6)
+  x = jax.random.normal(jax.random.key(1), (2, 5, 6))
+  f = inject.randlora(mha, ["query", "value", "out"], AdapterConfig(r=4, alpha=8.0, seed=11))
+  params = randomize_adapter(f.init(jax.random.key(0), x)["params"], jax.random.key(2))
+  return mha, f, params, x
+
+
 class Block(nn.Module):
+  hidden: int = 9
+
   @nn.compact
   def __call__(self, x, _):
-    h = nn.gelu(nn.Dense(9, name="up")(x))
+    h = nn.gelu(nn.Dense(self.hidden, name="up")(x))
     return x + nn.Dense(6, name="down")(h), None
 
 
 class ScannedModel(nn.Module):
-  """Blocks under nn.scan(nn.remat(...)), as large models are written."""
+  """Three width-6 blocks (up to `hidden`, gelu, down, residual) under nn.scan(nn.remat(...)),
+  as large models are written; an input Dense ('embed') first when `embed`."""
+
+  hidden: int = 9
+  embed: bool = True
+  out: int = 3
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Dense(6, name="embed")(x)
+    if self.embed:
+      x = nn.Dense(6, name="embed")(x)
     stack = nn.scan(nn.remat(Block), variable_axes={"params": 0},
                     split_rngs={"params": True}, length=3)
-    x, _ = stack(name="blocks")(x, None)
-    return nn.Dense(3, name="head")(x)
+    x, _ = stack(self.hidden, name="blocks")(x, None)
+    return nn.Dense(self.out, name="head")(x)

@@ -8,24 +8,15 @@ import pytest
 
 from randlora_jax import adapter, inject
 from randlora_jax.adapter import GAMMA, LAMBDA, AdapterConfig
-from randlora_np import ScannedModel, np_delta_kernel, randomize_adapter
+from randlora_np import ScannedModel, adapted_mha, np_delta_kernel, randomize_adapter
 
 # Merged vs adapted outputs: the same fp32 W0 + dW, used once as one kernel and once through
 # the adapted layer; differences are fp32 rounding of O(1) outputs.
 RTOL, ATOL = 1e-5, 1e-5
 
 
-def _mha_setup():
-  mha = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=10, out_features=6)
-  x = jax.random.normal(jax.random.key(1), (2, 5, 6))
-  cfg = AdapterConfig(r=4, alpha=8.0, seed=11)
-  f = inject.randlora(mha, ["query", "value", "out"], cfg)
-  params = randomize_adapter(f.init(jax.random.key(0), x)["params"], jax.random.key(2))
-  return mha, f, params, x
-
-
 def test_merge_densegeneral_attention_matches_adapted_output():
-  mha, f, params, x = _mha_setup()
+  mha, f, params, x = adapted_mha()
   y = f.apply({"params": params}, x)
   merged = f.merge(params)  # lambda reset to 0: the adapted model now adds nothing
   np.testing.assert_array_equal(merged["value"][LAMBDA], 0.0)
@@ -41,7 +32,7 @@ def test_merge_densegeneral_attention_matches_adapted_output():
 
 
 def test_unmerge_inverts_merge():
-  _, f, params, _ = _mha_setup()
+  _, f, params, _ = adapted_mha()
   back = f.unmerge(f.merge(params), params)
   # W0 + dW - dW in fp32: error ~ ulp(|dW|); dW is O(1) here.
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):

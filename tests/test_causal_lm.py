@@ -13,22 +13,12 @@ import pytest
 from randlora_jax.data import commonsense as data_lib
 from randlora_jax.data import commonsense_synth as synth
 from randlora_jax.evaluation import commonsense as eval_lib
+from lm_testing import CharTokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 
 RECORD = {"instruction": "Is a cat bigger than a dog?\n\nAnswer format: true/false", "input": "",
           "output": "the correct answer is false", "answer": "false"}
-
-
-class CharTokenizer:
-  """One id per character (+2), EOS 1, pad 0: lengths in tokens are lengths in characters."""
-  eos_id, pad_id = 1, 0
-
-  def encode(self, text):
-    return [ord(ch) + 2 for ch in text]
-
-  def decode(self, ids):
-    return "".join(chr(i - 2) for i in ids if i > 1)
 
 
 def test_prompts_have_the_papers_exact_whitespace():

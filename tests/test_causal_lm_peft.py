@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from randlora_jax import adapter, lora
+from randlora_jax import adapter, methods
 from randlora_jax.interop import peft as peft_interop
 from randlora_jax.models import hf_decoder
 from randlora_jax.models.decoder import Decoder
@@ -28,7 +28,7 @@ def test_dropout_round_trip_and_statistics_vs_peft(tmp_path):
   hf_model = decoder_tiny.save("qwen2", tmp_path / "base")
   cfg, params = hf_decoder.load_decoder(tmp_path / "base")
   acfg = adapter.AdapterConfig(r=8, alpha=16.0, seed=63098)
-  base = lora.dense_factory("randlora", TARGETS, r=acfg.r, alpha=acfg.alpha, seed=acfg.seed)
+  base = methods.dense_factory("randlora", TARGETS, r=acfg.r, alpha=acfg.alpha, seed=acfg.seed)
   params = hf_decoder.with_adapter(params, cfg, base)
   rng = np.random.default_rng(1)
   params = jax.tree_util.tree_map_with_path(

@@ -21,7 +21,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from randlora_jax import checkpoint as ckpt_lib
-from randlora_jax import lora, sharding
+from randlora_jax import methods, sharding
 from randlora_jax.models import ViT, ViTConfig
 from randlora_jax.train import loop, setup
 
@@ -330,7 +330,7 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_r
 
 def test_lora_merge_reproduces_the_lora_model():
   cfg = ViTConfig.tiny(num_classes=4)
-  model = ViT(cfg, lora.dense_factory("lora", ["q_proj", "fc1"], r=2, alpha=4.0))
+  model = ViT(cfg, methods.dense_factory("lora", ["q_proj", "fc1"], r=2, alpha=4.0))
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   params = model.init(jax.random.key(1), images)["params"]
   # lora_b starts at zero; give it values so the merge has something to fold.
@@ -338,7 +338,7 @@ def test_lora_merge_reproduces_the_lora_model():
       lambda p, x: 0.1 * jnp.ones_like(x) if "lora_b" in jax.tree_util.keystr(p) else x, params)
   merged = ckpt_lib.merged_params(params, "lora", {"rank": 2, "alpha": 4.0})
   assert "lora_a" not in merged["encoder"]["blocks"]["q_proj"]
-  plain = ViT(cfg, lora.dense_factory("full")).apply({"params": merged}, images)
+  plain = ViT(cfg, methods.dense_factory("full")).apply({"params": merged}, images)
   np.testing.assert_allclose(plain, model.apply({"params": params}, images), atol=1e-5,
                              rtol=1e-5)  # float32 re-association only
 

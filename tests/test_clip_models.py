@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from randlora_jax import lora
+from randlora_jax import methods
 from randlora_jax.models import clip as clip_lib
 from randlora_jax.models import tokenizer as tok_lib
 
@@ -99,8 +99,8 @@ def test_save_pretrained_is_read_back_by_transformers(tmp_path):
 
 def test_adapters_land_in_both_towers_and_start_as_the_identity():
   config = clip_lib.CLIPConfig.tiny()
-  dense = lora.dense_factory("randlora", ("q_proj", "k_proj", "v_proj", "fc1", "fc2"), r=4,
-                             alpha=8.0)
+  dense = methods.dense_factory("randlora", ("q_proj", "k_proj", "v_proj", "fc1", "fc2"), r=4,
+                                alpha=8.0)
   images, ids = jnp.zeros((1, 32, 32, 3)), jnp.ones((1, 8), jnp.int32)
   adapted = jax.jit(clip_lib.CLIP(config, dense).init)(jax.random.key(0), images, ids)["params"]
   for tower in ("vision", "text"):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from randlora_jax import adapter, generate, lora, ops, sharding
+from randlora_jax import adapter, generate, methods, ops, sharding
 from randlora_jax.models import hf_decoder
 from randlora_jax.models.decoder import Decoder, layer_in_outs
 from randlora_jax.models.loading import CheckpointError
@@ -78,7 +78,7 @@ def test_sharded_load_places_each_block(checkpoints):
   assert {s.data.shape for s in emb.addressable_shards} == {(cfg.vocab_size // 8, 64)}
   for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(placed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  dense = lora.dense_factory("randlora", ["q_proj"], r=8, alpha=16.0)
+  dense = methods.dense_factory("randlora", ["q_proj"], r=8, alpha=16.0)
   adapted = hf_decoder.with_adapter(placed, cfg, dense, mesh=mesh)
   lam = adapted["layers"]["q_proj"]["randlora_lambda"]
   assert lam.sharding.is_fully_replicated and len(lam.sharding.device_set) == 8
@@ -165,7 +165,7 @@ def test_adapted_merged_and_factored_decoding_agree(checkpoints):
     spec = adapter_cfg.layer_spec(*in_out)
     assert ops.choose_path(ids.size, spec) == "merged"  # the prefill
     assert ops.choose_path(ids.shape[0], spec) == "factored"  # one token per row
-  dense = lora.dense_factory("randlora", targets, **kw)
+  dense = methods.dense_factory("randlora", targets, **kw)
   adapted = hf_decoder.with_adapter(params, cfg, dense)
   rng = np.random.default_rng(0)
   adapted = jax.tree_util.tree_map_with_path(
@@ -175,7 +175,7 @@ def test_adapted_merged_and_factored_decoding_agree(checkpoints):
   auto = run(Decoder(cfg, dense), adapted)
   base = run(Decoder(cfg), params)
   assert (auto != base).any(), "the adapter should change the continuation"
-  factored = lora.dense_factory("randlora", targets, path="factored", **kw)
+  factored = methods.dense_factory("randlora", targets, path="factored", **kw)
   np.testing.assert_array_equal(run(Decoder(cfg, factored), adapted), auto)
   merged = adapter.merge(adapted, adapter_cfg, drop_adapter=True)
   np.testing.assert_array_equal(run(Decoder(cfg), merged), auto)
@@ -216,7 +216,7 @@ def test_lora_leaves_without_the_whole_model():
   from randlora_jax.models.decoder import DecoderConfig
   cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                       num_heads=4, num_kv_heads=2)
-  dense = lora.dense_factory("lora", ["q_proj", "down_proj"], r=4, alpha=8.0)
+  dense = methods.dense_factory("lora", ["q_proj", "down_proj"], r=4, alpha=8.0)
   full = Decoder(cfg, dense).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
   base = {k: v for k, v in jax.tree.map(lambda x: x, full).items()}
   base["layers"] = {k: {n: w for n, w in v.items() if not n.startswith("lora_")}
@@ -226,7 +226,7 @@ def test_lora_leaves_without_the_whole_model():
     for leaf in ("lora_a", "lora_b"):
       np.testing.assert_array_equal(adapted["layers"][name][leaf], full["layers"][name][leaf])
   big = DecoderConfig.llama3_8b()
-  big_dense = lora.dense_factory("lora", ["q_proj", "k_proj", "v_proj", "up_proj",
+  big_dense = methods.dense_factory("lora", ["q_proj", "k_proj", "v_proj", "up_proj",
                                           "down_proj"], r=16, alpha=32.0)
   paths = [f"layers/{n}/lora_a" for n in ("q_proj", "k_proj", "v_proj", "up_proj",
                                          "down_proj")]

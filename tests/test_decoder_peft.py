@@ -12,7 +12,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from randlora_jax import adapter, inject, lora
+from randlora_jax import adapter, inject, methods
 from randlora_jax.interop import hf as hf_interop, peft as peft_interop
 from randlora_jax.models import hf_decoder
 from randlora_jax.models.decoder import Decoder
@@ -46,8 +46,8 @@ def test_peft_and_merged_export_reproduce_our_logits(family, tmp_path):
   hf_model = decoder_tiny.save(family, src)
   cfg, params = hf_decoder.load_decoder(src)
   adapter_cfg = adapter.AdapterConfig(r=8, alpha=16.0, seed=63098)
-  dense = lora.dense_factory("randlora", TARGETS[family], r=adapter_cfg.r,
-                             alpha=adapter_cfg.alpha, seed=adapter_cfg.seed)
+  dense = methods.dense_factory("randlora", TARGETS[family], r=adapter_cfg.r,
+                                alpha=adapter_cfg.alpha, seed=adapter_cfg.seed)
   params = _randomize(hf_decoder.with_adapter(params, cfg, dense), np.random.default_rng(1))
   ids, mask = decoder_tiny.padded_prompts(length=8)
   ours = np.asarray(jax.jit(lambda p: Decoder(cfg, dense).apply(

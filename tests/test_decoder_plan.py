@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from randlora_jax import aot, hlo, lora, sharding
+from randlora_jax import aot, hlo, methods, sharding
 from randlora_jax.models.decoder import DecoderConfig, layer_in_outs
 
 QKVUD = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -32,7 +32,7 @@ def _by_hand(cfg: DecoderConfig, targets, r: int) -> int:
 ])
 def test_trainable_counts_at_the_papers_ranks(name, cfg, targets, ranks, table):
   for r, paper in zip(ranks, table):
-    dense = lora.dense_factory("randlora", targets, r=r, alpha=2.0 * r)
+    dense = methods.dense_factory("randlora", targets, r=r, alpha=2.0 * r)
     n_train, n_base, percent = aot.trainable_percent(cfg, dense)
     assert n_train == _by_hand(cfg, targets, r)
     if name == "llama3_8b":

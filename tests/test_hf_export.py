@@ -9,7 +9,7 @@ import pytest
 
 from randlora_jax import adapter as adapter_lib
 from randlora_jax.interop import hf
-from randlora_jax.lora import dense_factory
+from randlora_jax.methods import dense_factory
 from randlora_jax.models import ViT, ViTConfig, load_pretrained
 from vit_testing import random_variables, rel_err
 
@@ -116,7 +116,7 @@ def test_readme_snippet_export_merged(tmp_path):
       hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
       mlp_ratio=2, num_labels=10)).save_pretrained(tmp_path / "dinov2")
   local_dir, out_dir = str(tmp_path / "dinov2"), str(tmp_path / "merged")
-  from randlora_jax.lora import dense_factory
+  from randlora_jax.methods import dense_factory
   from randlora_jax.models import ViT, load_pretrained, merge_pretrained
   config, pretrained = load_pretrained(local_dir)
   images = jnp.zeros((2, config.image_size, config.image_size, 3))

@@ -8,22 +8,12 @@ import pytest
 
 from randlora_jax import inject, ops
 from randlora_jax.adapter import GAMMA, LAMBDA, AdapterConfig
-from randlora_np import ScannedModel, np_merged, randomize_adapter
+from randlora_np import ReluMLP, ScannedModel, adapted_mha, np_merged, randomize_adapter
 
 # fp32 forward vs a float64 reference: sums of <= ~100 products of O(1) terms, so a few
 # float32 ulps of the O(1) outputs; 2e-5 leaves margin without hiding a wrong basis or pairing
 # (those change outputs at O(0.1)).
 RTOL, ATOL = 2e-5, 2e-5
-
-
-class MLP(nn.Module):
-  """in < out, in = out, in > out layers."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(16, name="fc0")(x))
-    x = nn.relu(nn.Dense(16, name="fc1")(x))
-    return nn.Dense(5, name="fc2")(x)
 
 
 def np_mlp(p, x):
@@ -37,7 +27,7 @@ def np_mlp(p, x):
 def test_dense_mlp_matches_float64(path):
   x = jax.random.normal(jax.random.key(1), (4, 12))
   cfg = AdapterConfig(r=3, alpha=6.0, seed=7)  # r does not divide 16 or 5
-  f = inject.randlora(MLP(), ["fc"], cfg, path=path)
+  f = inject.randlora(ReluMLP(), ["fc"], cfg, path=path)
   params = randomize_adapter(f.init(jax.random.key(0), x)["params"], jax.random.key(2))
   assert f.in_outs == {"fc0": (12, 16), "fc1": (16, 16), "fc2": (16, 5)}
   y = jax.jit(f.apply)({"params": params}, x)
@@ -49,9 +39,9 @@ def test_dense_mlp_matches_float64(path):
 
 def test_frozen_tree_is_the_models_own_and_init_adapter_adds_leaves():
   x = jnp.ones((2, 12))
-  f = inject.randlora(MLP(), [r"fc[02]$"], AdapterConfig(r=4))
+  f = inject.randlora(ReluMLP(), [r"fc[02]$"], AdapterConfig(r=4))
   variables = f.init(jax.random.key(0), x)
-  plain = MLP().init(jax.random.key(0), x)
+  plain = ReluMLP().init(jax.random.key(0), x)
   for name in ("fc0", "fc1", "fc2"):  # same initial kernels: a checkpoint loads unchanged
     for leaf in ("kernel", "bias"):
       np.testing.assert_array_equal(variables["params"][name][leaf], plain["params"][name][leaf])
@@ -62,13 +52,13 @@ def test_frozen_tree_is_the_models_own_and_init_adapter_adds_leaves():
   assert jax.tree.structure(params) == jax.tree.structure(variables["params"])
   np.testing.assert_array_equal(params["fc2"][LAMBDA], 0.0)
   np.testing.assert_allclose(params["fc2"][GAMMA], 1.0 / max(2, 5))  # PEFT: 1 / max(N, d)
-  np.testing.assert_array_equal(f.apply({"params": params}, x), MLP().apply(plain, x))
+  np.testing.assert_array_equal(f.apply({"params": params}, x), ReluMLP().apply(plain, x))
   with pytest.raises(ValueError, match="lack"):
     f.init_adapter({"fc0": plain["params"]["fc0"]}, x)
 
 
 def test_pattern_matching_nothing_lists_paths():
-  f = inject.randlora(MLP(), ["fc0", "query"], AdapterConfig(r=4))
+  f = inject.randlora(ReluMLP(), ["fc0", "query"], AdapterConfig(r=4))
   with pytest.raises(ValueError, match=r"'query' matches no .*\n  fc0\n  fc1\n  fc2"):
     f.init(jax.random.key(0), jnp.ones((1, 12)))
 
@@ -76,7 +66,7 @@ def test_pattern_matching_nothing_lists_paths():
 def test_very_sparse_uses_pefts_global_sparse_dim():
   x = jax.random.normal(jax.random.key(1), (3, 12))
   cfg = AdapterConfig(r=2, alpha=4.0, seed=3, distribution="very_sparse")
-  f = inject.randlora(MLP(), [r"fc[02]$"], cfg)
+  f = inject.randlora(ReluMLP(), [r"fc[02]$"], cfg)
   params = randomize_adapter(f.init(jax.random.key(0), x)["params"], jax.random.key(2))
   # PEFT: min of the element-wise max (in, out) = min(16, 16); each layer's own d is 12 and 5.
   assert f.resolved_config(params).sparse_dim == 16
@@ -96,16 +86,12 @@ def np_mha(p, x, heads):
 
 
 def test_flax_multihead_attention_densegeneral():
-  mha = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=10, out_features=6)
-  x = jax.random.normal(jax.random.key(1), (2, 5, 6))
-  cfg = AdapterConfig(r=4, alpha=8.0, seed=11)
-  f = inject.randlora(mha, ["query", "value", "out"], cfg)
-  params = randomize_adapter(f.init(jax.random.key(0), x)["params"], jax.random.key(2))
+  _, f, params, x = adapted_mha()
   # q/v kernels (6, 2, 5): in 6 < out 10; out kernel (2, 5, 6): in 10 > out 6.
   assert f.in_outs == {"query": (6, 10), "value": (6, 10), "out": (10, 6)}
   assert params["query"][GAMMA].shape == (2, 6) and params["out"][LAMBDA].shape == (4, 2)
   y = jax.jit(f.apply)({"params": params}, x)
-  want = np_mha(np_merged(params, cfg, f.in_outs), np.asarray(x, np.float64), 2)
+  want = np_mha(np_merged(params, f.config, f.in_outs), np.asarray(x, np.float64), 2)
   np.testing.assert_allclose(y, want, rtol=RTOL, atol=ATOL)
 
 
@@ -167,7 +153,7 @@ def test_scan_and_remat_forward_and_gradients():
 
 @pytest.mark.slow
 def test_our_vit_injection_matches_float64_and_built_in_tree():
-  from randlora_jax.lora import dense_factory
+  from randlora_jax.methods import dense_factory
   from randlora_jax.models.vit import ViT, ViTConfig
 
   vit_cfg = ViTConfig.tiny(num_classes=3)

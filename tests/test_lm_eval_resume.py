@@ -21,18 +21,9 @@ from randlora_jax.models.decoder import Decoder, DecoderConfig
 
 import trainer_configs
 import xla_env
+from lm_testing import CharTokenizer
 
 ROOT = trainer_configs.ROOT
-
-
-class CharTokenizer:
-  eos_id, pad_id = 1, 0
-
-  def encode(self, text):
-    return [2 + (ord(c) % 120) for c in text]
-
-  def decode(self, ids):
-    return "".join(chr(i - 2) for i in ids if i > 1)
 
 
 def _model():
@@ -49,7 +40,7 @@ def _tasks():
 
 def test_stopped_evaluation_resumes_on_the_missing_records_only(tmp_path):
   model, params = _model()
-  tasks, tok = _tasks(), CharTokenizer()
+  tasks, tok = _tasks(), CharTokenizer(120)
   kw = dict(mode="loglik", batch_size=2, results_dir=str(tmp_path), key={"run": 1})
   ref = eval_lib.evaluate(model, params, tok, tasks, **kw)
   ref_hits = {t: json.load(open(tmp_path / f"{t}.json"))["hits"] for t in tasks}
@@ -80,7 +71,7 @@ def test_over_long_prompt_keeps_its_last_tokens(monkeypatch):
   """A 10,000-word instruction: the prompt fed to the model is its last `max_prompt_tokens`
   tokens (rounded up to the batch's 64-token padding), so memory does not grow with it."""
   model, params = _model()
-  tok = CharTokenizer()
+  tok = CharTokenizer(120)
   long = dict(synth.example("boolq", np.random.default_rng(1)))
   long["instruction"] = " ".join(["word"] * 10_000) + "\n\n" + long["instruction"]
   widths = []

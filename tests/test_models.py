@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from randlora_jax import optim
-from randlora_jax.lora import dense_factory
+from randlora_jax.methods import dense_factory
 from randlora_jax.models import (CheckpointError, ViT, ViTConfig, load_pretrained,
                                  merge_pretrained, param_count)
 from randlora_jax.models import loading

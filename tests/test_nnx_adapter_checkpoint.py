@@ -20,22 +20,14 @@ import xla_env
 from randlora_jax import adapter, checkpoint
 from randlora_jax.adapter import AdapterConfig, AdapterMismatch
 from randlora_jax.nnx import adapter_metadata, inject_nnx
+from randlora_np import nnx_mlp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = AdapterConfig(r=3, alpha=6.0, seed=11)
 
 
-class MLP(nnx.Module):
-  def __init__(self, rngs):
-    self.fc0 = nnx.Linear(12, 16, rngs=rngs)
-    self.fc1 = nnx.Linear(16, 5, rngs=rngs)
-
-  def __call__(self, x):
-    return self.fc1(jax.nn.relu(self.fc0(x)))
-
-
 def adapted(config=CFG):
-  model = MLP(nnx.Rngs(0))  # the "pretrained" base: same weights in every process
+  model = nnx_mlp(nnx.Rngs(0))  # the "pretrained" base: same weights in every process
   inject_nnx(model, ["fc"], config)
   return model
 
@@ -43,6 +35,7 @@ def adapted(config=CFG):
 # Run in a new interpreter: restore the adapter saved in argv[1], write the outputs to argv[2].
 RESTORE = """
 import sys
+import jax
 import numpy as np
 sys.path.insert(0, sys.argv[3])
 import test_nnx_adapter_checkpoint as t

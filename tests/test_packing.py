@@ -9,16 +9,7 @@ import pytest
 from randlora_jax.data import commonsense as data_lib
 from randlora_jax.models.decoder import Decoder, DecoderConfig, segment_positions
 from randlora_jax.tasks import causal_lm
-
-
-class CharTokenizer:
-  eos_id, pad_id = 1, 0
-
-  def encode(self, text):
-    return [2 + (ord(c) % 90) for c in text]
-
-  def decode(self, ids):
-    return "".join(chr(i - 2) for i in ids if i > 1)
+from lm_testing import CharTokenizer
 
 
 def _records(n, seed=0):
@@ -35,7 +26,7 @@ def _batch(source):
 
 
 def test_packed_loss_and_gradient_equal_unpacked():
-  tok = CharTokenizer()
+  tok = CharTokenizer(90)
   cutoff = 768  # the template alone is ~200 characters
   records = _records(10)
   padded = data_lib.TokenizedSource(records, tok, cutoff)

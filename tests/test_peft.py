@@ -12,7 +12,7 @@ import pytest
 from randlora_jax import inject
 from randlora_jax.adapter import GAMMA, LAMBDA, AdapterConfig
 from randlora_jax.interop import peft as peft_io
-from randlora_np import randomize_adapter
+from randlora_np import ReluMLP, randomize_adapter
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -37,12 +37,8 @@ class TorchMLP(torch.nn.Module):
     return self.fc2(x)
 
 
-class FlaxMLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(20, name="fc0")(x))
-    x = nn.relu(nn.Dense(20, name="fc1")(x))
-    return nn.Dense(7, name="fc2")(x)
+def _flax_mlp():
+  return ReluMLP(hidden=20, out=7)  # TorchMLP's layers
 
 
 def _torch_model(seed=0):
@@ -59,15 +55,20 @@ def _x():
   return np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32)
 
 
+def _adapted_torch_copy(cfg):
+  """(the torch MLP, our injection into the same weights, its random adapter, our outputs)."""
+  tmodel = _torch_model()
+  f = inject.randlora(_flax_mlp(), NAMES, cfg)
+  params = f.init_adapter(_frozen_from_torch(tmodel), jax.ShapeDtypeStruct((1, 12), jnp.float32))
+  params = randomize_adapter(params, jax.random.key(3))
+  return tmodel, f, params, np.asarray(f.apply({"params": params}, _x()))
+
+
 def test_export_loads_in_peft_and_reproduces_our_outputs(tmp_path):
   from peft import PeftModel
 
   cfg = AdapterConfig(r=3, alpha=6.0, seed=1234)
-  tmodel = _torch_model()
-  f = inject.randlora(FlaxMLP(), NAMES, cfg)
-  params = f.init_adapter(_frozen_from_torch(tmodel), jax.ShapeDtypeStruct((1, 12), jnp.float32))
-  params = randomize_adapter(params, jax.random.key(3))
-  ours = np.asarray(f.apply({"params": params}, _x()))
+  tmodel, f, params, ours = _adapted_torch_copy(cfg)
 
   out = tmp_path / "ours"
   peft_io.export_peft(str(out), params, cfg, in_outs=f.in_outs)
@@ -116,12 +117,12 @@ def _peft_adapter(tmp_path, **config_kw):
 @pytest.mark.parametrize("config_kw", [{}, {"very_sparse": True}], ids=["uniform", "very_sparse"])
 def test_import_reproduces_peft_outputs_and_gradients(tmp_path, config_kw):
   pmodel, frozen, path = _peft_adapter(tmp_path, **config_kw)
-  f = inject.randlora(FlaxMLP(), NAMES, AdapterConfig(r=3))
+  f = inject.randlora(_flax_mlp(), NAMES, AdapterConfig(r=3))
   params = f.init_adapter(frozen, jax.ShapeDtypeStruct((1, 12), jnp.float32))
   params, cfg, stored = peft_io.import_peft(path, params, in_outs=f.in_outs)
   assert (cfg.r, cfg.alpha) == (3, 6.0)
   assert stored["A"].shape[1] == 1 and stored["B"].shape[-1] == 3
-  f = inject.randlora(FlaxMLP(), NAMES, cfg)
+  f = inject.randlora(_flax_mlp(), NAMES, cfg)
   x = _x()
   upstream = np.random.default_rng(1).normal(size=(5, 7)).astype(np.float32)
 
@@ -268,11 +269,7 @@ def test_paper_scaled_adapter_exports_as_the_peft_adapter_with_the_same_update(t
   from randlora_np import np_delta_kernel
 
   cfg = AdapterConfig(r=3, alpha=6.0, seed=1234, scaling="paper")
-  tmodel = _torch_model()
-  f = inject.randlora(FlaxMLP(), NAMES, cfg)
-  params = f.init_adapter(_frozen_from_torch(tmodel), jax.ShapeDtypeStruct((1, 12), jnp.float32))
-  params = randomize_adapter(params, jax.random.key(3))
-  ours = np.asarray(f.apply({"params": params}, _x()))
+  tmodel, f, params, ours = _adapted_torch_copy(cfg)
   out = tmp_path / "paper"
   written = peft_io.export_peft(str(out), params, cfg, in_outs=f.in_outs)
   assert written["randlora_alpha"] == 6 and written["r"] == 3
@@ -296,6 +293,6 @@ def test_paper_scaled_adapter_exports_as_the_peft_adapter_with_the_same_update(t
 
   back, back_cfg, stored = peft_io.import_peft(str(out), params, in_outs=f.in_outs)
   assert back_cfg.scaling == "peft"
-  g = inject.randlora(FlaxMLP(), NAMES, back_cfg)
+  g = inject.randlora(_flax_mlp(), NAMES, back_cfg)
   np.testing.assert_allclose(g.apply({"params": back, "randlora_bases": stored}, _x()), ours,
                              rtol=RTOL, atol=ATOL)

@@ -21,7 +21,7 @@ from randlora_jax.adapter import AdapterConfig
 from randlora_jax.integrations.qwix import (GAMMA_SUFFIX, LAMBDA_SUFFIX, RandLoraProvider,
                                             RandLoraRule, lora_provider_is_randlora)
 from randlora_jax.nnx import RANDLORA_PARAMS
-from randlora_np import np_delta_kernel
+from randlora_np import ScannedModel, np_delta_kernel
 
 _QWIX_LORA_PROVIDER = qwix.LoraProvider
 
@@ -256,20 +256,8 @@ def test_gemma_style_optimizer_trains_only_lambda_gamma(gemma):
 # Linen, Qwix-test style: nn.Dense layers, here stacked with nn.scan over nn.remat blocks.
 
 
-class DenseBlock(nn.Module):
-  @nn.compact
-  def __call__(self, x, _):
-    h = nn.gelu(nn.Dense(12, name="up")(x))
-    return x + nn.Dense(6, name="down")(h), None
-
-
-class ScannedDense(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    stack = nn.scan(nn.remat(DenseBlock), variable_axes={"params": 0},
-                    split_rngs={"params": True}, length=3)
-    x, _ = stack(name="blocks")(x, None)
-    return nn.Dense(4, name="head")(x)
+def ScannedDense():  # pylint: disable=invalid-name
+  return ScannedModel(hidden=12, embed=False, out=4)  # Qwix-test style: blocks, then a head
 
 
 def test_linen_scan_remat_dense():

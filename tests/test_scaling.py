@@ -17,7 +17,7 @@ from randlora_jax import adapter, inject, methods, ops
 from randlora_jax.adapter import GAMMA, LAMBDA, AdapterConfig
 from randlora_jax.kernels import delta as kdelta
 from randlora_jax.linen import RandLoraDense
-from randlora_np import np_delta_kernel, np_merged, np_scale, randomize_adapter
+from randlora_np import np_delta_kernel, np_merged, np_scale, nnx_mlp, randomize_adapter
 
 R, ALPHA, SEED = 3, 6.0, 7
 SCALINGS = ["peft", "paper"]
@@ -116,15 +116,7 @@ def test_nnx_injection_matches_float64(scaling):
   from flax import nnx
   from randlora_jax.nnx import inject_nnx
 
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.fc0 = nnx.Linear(12, 16, rngs=rngs)
-      self.fc1 = nnx.Linear(16, 5, rngs=rngs)
-
-    def __call__(self, x):
-      return self.fc1(jax.nn.relu(self.fc0(x)))
-
-  model = Net(nnx.Rngs(0))
+  model = nnx_mlp(nnx.Rngs(0))
   cfg = AdapterConfig(r=R, alpha=ALPHA, seed=SEED, scaling=scaling)
   inject_nnx(model, [r"^fc\d$"], cfg)
   for i, layer in enumerate((model.fc0, model.fc1)):

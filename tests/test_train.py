@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from randlora_jax import checkpoint as ckpt_lib
-from randlora_jax import lora, optim
+from randlora_jax import methods, optim
 from randlora_jax.models import ViT
 from randlora_jax.train import loop, setup
 
@@ -92,7 +92,7 @@ def test_adapter_and_merged_exports_reproduce_the_model(tiny_run):
                       _with_nones(frozen, adapter), is_leaf=lambda x: x is None)
   images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
   adapted = exp.model.apply({"params": full}, images)
-  plain = ViT(exp.vit_config, lora.dense_factory("full")).apply({"params": merged}, images)
+  plain = ViT(exp.vit_config, methods.dense_factory("full")).apply({"params": merged}, images)
   # W0 + dW folded in float32 vs the factored/merged adapter path: float32 rounding only.
   np.testing.assert_allclose(plain, adapted, atol=1e-4, rtol=1e-4)
 

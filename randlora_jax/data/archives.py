@@ -32,7 +32,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from randlora_jax.data import real, vl_datasets
+import randlora_jax.data.real as real
+import randlora_jax.data.vl_datasets as vl_datasets
+from randlora_jax.data.common import DEFAULT_DATA_DIR
 
 CALTECH256_TEST_FRACTION = 5  # 1/5 of the images: the test split
 
@@ -256,8 +258,12 @@ def main(argv=None) -> None:
   parser.add_argument("--archive_dir", required=True)
   parser.add_argument("--data_dir", default="")
   args = parser.parse_args(argv)
-  from randlora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  builder = pipeline.get_builder(args.name, args.data_dir or None, source_dir=args.archive_dir)
+  # tfds directly, not `pipeline.get_builder` (which imports this module to register the
+  # builders): one process preparing one dataset needs neither its lock nor its messages.
+  data_dir = os.path.expanduser(args.data_dir or DEFAULT_DATA_DIR)
+  prepare(tfds.builder(args.name, data_dir=data_dir, file_format="array_record"),
+          args.archive_dir)
+  builder = tfds.builder(args.name, data_dir=data_dir, file_format="array_record")
   print(f"{args.name}: prepared in {builder.data_dir}: "
         + ", ".join(f"{s} {v.num_examples}" for s, v in builder.info.splits.items()))
 

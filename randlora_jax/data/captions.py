@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from randlora_jax.data import synthetic
+import randlora_jax.data.synthetic as synthetic
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235),
            "yellow": (235, 225, 50), "magenta": (220, 50, 220), "cyan": (50, 220, 230),

@@ -27,7 +27,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from randlora_jax.data import pipeline
+import randlora_jax.data.pipeline as pipeline
 
 TRAIN_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately "

@@ -26,8 +26,9 @@ import grain
 import numpy as np
 from PIL import Image
 
+from randlora_jax.data.common import DEFAULT_DATA_DIR, DataError
+
 EMBEDDED = "synthetic_shapes"
-DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "randlora_jax", "tfds")
 
 # Per-channel mean/std on the [0, 1] scale, by the family the backbone was pretrained with.
 NORMALIZATION = {
@@ -40,10 +41,6 @@ NORMALIZATION = {
 # Resampling filters by name (`data.resize`): bilinear here by default, bicubic as CLIP's own
 # preprocessing (and the authors' RandomResizedCrop) does.
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
-
-
-class DataError(ValueError):
-  """A dataset that cannot be used as configured (unknown name, missing split, ...)."""
 
 
 @contextlib.contextmanager
@@ -64,10 +61,12 @@ def get_builder(name: str, data_dir: str | None = None, source_dir: str | None =
   from `source_dir`, see `real.source_dir_for`), or one of `archives` given its extracted
   archive in `source_dir`."""
   import tensorflow_datasets as tfds
-  from randlora_jax.data import archives  # noqa: F401  registers gtsrb, country211, ...
-  from randlora_jax.data import real  # registers `sklearn_digits`, `fashion_mnist_idx`
-  from randlora_jax.data import synthetic  # noqa: F401  registers `synthetic_shapes`
-  from randlora_jax.data import vl_datasets
+  # Dotted imports of the sibling modules (not `from randlora_jax.data import ...`, which reads
+  # the package's __init__, itself importing this module).
+  import randlora_jax.data.archives as archives  # registers gtsrb, country211, ...
+  import randlora_jax.data.real as real  # registers `sklearn_digits`, `fashion_mnist_idx`
+  import randlora_jax.data.synthetic  # noqa: F401  registers `synthetic_shapes`
+  import randlora_jax.data.vl_datasets as vl_datasets
 
   data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
   try:
@@ -104,7 +103,8 @@ def label_info(name: str, data_dir: str | None = None, label_key: str = "label"
   """(number of classes, class names) of dataset `name` from its tfds metadata alone: nothing
   is downloaded or prepared (an ahead-of-time compile needs only the shapes)."""
   import tensorflow_datasets as tfds
-  from randlora_jax.data import real, synthetic  # noqa: F401  (register the embedded ones)
+  import randlora_jax.data.real  # noqa: F401  (register the embedded ones)
+  import randlora_jax.data.synthetic  # noqa: F401
 
   data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
   try:

@@ -29,7 +29,7 @@ import json
 import os
 from typing import Sequence
 
-from randlora_jax.data.pipeline import DataError
+from randlora_jax.data.common import DataError
 
 PAPER_PROMPT = "An image of {}"   # the authors' single prompt (train and evaluation)
 KSHOT_EPOCHS = 10                 # the authors' epochs for every k-shot run

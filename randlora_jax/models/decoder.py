@@ -9,7 +9,7 @@
 
 Every linear map is built as ``self.dense(name)(features, name=name, ...)`` with transformers'
 module names (``q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, qkv_proj,
-gate_up_proj, lm_head``), so `randlora_jax.lora.dense_factory` selects RandLoRA / LoRA / plain
+gate_up_proj, lm_head``), so `randlora_jax.methods.dense_factory` selects RandLoRA / LoRA / plain
 Dense per layer by the same regexes PEFT's ``target_modules`` use.
 
 Blocks run under `nn.scan` (parameters get a leading layer axis under ``layers``), optionally

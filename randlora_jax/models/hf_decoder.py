@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from randlora_jax import sharding as sharding_lib
+from randlora_jax import tree as tree_lib
 from randlora_jax.models.decoder import Decoder, DecoderConfig
 from randlora_jax.models.loading import CheckpointError, resolve
 
@@ -154,26 +155,6 @@ def torch_module(path: str, index: int | None) -> str:
   raise ValueError(f"no transformers module for our decoder layer {path!r} (index {index})")
 
 
-def _flat(tree, prefix=""):
-  if hasattr(tree, "items"):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flat(v, f"{prefix}/{k}" if prefix else str(k)))
-    return out
-  return {prefix: tree}
-
-
-def _unflat(flat):
-  tree: dict = {}
-  for path, v in flat.items():
-    node = tree
-    *head, last = path.split("/")
-    for k in head:
-      node = node.setdefault(k, {})
-    node[last] = v
-  return tree
-
-
 def abstract_params(cfg: DecoderConfig, dense=None):
   """Shapes/dtypes of `Decoder(cfg, dense)`'s parameters, without allocating them."""
   model = Decoder(cfg, dense)
@@ -247,7 +228,7 @@ class SafetensorsDir:
 def expected_keys(cfg: DecoderConfig) -> dict[str, tuple[str, Source]]:
   """HF key -> (our path, source) for every tensor the model needs."""
   out = {}
-  for path in _flat(abstract_params(cfg)):
+  for path in tree_lib.flatten(abstract_params(cfg)):
     src = hf_source(path, cfg)
     keys = [src.key.format(i) for i in range(cfg.num_layers)] if src.stacked else [src.key]
     for k in keys:
@@ -295,7 +276,7 @@ def load_decoder(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None
   cfg = config_from_hf(read_hf_config(directory), param_dtype=param_dtype, **config_overrides)
   store = SafetensorsDir(directory)
   check_keys(store, cfg)
-  abstract = _flat(abstract_params(cfg))
+  abstract = tree_lib.flatten(abstract_params(cfg))
   flat = {}
   for path, leaf in abstract.items():
     src = hf_source(path, cfg)
@@ -311,7 +292,7 @@ def load_decoder(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None
     read = functools.partial(_read_block, store, src, dtype=np.dtype(param_dtype),
                              num_layers=cfg.num_layers)
     flat[path] = jax.make_array_from_callback(leaf.shape, sh, read)
-  return cfg, _unflat(flat)
+  return cfg, tree_lib.unflatten(flat)
 
 
 def with_adapter(params, cfg: DecoderConfig, dense, *, mesh: jax.sharding.Mesh | None = None,
@@ -319,8 +300,8 @@ def with_adapter(params, cfg: DecoderConfig, dense, *, mesh: jax.sharding.Mesh |
   """`params` plus the adapter leaves `Decoder(cfg, dense)` creates, at PEFT's init: RandLoRA
   lambda = 0, gamma = 1/max(N, d) (no compile); LoRA leaves from the model's own init. With
   `mesh`, the new leaves are placed by `rules` (adapters: replicated)."""
-  abstract = _flat(abstract_params(cfg, dense))
-  have = _flat(params)
+  abstract = tree_lib.flatten(abstract_params(cfg, dense))
+  have = tree_lib.flatten(params)
   extra = sorted(set(have) - set(abstract))
   if extra:
     raise ValueError(f"params hold leaves the adapted model does not create: {extra[:5]}")
@@ -338,7 +319,7 @@ def with_adapter(params, cfg: DecoderConfig, dense, *, mesh: jax.sharding.Mesh |
   missing = sorted(set(abstract) - set(out))
   if missing:  # e.g. LoRA's A: the model's own init, computing only these leaves
     out.update(init_leaves(cfg, dense, missing, mesh=mesh, rules=rules))
-  return _unflat(out)
+  return tree_lib.unflatten(out)
 
 
 def init_leaves(cfg: DecoderConfig, dense, paths, *, mesh: jax.sharding.Mesh | None = None,
@@ -356,7 +337,7 @@ def leaves_initializer(cfg: DecoderConfig, dense, paths, *,
   paths = list(paths)
 
   def init():
-    flat = _flat(model.init(jax.random.key(0), ids)["params"])
+    flat = tree_lib.flatten(model.init(jax.random.key(0), ids)["params"])
     return {p: flat[p] for p in paths}
 
   out_sh = None
@@ -374,7 +355,7 @@ def leaves_initializer(cfg: DecoderConfig, dense, paths, *,
 def tree_to_hf(params, cfg: DecoderConfig) -> dict[str, np.ndarray]:
   """A plain (merged) parameter tree as HF tensors in torch layout."""
   out = {}
-  for path, value in _flat(params).items():
+  for path, value in tree_lib.flatten(params).items():
     src = hf_source(path, cfg)
     value = np.asarray(value)
     if src.stacked:
@@ -402,7 +383,7 @@ def export_merged(params, cfg: DecoderConfig, adapter_cfg, out_dir: str | os.Pat
     if adapter_cfg is None:
       raise ValueError("params hold RandLoRA leaves: pass their AdapterConfig")
     merge = functools.partial(adapter_lib.merge, cfg=adapter_cfg, drop_adapter=True)
-    tree = jax.jit(merge)(_unflat(_flat(tree)))
+    tree = jax.jit(merge)(tree_lib.unflatten(tree_lib.flatten(tree)))
   state = tree_to_hf(tree, cfg)
   os.makedirs(out_dir, exist_ok=True)
   save_file({k: np.ascontiguousarray(np.asarray(v, dtype)) for k, v in state.items()},

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from randlora_jax import tree as tree_lib
 from randlora_jax.models.vit import ViTConfig
 
 log = logging.getLogger(__name__)
@@ -423,26 +424,6 @@ _ADAPTER_LEAF = re.compile(r"(^|/)(randlora_lambda|randlora_gamma|lora_a|lora_b)
 _FRESH_OK = re.compile(r"(^|/)head/(kernel|bias)$")
 
 
-def _flatten(tree, prefix=""):
-  if isinstance(tree, Mapping) or hasattr(tree, "items"):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, f"{prefix}/{k}" if prefix else str(k)))
-    return out
-  return {prefix: tree}
-
-
-def _unflatten(flat):
-  tree: dict = {}
-  for path, v in flat.items():
-    node = tree
-    parts = path.split("/")
-    for k in parts[:-1]:
-      node = node.setdefault(k, {})
-    node[parts[-1]] = v
-  return tree
-
-
 def merge_pretrained(init_params, loaded):
   """`init_params` (e.g. `ViT(config, dense=...).init(...)`, adapters included) with every
   frozen leaf replaced by the loaded one.
@@ -452,7 +433,7 @@ def merge_pretrained(init_params, loaded):
   (a checkpoint from a different model). Loaded values take the init leaf's dtype.
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  init_flat, load_flat = _flatten(init_params), _flatten(loaded)
+  init_flat, load_flat = tree_lib.flatten(init_params), tree_lib.flatten(loaded)
   missing = [p for p in init_flat if p not in load_flat
              and not _ADAPTER_LEAF.search(p) and not _FRESH_OK.search(p)]
   extra = [p for p in load_flat if p not in init_flat]
@@ -467,7 +448,7 @@ def merge_pretrained(init_params, loaded):
         + (f"\n  shape mismatch: {bad[:10]}" if bad else ""))
   merged = {p: (jnp.asarray(load_flat[p], init_flat[p].dtype) if p in load_flat else v)
             for p, v in init_flat.items()}
-  return _unflatten(merged)
+  return tree_lib.unflatten(merged)
 
 
 __all__ = ["CheckpointError", "config_from_hf", "hf_to_tree", "load_pretrained",

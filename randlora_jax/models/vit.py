@@ -10,7 +10,7 @@
   pooled CLS token only (``post_layernorm``); optionally CLIP's bias-free visual projection.
 
 Every linear map is built as ``self.dense(name)(features, name=name, ...)`` so a training
-method decides per layer which Dense class is used (`randlora_jax.lora.dense_factory`). The
+method decides per layer which Dense class is used (`randlora_jax.methods.dense_factory`). The
 names follow transformers 5's modules: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
 ``fc1``, ``fc2``, plus ``head`` (classifier) and ``visual_projection`` (CLIP), so PEFT-style
 target patterns such as ``q_proj|v_proj`` mean the same layers here and in PEFT.

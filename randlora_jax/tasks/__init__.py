@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from randlora_jax.errors import ConfigError
+
 # name -> module: the one table of tasks.
 TASKS = {
     "classification": "randlora_jax.tasks.classification",  # a ViT and a linear head
@@ -27,7 +29,6 @@ TASKS = {
 
 def get(name: str) -> ModuleType:
   if name not in TASKS:
-    from randlora_jax.train.setup import ConfigError  # pylint: disable=g-import-not-at-top
     raise ConfigError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
   return importlib.import_module(TASKS[name])
 

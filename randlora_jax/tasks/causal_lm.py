@@ -29,7 +29,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -40,35 +39,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from randlora_jax import adapter as adapter_lib
 from randlora_jax import checkpoint as ckpt_lib
 from randlora_jax import methods, optim, sharding
-from randlora_jax import tree as tree_lib
 from randlora_jax.data import commonsense as data_lib
+from randlora_jax.errors import ConfigError
 from randlora_jax.evaluation import commonsense as eval_lib
 from randlora_jax.models import hf_decoder, lm_tokenizer, loading
 from randlora_jax.models.decoder import Decoder, DecoderConfig
+# PRESETS and weighted_lm_loss are also this module's names (tests, benchmarks use them here).
+from randlora_jax.tasks.lm_common import PRESETS, shape_overrides, weighted_lm_loss
 from randlora_jax.train import setup as setup_lib
 from randlora_jax.train import preemption
 from randlora_jax.train import step as step_lib
 from randlora_jax.train import validate
-from randlora_jax.train.validate import ConfigError
 
 import grain
 
 TOKENIZER_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "randlora_jax", "lm_tokenizers")
 
-# Shapes without a checkpoint (the tests' and the demo's: a Qwen2-shaped tiny decoder).
-PRESETS = {
-    "tiny": lambda vocab: DecoderConfig(
-        family="qwen2", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_layers=2,
-        num_heads=4, num_kv_heads=2, rope_theta=10000.0, tie_word_embeddings=True,
-        qkv_bias=True),
-    "qwen2_0_5b": lambda vocab: DecoderConfig.qwen2_0_5b(),
-    "phi3_mini": lambda vocab: DecoderConfig.phi3_mini(),
-    "llama3_8b": lambda vocab: DecoderConfig.llama3_8b(),
-    "llama3_70b": lambda vocab: DecoderConfig.llama3_70b(),
-}
 # lm.preset -> the checkpoint the paper used for it (named by the refusal when none is given).
 HUB_IDS = {"qwen2_0_5b": "Qwen/Qwen2-0.5B-Instruct",
            "phi3_mini": "microsoft/Phi-3-mini-4k-instruct",
@@ -102,12 +90,8 @@ def _compute(config) -> dict:
 def decoder_config(config, vocab_size: int) -> DecoderConfig:
   """The `lm.preset` shapes without a checkpoint, with the config's overrides."""
   dcfg = PRESETS[config.lm.preset](vocab_size)
-  m = config.model
-  overrides = {k: v for k, v in (("hidden_size", m.hidden_size), ("num_layers", m.num_layers),
-                                 ("num_heads", m.num_heads), ("intermediate_size", m.mlp_dim))
-               if v is not None}
   try:
-    return dcfg.replace(**overrides, **_compute(config))
+    return dcfg.replace(**shape_overrides(config.model), **_compute(config))
   except ValueError as e:
     raise ConfigError(f"model: {e}") from None
 
@@ -282,18 +266,14 @@ def build(config, *, load_pretrained=None, mesh=None) -> LMExperiment:
   if loaded is not None:
     params = hf_decoder.with_adapter(loaded, dcfg, dense, mesh=mesh, rules=rules)
   else:
-    init = lambda key: model.init(key, ids)["params"]
-    param_sh = sharding.shardings(jax.eval_shape(init, jax.random.key(config.seed)), mesh, rules)
-    params = jax.jit(init, out_shardings=param_sh)(jax.random.key(config.seed))
+    params, _ = setup_lib.init_params(config, model, (ids,), mesh, rules)
   param_sh = sharding.shardings(params, mesh, rules)
   if load_pretrained is not None:
     params = jax.device_put(load_pretrained(params, dcfg), param_sh)
 
-  mask = optim.trainable_mask(params, patterns, defaults=False)
-  trainable, frozen = optim.partition(params, mask)
+  mask, trainable, frozen, trainable_sh, frozen_sh = setup_lib.split_trainable(
+      params, param_sh, patterns, fdtype)
   trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)  # a bf16 checkpoint
-  frozen = setup_lib.cast_frozen(frozen, fdtype)
-  trainable_sh, frozen_sh = optim.partition(param_sh, mask)  # the shardings, split alike
 
   source_cls = data_lib.PackedSource if lm.packing else data_lib.TokenizedSource
   try:
@@ -379,17 +359,6 @@ def depths(exp: LMExperiment) -> dict[str, int]:
 # ----------------------------------------------------------------------------- steps
 
 
-def weighted_lm_loss(logits, input_ids, weights):
-  """(mean cross-entropy, next-token accuracy, count) over tokens t+1 with weight > 0 that
-  follow a real token: position t predicts token t + 1."""
-  w = weights[:, 1:]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32),
-                                                       input_ids[:, 1:])
-  hit = (jnp.argmax(logits[:, :-1], -1) == input_ids[:, 1:]).astype(jnp.float32)
-  n = w.sum()
-  return (ce * w).sum() / jnp.maximum(n, 1.0), (hit * w).sum() / jnp.maximum(n, 1.0), n
-
-
 def _weights(batch):
   # a padded target never counts; nor one whose predecessor is padding
   m = batch["attention_mask"].astype(jnp.float32)
@@ -425,24 +394,11 @@ def train_iterator(exp: LMExperiment):
 
 
 def merged_params(params, method: str, adapter_config: dict):
-  """The plain decoder's parameters with the adapter folded in (on device, jitted)."""
-  if method == "randlora":
-    cfg = adapter_lib.AdapterConfig.from_dict(adapter_config)
-    return jax.jit(functools.partial(adapter_lib.merge, cfg=cfg, drop_adapter=True))(params)
-  if method == "lora":
-    scale = ckpt_lib.lora_scale(adapter_config)
-
-    def fold(_, node):  # matmul batches over the leading layer axis of scanned stacks
-      if "lora_a" not in node:
-        return node
-      out = {k: v for k, v in node.items() if k not in ("lora_a", "lora_b")}
-      w = node["kernel"]  # merged in float32, kept in the frozen weights' dtype (bf16: 16 GB)
-      out["kernel"] = (w.astype(jnp.float32) + scale * jnp.matmul(
-          node["lora_a"], node["lora_b"])).astype(w.dtype)
-      return out
-
-    return jax.jit(lambda p: tree_lib.map_nodes(p, fold))(params)
-  return params
+  """The plain decoder's parameters with the adapter folded in (the registry's fold,
+  `methods.merged_params`), on device, jitted."""
+  if methods.get(method).fold is None:
+    return params
+  return jax.jit(lambda p: methods.merged_params(p, method, adapter_config))(params)
 
 
 EARLY_STOPPING = {"false": False, "never": "never", "true": True}  # lm.early_stopping

@@ -43,13 +43,14 @@ import optax
 
 from randlora_jax import data, methods, optim, sharding
 from randlora_jax.data import vl_datasets
+from randlora_jax.errors import ConfigError
 from randlora_jax.models import clip as clip_lib
 from randlora_jax.models import loading
 from randlora_jax.models import tokenizer as tok_lib
+from randlora_jax.train import config as config_lib
 from randlora_jax.train import setup as setup_lib
 from randlora_jax.train import step as step_lib
 from randlora_jax.train import validate
-from randlora_jax.train.validate import ConfigError
 
 MIN_BATCHES = 10  # a k-shot epoch is at least this many batches (the paper's repetition)
 TEXT_CHUNK = 256  # prompts per text-tower call when embedding a template ensemble
@@ -131,14 +132,7 @@ def repeat_to_batches(source, batch_size: int, min_batches: int = MIN_BATCHES):
 
 def _with(config, overrides: dict):
   """A copy of `config` with dotted-key overrides."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  for k, v in overrides.items():
-    *parents, leaf = k.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return config_lib.with_overrides(ml_collections.ConfigDict(config.to_dict()), overrides)
 
 
 def kshot_subset(config, train_src, num_classes: int):
@@ -250,22 +244,13 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
   setup_lib.check_targets(config, plain_abstract)
 
   model = clip_lib.CLIP(ccfg, setup_lib.dense_factory(config, mesh))
-  init = lambda key: model.init(key, images, ids)["params"]
-  param_sh = sharding.shardings(jax.eval_shape(init, jax.random.key(config.seed)), mesh)
-  params = jax.jit(init, out_shardings=param_sh)(jax.random.key(config.seed))
-  if loaded is not None:
-    try:
-      params = loading.merge_pretrained(params, loaded)
-    except loading.CheckpointError as e:
-      raise ConfigError(str(e)) from None
+  params, param_sh = setup_lib.init_params(config, model, (images, ids), mesh, loaded=loaded)
   if load_pretrained is not None:
     params = load_pretrained(params, ccfg)
   params = jax.device_put(params, param_sh)
 
-  mask = optim.trainable_mask(params, patterns, defaults=False)
-  trainable, frozen = optim.partition(params, mask)
-  frozen = setup_lib.cast_frozen(frozen, setup_lib.frozen_dtype(config))
-  trainable_sh, frozen_sh = optim.partition(param_sh, mask)  # the shardings, split alike
+  mask, trainable, frozen, trainable_sh, frozen_sh = setup_lib.split_trainable(
+      params, param_sh, patterns, setup_lib.frozen_dtype(config))
 
   steps = config.total_steps or math.ceil(num_epochs(config) * len(train_src) / config.batch_size)
   schedule = step_lib.make_schedule(config.optim.lr[config.method], steps,

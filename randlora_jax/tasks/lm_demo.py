@@ -29,6 +29,7 @@ from randlora_jax.data import commonsense as data_lib
 from randlora_jax.data import commonsense_synth as synth
 from randlora_jax.models import hf_decoder, lm_tokenizer
 from randlora_jax.models.decoder import Decoder
+from randlora_jax.tasks.lm_common import PRESETS, shape_overrides, weighted_lm_loss
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "randlora_jax", "llm_demo")
 SEQ = 96  # pretraining rows (packed corpus text): the fine-tuning cutoff, so every position is seen
@@ -46,7 +47,6 @@ def _hf_config(cfg) -> dict:
 
 def prepare(config) -> tuple[str, str, str]:
   """(checkpoint dir, train file, eval dir), pretraining on first use (cached by shape)."""
-  from randlora_jax.tasks import causal_lm  # pylint: disable=g-import-not-at-top
   p, m, lm = config.lm.pretrain, config.model, config.lm
   key = json.dumps([synth.VERSION, lm_tokenizer.BPE_VERSION, SEQ, p.steps, p.questions,
                     p.batch_size, p.lr, m.hidden_size, m.num_layers, m.mlp_dim, m.num_heads,
@@ -66,11 +66,7 @@ def prepare(config) -> tuple[str, str, str]:
   np.random.default_rng(config.seed).shuffle(corpus)
   prompts = [data_lib.train_prompt(r) for r in data_lib.read_records(train_file)]
   tok = lm_tokenizer.train_bpe(corpus + prompts, lm.vocab_size, ckpt)
-  cfg = causal_lm.PRESETS["tiny"](tok.vocab_size)
-  over = {k: v for k, v in (("hidden_size", m.hidden_size), ("num_layers", m.num_layers),
-                            ("num_heads", m.num_heads), ("intermediate_size", m.mlp_dim))
-          if v is not None}
-  cfg = cfg.replace(**over)
+  cfg = PRESETS["tiny"](tok.vocab_size).replace(**shape_overrides(m))
   print(f"Pretraining the demo decoder on the embedded corpus ({p.steps} steps), cached in {root}")
   params = pretrain(cfg, tok, corpus, p.steps, p.batch_size, p.lr, config.seed)
   hf_decoder.export_merged(params, cfg, None, ckpt, _hf_config(cfg))
@@ -79,7 +75,6 @@ def prepare(config) -> tuple[str, str, str]:
 
 def pretrain(cfg, tok, corpus, steps: int, batch: int, lr: float, seed: int):
   """Full training of `Decoder(cfg)` on the packed corpus (next-token loss, AdamW, cosine)."""
-  from randlora_jax.tasks.causal_lm import weighted_lm_loss  # pylint: disable=g-import-not-at-top
   ids = []
   for text in corpus:
     ids += tok.encode(text) + [tok.eos_id]

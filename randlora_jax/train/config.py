@@ -6,6 +6,8 @@ anything can be overridden on the command line (`--config.optim.weight_decay=0.0
 
 from __future__ import annotations
 
+import importlib.util
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -152,3 +154,26 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.export = ml_collections.ConfigDict(dict(adapter=True, merged=False))
   return c
+
+
+def with_overrides(config, overrides: dict):
+  """`config` with each dotted key of `overrides` set (``{'adapter.r': 2}``), in place;
+  returns it."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def load_file(path: str, preset: str | None = None, overrides: dict | None = None):
+  """A `configs/` file's ``get_config()`` (``get_config(preset)`` given a preset), with
+  dotted-key `overrides`: the files are not a package, so they are loaded by path."""
+  spec = importlib.util.spec_from_file_location(
+      "config_" + path.rsplit("/", 1)[-1].removesuffix(".py"), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config() if preset is None else module.get_config(preset)
+  return with_overrides(config, overrides or {})

@@ -25,7 +25,7 @@ from randlora_jax import data, methods, optim, sharding
 from randlora_jax.models import ViT, ViTConfig
 from randlora_jax.train import step as step_lib
 from randlora_jax.train import validate
-from randlora_jax.train.validate import ConfigError  # noqa: F401  (raised by build)
+from randlora_jax.errors import ConfigError  # noqa: F401  (raised by build)
 
 
 @dataclasses.dataclass
@@ -234,15 +234,7 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
   check_targets(config, plain_abstract)
 
   model = ViT(vcfg, dense_factory(config, mesh))
-  init = lambda key: model.init(key, dummy)["params"]
-  abstract = jax.eval_shape(init, jax.random.key(config.seed))
-  param_sh = sharding.shardings(abstract, mesh)
-  params = jax.jit(init, out_shardings=param_sh)(jax.random.key(config.seed))
-  if loaded_params is not None:
-    try:
-      params = loading.merge_pretrained(params, loaded_params)
-    except loading.CheckpointError as e:
-      raise ConfigError(str(e)) from None
+  params, param_sh = init_params(config, model, (dummy,), mesh, loaded=loaded_params)
   if load_pretrained is not None:
     params = load_pretrained(params, vcfg)
   heads = methods.CLASSIFIER_HEADS
@@ -253,10 +245,8 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
   patterns = trainable_patterns(config, heads)
   params = jax.device_put(params, param_sh)
 
-  mask = optim.trainable_mask(params, patterns, defaults=False)
-  trainable, frozen = optim.partition(params, mask)
-  frozen = cast_frozen(frozen, frozen_dtype(config))
-  trainable_sh, frozen_sh = optim.partition(param_sh, mask)  # the shardings, split alike
+  mask, trainable, frozen, trainable_sh, frozen_sh = split_trainable(
+      params, param_sh, patterns, frozen_dtype(config))
 
   steps = config.total_steps or math.ceil(config.num_epochs * len(train_src) / config.batch_size)
   lr = config.optim.lr[config.method]
@@ -280,6 +270,31 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
 
 
 # ----------------------------------------------------------------------------- abstract
+
+
+def init_params(config, model, inputs: tuple, mesh, rules=sharding.DEFAULT_RULES, loaded=None):
+  """`model`'s parameters initialised from ``config.seed`` straight into their layout on
+  `mesh` (`sharding.shardings` with `rules`), with the pretrained tree `loaded` merged in (a
+  mismatch is a ConfigError naming it): (params, their shardings)."""
+  init = lambda key: model.init(key, *inputs)["params"]
+  param_sh = sharding.shardings(jax.eval_shape(init, jax.random.key(config.seed)), mesh, rules)
+  params = jax.jit(init, out_shardings=param_sh)(jax.random.key(config.seed))
+  if loaded is not None:
+    from randlora_jax.models import loading
+    try:
+      params = loading.merge_pretrained(params, loaded)
+    except loading.CheckpointError as e:
+      raise ConfigError(str(e)) from None
+  return params, param_sh
+
+
+def split_trainable(params, param_sh, patterns, frozen_dtype_: jnp.dtype):
+  """(mask, trainable, frozen, trainable shardings, frozen shardings): the leaves `patterns`
+  name train, the rest are frozen and cast to `frozen_dtype_`; the shardings split alike."""
+  mask = optim.trainable_mask(params, patterns, defaults=False)
+  trainable, frozen = optim.partition(params, mask)
+  trainable_sh, frozen_sh = optim.partition(param_sh, mask)
+  return mask, trainable, cast_frozen(frozen, frozen_dtype_), trainable_sh, frozen_sh
 
 
 def frozen_dtype(config, default: str = "float32") -> jnp.dtype:

@@ -23,6 +23,7 @@ import numpy as np
 
 from randlora_jax.bases import DISTRIBUTIONS
 from randlora_jax.data import NORMALIZATION
+from randlora_jax.errors import ConfigError
 from randlora_jax.models.clip import PRESETS as CLIP_PRESETS
 from randlora_jax.models.vit import FAMILIES, ViTConfig
 from randlora_jax.tasks import TASKS
@@ -30,10 +31,6 @@ from randlora_jax.methods import METHODS
 from randlora_jax.update import SCALINGS
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message says which field, and what it allows."""
 
 
 @dataclasses.dataclass(frozen=True)

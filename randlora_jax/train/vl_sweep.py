@@ -20,7 +20,6 @@ each cell one `train.py` run of configs/clip_vl.py, resumable, tabulated in the 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -28,6 +27,7 @@ import shlex
 from typing import Callable, Sequence
 
 from randlora_jax.data import vl_datasets
+from randlora_jax.train import config as config_lib
 
 ROWS = ("1", "2", "4", "16", "0.5", "1.0")   # k-shot (ints) and data fractions (with a dot)
 METHOD_LABELS = {"lora": "LoRA", "randlora": "RandLoRA", "full": "FT", "head": "probe"}
@@ -75,17 +75,7 @@ def cell_dir(out: str, dataset: str, row: str, method: str) -> str:
 
 
 def load_config(preset: str, overrides: dict, config_file: str = CONFIG_FILE):
-  spec = importlib.util.spec_from_file_location("clip_vl_config", config_file)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(preset)
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return config_lib.load_file(config_file, preset, overrides)
 
 
 def command(preset: str, overrides: dict, workdir: str) -> str:
