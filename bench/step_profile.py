@@ -84,13 +84,28 @@ def profile_events(trace_dir: str):
         yield plane.name, line.name, 0, ev.name, ev.start_ns, ev.duration_ns
 
 
+def describe(line: str) -> str:
+  """An HLO instruction line as 'shape layer/op (fwd|bwd)' from its metadata, e.g.
+  'f32[1576,3072] fc1/dot_general bwd': which layer a profiled fusion belongs to."""
+  shape = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (\w+\[[\d,]*\])", line)
+  op = re.search(r'op_name="([^"]*)"', line)
+  if not op:
+    return shape.group(1) if shape else ""
+  name = op.group(1)
+  parts = [p for p in name.split("/") if p and not p.startswith(("jit(", "jvp(", "transpose("))
+           and p not in ("while", "body", "closed_call")]
+  side = "bwd" if "transpose(" in name else "fwd"
+  return f"{shape.group(1) if shape else ''} {'/'.join(parts[-2:])} {side}".strip()
+
+
 def summarise_trace(trace_dir: str, steps: int, hlo: str) -> dict:
   """Per HLO instruction and per op kind: milliseconds per step, and threads' busy time."""
-  kinds = {}
+  kinds, where = {}, {}
   for line in hlo.splitlines():
     m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = [^ ]+ (\w[\w\-]*)\(", line)
     if m:
       kinds[m.group(1)] = m.group(2)
+      where[m.group(1)] = describe(line)
     m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \([^=]*\) (\w[\w\-]*)\(", line)
     if m:
       kinds[m.group(1)] = m.group(2)
@@ -117,6 +132,7 @@ def summarise_trace(trace_dir: str, steps: int, hlo: str) -> dict:
   per = 1e6 * steps
   return {"step_ms": [d / 1e6 for d in step_ns],
           "by_name": [(n, kinds[n], d / per) for n, d in by_name.most_common()],
+          "where": {n: where.get(n, "") for n in by_name},
           "by_kind": [(k, d / per) for k, d in by_kind.most_common()],
           "threads": {t: d / per for t, d in by_thread.most_common()}}
 
@@ -174,9 +190,10 @@ def report(res: dict) -> str:
   out.append("|---|---|")
   out += [f"| {k} | {v:.1f} |" for k, v in tr["by_kind"][:res["top"]]]
   out.append("")
-  out.append("| instruction | kind | ms/step |")
-  out.append("|---|---|---|")
-  out += [f"| {n} | {k} | {v:.1f} |" for n, k, v in tr["by_name"][:res["top"]]]
+  out.append("| instruction | kind | what (shape, layer/op, pass) | ms/step |")
+  out.append("|---|---|---|---|")
+  out += [f"| {n} | {k} | {tr['where'].get(n, '')} | {v:.1f} |"
+          for n, k, v in tr["by_name"][:res["top"]]]
   return "\n".join(out) + "\n"
 
 
@@ -191,6 +208,7 @@ def main(argv=None) -> int:
   p.add_argument("--top", type=int, default=15)
   p.add_argument("--dump", default=None, help="directory for each config's optimized HLO")
   p.add_argument("--quick", action="store_true", help="tiny ViT, batch 2, r 8")
+  p.add_argument("--json", default=None, help="write every configuration's raw results here")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.quick:
@@ -203,6 +221,7 @@ def main(argv=None) -> int:
     return 0
   import common
   import dataclasses
+  everything = []
   for method in args.methods.split(","):
     targets = "-" if method == "full" else args.targets
     cfg = train_step.Config(impl="ours", method=method, targets=targets, model=args.model,
@@ -218,6 +237,10 @@ def main(argv=None) -> int:
       print(f"### {cfg.name}: {res['error']}\n")
       continue
     print(report(res), flush=True)
+    everything.append(res)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(everything, f, indent=1)
   return 0
 
 
