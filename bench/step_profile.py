@@ -34,15 +34,24 @@ sys.path.insert(1, os.path.dirname(_HERE))
 
 import train_step  # noqa: E402  (bench/train_step.py)
 
-_SHAPE = re.compile(r"f32\[([\d,]*)\]")
 
 
-def hlo_gemms(hlo: str, weight_shapes: set[tuple[int, ...]]) -> dict:
+def hlo_gemms(hlo: str, weight_shapes: set[tuple[int, ...]], rank: int = 0) -> dict:
   """Dots, transposes and copies of an optimized HLO module (text), with their shapes.
+
+  ``weight_shaped``: a frozen kernel's shape contracted over more than ``rank`` (a weight
+  gradient x^T g contracts the tokens); LoRA's merged ``W0 + s A B`` contracts the rank only
+  and is not one.
 
   A dot inside a while body runs once per scanned block; the count printed is per program
   text, not per execution."""
   dots, moves = [], collections.Counter()
+  defined = re.compile(r"(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]")
+  shapes = {}  # instruction name -> shape (operands are printed by name only)
+  for line in hlo.splitlines():
+    m = defined.match(line.strip())
+    if m:
+      shapes[m.group(1)] = tuple(int(d) for d in m.group(2).split(",") if d)
   for line in hlo.splitlines():
     line = line.strip()
     m = re.match(r"(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]\{[^}]*\} (\w+)\(", line)
@@ -51,7 +60,9 @@ def hlo_gemms(hlo: str, weight_shapes: set[tuple[int, ...]]) -> dict:
     name, _, dims, op = m.groups()
     shape = tuple(int(d) for d in dims.split(",") if d)
     if op == "dot":
-      operands = [tuple(int(d) for d in s.split(",") if d) for s in _SHAPE.findall(line)[1:3]]
+      args = re.search(r" dot\(([^)]*)\)", line)
+      names = [a.strip().lstrip("%") for a in args.group(1).split(",")] if args else []
+      operands = [shapes.get(n, ()) for n in names[:2]]
       contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
       k = 1
       if contracting and operands:
@@ -62,7 +73,7 @@ def hlo_gemms(hlo: str, weight_shapes: set[tuple[int, ...]]) -> dict:
       for d in shape:
         flops *= d
       dots.append(dict(name=name, shape=shape, operands=operands, gflop=flops / 1e9,
-                       weight_shaped=shape[-2:] in weight_shapes))
+                       weight_shaped=shape[-2:] in weight_shapes and k > rank))
     elif op in ("transpose", "copy"):
       n = 1
       for d in shape:
@@ -150,7 +161,7 @@ def run(cfg: train_step.Config, steps: int, top: int, dump: str | None) -> dict:
       f.write(hlo)
   s = cfg.shape
   weights = {(s["hidden"], s["hidden"]), (s["hidden"], s["mlp"]), (s["mlp"], s["hidden"])}
-  gemms = hlo_gemms(hlo, weights)
+  gemms = hlo_gemms(hlo, weights, cfg.r)
   trainable, opt_state, frozen, x, y = args
   for _ in range(2):  # warm-up
     trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, x, y)
