@@ -180,11 +180,11 @@ def lora_matmul(x, kernel, a, b, scale: float, *, precision=None, path: str = "a
   W0 (in, out), A (in, r), B (r, out), all in the compute dtype; ``xd`` is ``adapter_input``
   (x with adapter dropout) or x. ``path`` as `lora_path` chooses it for x's token count.
 
-  Why two paths: on XLA:CPU the token-by-rank GEMMs (N or K = r) run at a fraction of a
-  square GEMM's rate and each tokens-wide add is a memory pass, so at ViT-B's 1576 tokens the
-  factored adapters of all six linear layers cost a quarter of the frozen step; merged, the
-  forward and dx are the frozen layer's own GEMMs on W0 + s A B (bench/RESULTS.md, "issue 23,
-  part 2"). Same values and gradients either way, up to float rounding.
+  Why two paths: on XLA:CPU the token-by-rank GEMMs (N or K = r) run at about half a square
+  GEMM's rate and each tokens-wide add is a memory pass, so at ViT-B's 1576 tokens a factored
+  adapter costs 19-32% of its frozen layer's CPU time; merged, the forward and dx are the
+  frozen layer's own GEMMs on W0 + s A B and the adapter costs 9-20% (bench/RESULTS.md,
+  "Issue 23, part 2"). Same values and gradients either way, up to float rounding.
   """
   fin = jnp.shape(x)[-1]
   tokens = math.prod(jnp.shape(x)[:-1])
