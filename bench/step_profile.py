@@ -34,15 +34,24 @@ sys.path.insert(1, os.path.dirname(_HERE))
 
 import train_step  # noqa: E402  (bench/train_step.py)
 
-_SHAPE = re.compile(r"f32\[([\d,]*)\]")
 
 
-def hlo_gemms(hlo: str, weight_shapes: set[tuple[int, ...]]) -> dict:
+def hlo_gemms(hlo: str, weight_shapes: set[tuple[int, ...]], rank: int = 0) -> dict:
   """Dots, transposes and copies of an optimized HLO module (text), with their shapes.
+
+  ``weight_shaped``: a frozen kernel's shape contracted over more than ``rank`` (a weight
+  gradient x^T g contracts the tokens); LoRA's merged ``W0 + s A B`` contracts the rank only
+  and is not one.
 
   A dot inside a while body runs once per scanned block; the count printed is per program
   text, not per execution."""
   dots, moves = [], collections.Counter()
+  defined = re.compile(r"(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]")
+  shapes = {}  # instruction name -> shape (operands are printed by name only)
+  for line in hlo.splitlines():
+    m = defined.match(line.strip())
+    if m:
+      shapes[m.group(1)] = tuple(int(d) for d in m.group(2).split(",") if d)
   for line in hlo.splitlines():
     line = line.strip()
     m = re.match(r"(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]\{[^}]*\} (\w+)\(", line)
@@ -51,7 +60,9 @@ def hlo_gemms(hlo: str, weight_shapes: set[tuple[int, ...]]) -> dict:
     name, _, dims, op = m.groups()
     shape = tuple(int(d) for d in dims.split(",") if d)
     if op == "dot":
-      operands = [tuple(int(d) for d in s.split(",") if d) for s in _SHAPE.findall(line)[1:3]]
+      args = re.search(r" dot\(([^)]*)\)", line)
+      names = [a.strip().lstrip("%") for a in args.group(1).split(",")] if args else []
+      operands = [shapes.get(n, ()) for n in names[:2]]
       contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
       k = 1
       if contracting and operands:
@@ -62,7 +73,7 @@ def hlo_gemms(hlo: str, weight_shapes: set[tuple[int, ...]]) -> dict:
       for d in shape:
         flops *= d
       dots.append(dict(name=name, shape=shape, operands=operands, gflop=flops / 1e9,
-                       weight_shaped=shape[-2:] in weight_shapes))
+                       weight_shaped=shape[-2:] in weight_shapes and k > rank))
     elif op in ("transpose", "copy"):
       n = 1
       for d in shape:
@@ -84,13 +95,28 @@ def profile_events(trace_dir: str):
         yield plane.name, line.name, 0, ev.name, ev.start_ns, ev.duration_ns
 
 
+def describe(line: str) -> str:
+  """An HLO instruction line as 'shape layer/op (fwd|bwd)' from its metadata, e.g.
+  'f32[1576,3072] fc1/dot_general bwd': which layer a profiled fusion belongs to."""
+  shape = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (\w+\[[\d,]*\])", line)
+  op = re.search(r'op_name="([^"]*)"', line)
+  if not op:
+    return shape.group(1) if shape else ""
+  name = op.group(1)
+  parts = [p for p in name.split("/") if p and not p.startswith(("jit(", "jvp(", "transpose("))
+           and p not in ("while", "body", "closed_call")]
+  side = "bwd" if "transpose(" in name else "fwd"
+  return f"{shape.group(1) if shape else ''} {'/'.join(parts[-2:])} {side}".strip()
+
+
 def summarise_trace(trace_dir: str, steps: int, hlo: str) -> dict:
   """Per HLO instruction and per op kind: milliseconds per step, and threads' busy time."""
-  kinds = {}
+  kinds, where = {}, {}
   for line in hlo.splitlines():
     m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = [^ ]+ (\w[\w\-]*)\(", line)
     if m:
       kinds[m.group(1)] = m.group(2)
+      where[m.group(1)] = describe(line)
     m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \([^=]*\) (\w[\w\-]*)\(", line)
     if m:
       kinds[m.group(1)] = m.group(2)
@@ -117,6 +143,7 @@ def summarise_trace(trace_dir: str, steps: int, hlo: str) -> dict:
   per = 1e6 * steps
   return {"step_ms": [d / 1e6 for d in step_ns],
           "by_name": [(n, kinds[n], d / per) for n, d in by_name.most_common()],
+          "where": {n: where.get(n, "") for n in by_name},
           "by_kind": [(k, d / per) for k, d in by_kind.most_common()],
           "threads": {t: d / per for t, d in by_thread.most_common()}}
 
@@ -134,7 +161,7 @@ def run(cfg: train_step.Config, steps: int, top: int, dump: str | None) -> dict:
       f.write(hlo)
   s = cfg.shape
   weights = {(s["hidden"], s["hidden"]), (s["hidden"], s["mlp"]), (s["mlp"], s["hidden"])}
-  gemms = hlo_gemms(hlo, weights)
+  gemms = hlo_gemms(hlo, weights, cfg.r)
   trainable, opt_state, frozen, x, y = args
   for _ in range(2):  # warm-up
     trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, x, y)
@@ -174,9 +201,10 @@ def report(res: dict) -> str:
   out.append("|---|---|")
   out += [f"| {k} | {v:.1f} |" for k, v in tr["by_kind"][:res["top"]]]
   out.append("")
-  out.append("| instruction | kind | ms/step |")
-  out.append("|---|---|---|")
-  out += [f"| {n} | {k} | {v:.1f} |" for n, k, v in tr["by_name"][:res["top"]]]
+  out.append("| instruction | kind | what (shape, layer/op, pass) | ms/step |")
+  out.append("|---|---|---|---|")
+  out += [f"| {n} | {k} | {tr['where'].get(n, '')} | {v:.1f} |"
+          for n, k, v in tr["by_name"][:res["top"]]]
   return "\n".join(out) + "\n"
 
 
@@ -191,6 +219,7 @@ def main(argv=None) -> int:
   p.add_argument("--top", type=int, default=15)
   p.add_argument("--dump", default=None, help="directory for each config's optimized HLO")
   p.add_argument("--quick", action="store_true", help="tiny ViT, batch 2, r 8")
+  p.add_argument("--json", default=None, help="write every configuration's raw results here")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.quick:
@@ -203,6 +232,7 @@ def main(argv=None) -> int:
     return 0
   import common
   import dataclasses
+  everything = []
   for method in args.methods.split(","):
     targets = "-" if method == "full" else args.targets
     cfg = train_step.Config(impl="ours", method=method, targets=targets, model=args.model,
@@ -218,6 +248,10 @@ def main(argv=None) -> int:
       print(f"### {cfg.name}: {res['error']}\n")
       continue
     print(report(res), flush=True)
+    everything.append(res)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(everything, f, indent=1)
   return 0
 
 

@@ -95,6 +95,110 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
                              preferred_element_type=preferred_element_type)
 
 
+# ----------------------------------------------------------------------------------------------
+# LoRA's update, ``x @ W0 + s * (x @ A) @ B``, evaluated one of two ways per training step.
+
+
+def lora_path_flops(tokens: int, in_features: int, out_features: int,
+                    r: int) -> dict[str, dict[str, int]]:
+  """Work of one training step over the frozen layer's (``x W0`` forward, ``g W0^T``
+  backward), per path, in `ops.path_flops`' units (``gemm`` flops, ``vector`` ops):
+
+  * factored: ``x A``, ``(xA) B`` forward; ``g B^T``, ``(g B^T) A^T``, dA, dB backward: six
+    token-by-rank GEMMs, and a tokens-wide add each way;
+  * merged: ``W0 + s A B`` formed twice (forward, and again in the backward for dx; no
+    weight-sized residual), then dA = s x^T (g B^T) and dB = s (x A)^T g: four token-by-rank
+    GEMMs, no tokens-wide add. Cheaper once tokens > 2 in out / (in + out).
+  """
+  t, fin, fout = tokens, in_features, out_features
+  return {
+      "merged": {"gemm": 2 * (2 * fin * fout * r) + 4 * t * r * (fin + fout),
+                 "vector": 2 * (fin * fout + r * fout)},
+      "factored": {"gemm": 6 * t * r * (fin + fout), "vector": t * (fin + fout) + r * fout},
+  }
+
+
+def lora_path(tokens: int, in_features: int, out_features: int, r: int, *, dtype,
+              path: str = "auto", precision=None, platform: str | None = None,
+              adapter_dropout: bool = False) -> str:
+  """'merged' or 'factored' for a LoRA layer; an explicit ``path`` wins (except that adapter
+  dropout needs the factored path: the adapter branch has its own input then).
+
+  'auto' weighs `lora_path_flops` with `ops.weigh_flops` (RandLoRA's platform weights) and
+  takes merged only in a float32 (or wider) compute dtype: in bf16 the forward's
+  ``W0 + s A B`` would round the small update into W0's 8-bit mantissa, where the factored
+  path adds it to the output at full size."""
+  if path not in ("auto", "merged", "factored"):
+    raise ValueError(f"path must be 'auto', 'merged' or 'factored', got {path!r}")
+  if adapter_dropout:
+    return "factored"
+  if path != "auto":
+    return path
+  if jnp.dtype(dtype).itemsize < 4:
+    return "factored"
+  cost = ops.weigh_flops(lora_path_flops(tokens, in_features, out_features, r),
+                         precision=precision, platform=platform)
+  return "merged" if cost["merged"] <= cost["factored"] else "factored"
+
+
+def _lora_weight(kernel, a, b, scale, precision):
+  return kernel + jnp.matmul(a, b * jnp.asarray(scale, b.dtype), precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _lora_merged(x, kernel, a, b, scale, precision):
+  return jnp.matmul(x, _lora_weight(kernel, a, b, scale, precision), precision=precision)
+
+
+def _lora_merged_fwd(x, kernel, a, b, scale, precision):
+  # x, W0, A, B exist anyway; neither the merged weight nor x A is kept
+  return _lora_merged(x, kernel, a, b, scale, precision), (x, kernel, a, b)
+
+
+def _lora_merged_bwd(scale, precision, res, g):
+  x, kernel, a, b = res
+  x2, g2 = _tokens(x), _tokens(g)
+  nt = (((1,), (1,)), ((), ()))  # contract both operands' last axes
+  tn = (((0,), (0,)), ((), ()))  # contract the token axis (no transposed copy on XLA:CPU)
+  w = _lora_weight(kernel, a, b, scale, precision)
+  dx = jax.lax.dot_general(g2, w, nt, precision=precision)
+  gb = jax.lax.dot_general(g2, b, nt, precision=precision) * jnp.asarray(scale, g2.dtype)
+  da = jax.lax.dot_general(x2, gb, tn, precision=precision)
+  xa = jnp.matmul(x2, a, precision=precision)
+  db = jax.lax.dot_general(xa, g2, tn, precision=precision) * jnp.asarray(scale, g2.dtype)
+  dk = jax.lax.dot_general(x2, g2, tn, precision=precision)  # dead code when W0 is frozen
+  return (dx.reshape(x.shape).astype(x.dtype), dk.astype(kernel.dtype), da.astype(a.dtype),
+          db.astype(b.dtype))
+
+
+_lora_merged.defvjp(_lora_merged_fwd, _lora_merged_bwd)
+
+
+def lora_matmul(x, kernel, a, b, scale: float, *, precision=None, path: str = "auto",
+                adapter_input=None) -> jax.Array:
+  """``x @ W0 + scale * (xd @ A) @ B`` (PEFT's LoRA forward; no bias) for x (..., in), kernel
+  W0 (in, out), A (in, r), B (r, out), all in the compute dtype; ``xd`` is ``adapter_input``
+  (x with adapter dropout) or x. ``path`` as `lora_path` chooses it for x's token count.
+
+  Why two paths: on XLA:CPU the token-by-rank GEMMs (N or K = r) run at about half a square
+  GEMM's rate and each tokens-wide add is a memory pass, so at ViT-B's 1576 tokens a factored
+  adapter costs 19-32% of its frozen layer's CPU time; merged, the forward and dx are the
+  frozen layer's own GEMMs on W0 + s A B and the adapter costs 9-20% (bench/RESULTS.md,
+  "Issue 23, part 2"). Same values and gradients either way, up to float rounding.
+  """
+  fin = jnp.shape(x)[-1]
+  tokens = math.prod(jnp.shape(x)[:-1])
+  which = lora_path(tokens, fin, kernel.shape[1], a.shape[1], dtype=x.dtype, path=path,
+                    precision=precision, adapter_dropout=adapter_input is not None)
+  if which == "merged":
+    return _lora_merged(x, kernel, a, b, float(scale), precision)
+  xd = x if adapter_input is None else adapter_input
+  # The scale goes on B (r x out), not on the (tokens x out) branch output: its backward
+  # then multiplies an r x out array instead of a tokens x out cotangent.
+  return (matmul(x, kernel, precision)
+          + matmul(matmul(xd, a, precision), b * jnp.asarray(scale, b.dtype), precision))
+
+
 def compute_dtype(dtype, *arrays) -> jnp.dtype:
   """The layer's compute dtype: ``dtype`` if given, else the promotion of the inputs (Flax's
   rule for `nn.Dense`)."""

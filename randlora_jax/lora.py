@@ -19,7 +19,10 @@ class LoraDense(nn.Module):
   Same `kernel`/`bias` names as `nn.Dense`; adapter leaves `lora_a` (in, r), `lora_b`
   (r, out), with PEFT's init (A Kaiming-uniform, B zero). `r` is the rank (PEFT's name, as
   in `RandLoraDense`). `dropout`: PEFT's lora_dropout on the adapter branch's input, active
-  when the call has a 'dropout' rng (`adapter_dropout`).
+  when the call has a 'dropout' rng (`adapter_dropout`). `path`: 'auto', 'merged' or
+  'factored', how a step evaluates the update (`layers.lora_path`; the same values either
+  way): merged forms W0 + s A B for the forward and dx, factored goes through the rank-r
+  space; 'auto' takes the cheaper for the call's token count.
   """
 
   features: int
@@ -32,6 +35,7 @@ class LoraDense(nn.Module):
   r: int = 32
   alpha: float = 64.0
   dropout: float = 0.0
+  path: str = "auto"
 
   @nn.compact
   def __call__(self, inputs):
@@ -43,12 +47,10 @@ class LoraDense(nn.Module):
     b = self.param("lora_b", nn.initializers.zeros_init(), (self.r, self.features),
                    self.param_dtype)
     inputs, kernel, a, b = dtypes.promote_dtype(inputs, kernel, a, b, dtype=self.dtype)
-    y = layers.matmul(inputs, kernel, precision=self.precision)
-    xd = adapter_dropout.adapter_input(self, inputs, self.dropout)
-    xd = inputs if xd is None else xd
-    # The scale goes on B (r x out), not on the (tokens x out) branch output: its backward
-    # then multiplies an r x out array instead of a tokens x out cotangent.
-    y = y + layers.matmul(layers.matmul(xd, a), b * jnp.asarray(self.alpha / self.r, b.dtype))
+    y = layers.lora_matmul(inputs, kernel, a, b, self.alpha / self.r, precision=self.precision,
+                           path=self.path,
+                           adapter_input=adapter_dropout.adapter_input(self, inputs,
+                                                                       self.dropout))
     if bias is not None:
       y = y + jnp.asarray(bias, y.dtype)
     return y

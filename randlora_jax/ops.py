@@ -625,13 +625,22 @@ def path_costs(tokens: int, spec: LayerSpec, *, precision=None, platform: str | 
   if target is not None:
     return path_seconds(tokens, spec, target, shards=shards, precision=precision,
                         backend=backend, adapter_dropout=adapter_dropout)
+  return weigh_flops(path_flops(tokens, spec, backend, adapter_dropout, shards),
+                     precision=precision, platform=platform)
+
+
+def weigh_flops(flops: dict[str, dict[str, int]], *, precision=None,
+                platform: str | None = None) -> dict[str, float]:
+  """Per-path work (``gemm``, ``hash``, ``vector`` counts, as `path_flops` gives them) weighed
+  into one number per path for ``platform`` (None: JAX's default backend); also what
+  `layers.lora_path` weighs LoRA's two paths with."""
   platform = platform or jax.default_backend()
   platform = "gpu" if platform in ("cuda", "rocm") else platform
   platform = platform if platform in PRECISION_PASSES else "cpu"
   passes = PRECISION_PASSES[platform][_precision_name(precision)]
   vec = VECTOR_OP_COST[platform]
-  return {name: f["gemm"] * passes + (f["hash"] * HASH_OPS + f["vector"]) * vec
-          for name, f in path_flops(tokens, spec, backend, adapter_dropout, shards).items()}
+  return {name: f["gemm"] * passes + (f.get("hash", 0) * HASH_OPS + f["vector"]) * vec
+          for name, f in flops.items()}
 
 
 def choose_path(tokens: int, spec: LayerSpec, path: Path = "auto", *, precision=None,
