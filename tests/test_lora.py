@@ -150,6 +150,7 @@ def test_path_rule():
 
 # --- PEFT's LoRA (torch), the reference nobody here wrote -----------------------------------
 
+# test_peft.TorchMLP's layers, which the PEFT comparison below wraps.
 SIZES = [(12, 20), (20, 20), (20, 7)]
 NAMES = ["fc0", "fc1", "fc2"]
 
@@ -161,16 +162,7 @@ def test_matches_peft_lora_outputs_and_adapter_grads(path):
   peft = pytest.importorskip("peft")
   r, alpha = 3, 6.0
 
-  class TorchMLP(torch.nn.Module):
-    def __init__(self):
-      super().__init__()
-      for name, (fin, fout) in zip(NAMES, SIZES):
-        setattr(self, name, torch.nn.Linear(fin, fout))
-
-    def forward(self, x):
-      x = torch.relu(self.fc0(x))
-      x = torch.relu(self.fc1(x))
-      return self.fc2(x)
+  from test_peft import TorchMLP  # the same torch MLP (SIZES, NAMES) that test_peft adapts
 
   class FlaxMLP(nn.Module):
     @nn.compact
