@@ -166,7 +166,11 @@ def test_sigterm_during_final_evaluation_saves_exits_0_and_resumes(cs_dir, tmp_p
   assert "evaluation stopped after" in err and "rerun the same command" in err
   assert not (run / "summary.json").exists()
   saved = json.load(open(first))
-  assert saved["scored"] < 6 or not (run / "eval" / "piqa.json").exists()
+  # the stop landed before the evaluation ended: in boolq, before piqa, or in piqa (which one
+  # depends on when the signal arrives)
+  piqa = run / "eval" / "piqa.json"
+  assert (saved["scored"] < 6 or not piqa.exists()
+          or json.load(open(piqa))["scored"] < 6)
   # mark the saved hits: a rerun that scored them again would overwrite the mark
   saved["hits"] = [not h for h in saved["hits"]]
   first.write_text(json.dumps(saved))
