@@ -184,7 +184,7 @@ def lora_matmul(x, kernel, a, b, scale: float, *, precision=None, path: str = "a
   GEMM's rate and each tokens-wide add is a memory pass, so at ViT-B's 1576 tokens a factored
   adapter costs 19-32% of its frozen layer's CPU time; merged, the forward and dx are the
   frozen layer's own GEMMs on W0 + s A B and the adapter costs 9-20% (bench/RESULTS.md,
-  "Issue 23, part 2"). Same values and gradients either way, up to float rounding.
+  "The CPU step, part 2"). Same values and gradients either way, up to float rounding.
   """
   fin = jnp.shape(x)[-1]
   tokens = math.prod(jnp.shape(x)[:-1])
