@@ -28,6 +28,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Sequence
@@ -256,28 +257,117 @@ def _cost(c: _Compiled, target: targets.Target | None, devices: int
       return float(ca["flops"]), float(sec), "the compiler's optimal_seconds"
     flops, nbytes = float(ca["flops"]), float(ca.get("bytes accessed", 0.0))
   else:  # the GPU compiler gives none: the lowered (unpartitioned) module's, per device
-    la = _lowered_cost(c.lowered)
+    la = _lowered_cost(c.lowered, devices)
     if la.get("flops") is None:
       return None, None, "no cost analysis"
-    flops = float(la["flops"]) / devices
-    nbytes = float(la.get("bytes accessed", 0.0)) / devices
+    flops, nbytes = float(la["flops"]), float(la.get("bytes accessed", 0.0))
   if target is None:
     return flops, None, "no target rates"
   sec = max(flops / target.peak_flops_bf16, nbytes / target.hbm_bytes_per_s)
   return flops, sec, "roofline on the target's peak bf16 flops and HBM bandwidth"
 
 
-def _lowered_cost(lowered) -> dict:
-  """XLA's cost analysis of the lowered module before partitioning and optimisation (the
-  whole step, all devices), run by the host's CPU client: the CUDA plugin implements none."""
+# A shard_map region in the lowered HLO: a call of its body, fed by a GlobalToLocalShape custom
+# call that names the mesh axes it is manual over.
+_MANUAL_BODY = "xla.sdy.manual_computation_body"
+_MANUAL_CALL = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+) = .*? call\((?P<args>[^)]*)\).*"
+                          r"\bto_apply=%?(?P<body>" + re.escape(_MANUAL_BODY) + r"[\w.\-]*)")
+_MANUAL_AXES = re.compile(r"manual_axes\{(?P<axes>[^}]*)\}")
+_MESH_AXIS = re.compile(r'\\?"(?P<axis>\w+)\\?"=(?P<size>\d+)')
+_GTE_OF = re.compile(r"get-tuple-element\(%?(?P<src>[\w.\-]+)\)")
+_CALLED = re.compile(r"\b(?:body|condition|calls|to_apply)=%?(?P<c>[\w.\-]+)")
+
+
+def _first(out) -> dict:
+  return (out[0] if isinstance(out, (list, tuple)) and out else out) or {}
+
+
+def _manual_regions(text: str, devices: int) -> list[tuple[str, float]]:
+  """(body computation, devices sharing its work) for each call site of an outermost shard_map
+  body in a lowered HLO module's text: the body's shapes are one device's over its manual axes,
+  and the axes it leaves automatic (if any) still split its work."""
+  comps, _ = hlo.split_computations(text)
+  sizes = {m.group("axis"): int(m.group("size"))
+           for m in _MESH_AXIS.finditer(text.split("\n", 1)[0])}
+  called = {c: {m.group("c") for line in lines for m in _CALLED.finditer(line)}
+            for c, lines in comps.items()}
+
+  def below(c, seen):
+    for d in called.get(c, ()):
+      if d not in seen:
+        seen.add(d)
+        below(d, seen)
+    return seen
+
+  inner = set()
+  for c in comps:
+    if c.startswith(_MANUAL_BODY):
+      inner |= below(c, set())
+  out = []
+  for c, lines in comps.items():
+    if c in inner:
+      continue  # a region inside a region: its cost is in the outer body's
+    defs = {}
+    for line in lines:
+      m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = ", line)
+      if m:
+        defs[m.group(1)] = line
+    for line in lines:
+      m = _MANUAL_CALL.match(line)
+      if not m:
+        continue
+      manual = devices  # unknown axes: the body is one device's work
+      for arg in re.findall(r"%?([\w.\-]+)", m.group("args")):
+        src = defs.get(arg, "")
+        g = _GTE_OF.search(src)
+        if g:
+          src = defs.get(g.group("src"), "")
+        axes = _MANUAL_AXES.search(src) if "GlobalToLocalShape" in src else None
+        if axes:
+          names = re.findall(r'(\w+)', axes.group("axes"))
+          if names and all(a in sizes for a in names):
+            manual = 1
+            for a in names:
+              manual *= sizes[a]
+          break
+      out.append((m.group("body"), devices / manual))
+  return out
+
+
+def _lowered_cost(lowered, devices: int) -> dict:
+  """Per-device flops and bytes of the step from XLA's cost analysis of the lowered module
+  (before partitioning and optimisation), run by the host's CPU client: the CUDA plugin
+  implements none. Outside shard_map regions the module is global (its cost / devices); a
+  shard_map body (a RandLoRA layer's per-device region) has one device's shapes, so its cost
+  counts once per device (divided only by the automatic axes' devices, if any). Custom calls
+  (the Pallas kernels) cost nothing to this analysis."""
   try:
     from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+    from jaxlib import _hlo  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
+    client = jax.devices("cpu")[0].client
     module = lowered._lowering.hlo().as_hlo_module()  # pylint: disable=protected-access
-    out = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+    whole = _first(_jax.hlo_module_cost_analysis(client, module))
+    regions = _manual_regions(module.to_string(), devices) if devices > 1 else []
+    text = module.to_string().splitlines()
+    out = {}
+    bodies = {}
+    for body, _ in regions:
+      if body not in bodies:  # the module with that body as its entry
+        lines = ["HloModule manual_region"] + [
+            l[len("ENTRY "):] if l.startswith("ENTRY ") else l for l in text[1:]]
+        lines = [("ENTRY " + l) if l.startswith(f"%{body} (") else l for l in lines]
+        bodies[body] = _first(_jax.hlo_module_cost_analysis(
+            client, _hlo.hlo_module_from_text("\n".join(lines))))
+    for key in ("flops", "bytes accessed"):
+      if whole.get(key) is None:
+        continue
+      local = [(bodies[b].get(key, 0.0), share) for b, share in regions]
+      out[key] = (whole[key] - sum(v for v, _ in local)) / devices + sum(
+          v / share for v, share in local)
+    return out
   except Exception:  # noqa: BLE001  (private API: absent in another jaxlib -> no estimate)
     return {}
-  return (out[0] if isinstance(out, (list, tuple)) and out else out) or {}
 
 
 def _bytes(tree) -> tuple[int, int]:

@@ -22,6 +22,36 @@ ONE, FOUR = "h100", "h100-4"
 TASKS = ("classification", "causal_lm", "clip_vl")
 
 
+def test_lowered_cost_counts_a_shard_map_body_per_device():
+  """The GPU compiler gives no cost analysis, so `aot` reads the lowered module's: global
+  outside shard_map (divided by the devices), one device's shapes inside a shard_map body
+  (counted once per device, divided only by the axes the body leaves automatic). Checked on
+  8 CPU devices against matmul flops counted by hand."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
+  m, k = 8 * 16, 32
+  x = jax.ShapeDtypeStruct((m, k), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+  w = jax.ShapeDtypeStruct((k, k), jnp.float32, sharding=NamedSharding(mesh, P()))
+  mm = lambda x, w: (x @ w) @ w  # 2 matmuls: 4 m k k flops, all devices together
+  flops = 4 * m * k * k
+  manual = jax.shard_map(mm, mesh=mesh, in_specs=(P(("data", "tensor")), P()),
+                         out_specs=P(("data", "tensor")))
+  data_only = jax.shard_map(mm, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"),
+                            axis_names={"data"})
+  for f, per_device in ((mm, flops / 8), (manual, flops / 8), (data_only, flops / 8),
+                        (lambda x, w: mm(manual(x, w), w), 2 * flops / 8)):
+    cost = aot._lowered_cost(jax.jit(f).lower(x, w), 8)  # pylint: disable=protected-access
+    assert cost["flops"] == pytest.approx(per_device, rel=1e-3)
+  # the raw cost of the shard_map version is already one device's (divided by the 8 devices,
+  # as `aot` did before, it read 8x too few flops)
+  unscaled = aot._lowered_cost(jax.jit(manual).lower(x, w), 1)  # pylint: disable=protected-access
+  assert unscaled["flops"] == pytest.approx(flops / 8, rel=1e-3)
+
+
 def _compile_both() -> dict:
   """tests/aot_side_gpu.py for each target, the two side by side (one process each)."""
   assert os.access(GPU_PYTHON, os.X_OK), (
@@ -131,6 +161,14 @@ def test_fsdp_splits_the_frozen_weights_over_the_gpus(side):
   args = lambda r: r["memory"]["argument_size_in_bytes"]
   assert args(one) > one["frozen_bytes"]
   assert args(four) < 0.75 * args(one), (args(four), args(one))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_four_gpus_each_do_at_least_a_quarter(side, task):
+  """Per-device flops (loop bodies once, as compiled): each of 4 GPUs does at least a quarter
+  of one GPU's step (the shard_map bodies, one device's shapes, are not divided again)."""
+  one, four = side[ONE][task]["flops_compiled"], side[FOUR][task]["flops_compiled"]
+  assert one / 4 <= four < one, (one, four)
 
 
 def test_per_layer_cost_times_depth(side):
