@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import subprocess
+import tempfile
 
 import pytest
 
@@ -60,14 +61,20 @@ def _compile_both() -> dict:
   env.pop("XLA_FLAGS", None)  # the CPU tests' flags (8 host devices, -O0) are not the GPU's
   # no persistent cache: a cache hit would skip the compiler this file is about
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  procs = {t: subprocess.Popen([GPU_PYTHON, os.path.join("tests", "aot_side_gpu.py"), t],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True) for t in (ONE, FOUR)}
   out = {}
-  for t, p in procs.items():
-    stdout, stderr = p.communicate(timeout=900)
-    assert p.returncode == 0, f"{t}: {stderr[-4000:]}"
-    out[t] = json.loads(stdout.strip().splitlines()[-1])
+  with tempfile.TemporaryDirectory() as tmp:  # files, not pipes: neither process waits on us
+    procs = {}
+    for t in (ONE, FOUR):
+      logs = [open(os.path.join(tmp, f"{t}.{k}"), "w+") for k in ("out", "err")]
+      procs[t] = (subprocess.Popen([GPU_PYTHON, os.path.join("tests", "aot_side_gpu.py"), t],
+                                   cwd=ROOT, env=env, stdout=logs[0], stderr=logs[1]), logs)
+    for t, (p, logs) in procs.items():
+      p.wait(timeout=900)
+      stdout, stderr = (f.seek(0) or f.read() for f in logs)
+      for f in logs:
+        f.close()
+      assert p.returncode == 0, f"{t}: {stderr[-4000:]}"
+      out[t] = json.loads(stdout.strip().splitlines()[-1])
   return out
 
 
