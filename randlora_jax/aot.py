@@ -13,10 +13,12 @@ compiler with the GPU's target description for a GPU. Those compilers live in si
 The `Report` holds, per device:
 * HBM: the target compiler's buffer assignment (`memory_analysis`), and whether it fits;
 * flops and estimated seconds (`cost_analysis`: the TPU compiler's own `optimal_seconds`; on a
-  GPU, which returns no cost analysis, the lowered module's flops over the devices and a roofline
-  time on the target's peak rates). Compilers count a loop body (an `nn.scan` over layers)
-  ONCE: each scanned stack is compiled a second time with zero layers, the difference is one
-  layer's cost, and the totals are that cost times the stack's length plus the rest;
+  GPU, which returns no cost analysis, XLA's cost analysis of the lowered module per device (the
+  global part over the devices, each shard_map body once: its shapes are one device's; the
+  Triton kernels count no flops there) and a roofline time on the target's peak rates).
+  Compilers count a loop body (an `nn.scan` over layers) ONCE: each scanned stack is compiled a
+  second time with zero layers, the difference is one layer's cost, and the totals are that
+  cost times the stack's length plus the rest;
 * collective bytes by kind with loop trip counts (`hlo`);
 * the kernels the program contains (Mosaic / Triton custom calls, by name).
 Nothing is timed: "estimated" is the compiler's model, not a measurement.
@@ -348,8 +350,9 @@ def _lowered_cost(lowered, devices: int) -> dict:
     client = jax.devices("cpu")[0].client
     module = lowered._lowering.hlo().as_hlo_module()  # pylint: disable=protected-access
     whole = _first(_jax.hlo_module_cost_analysis(client, module))
-    regions = _manual_regions(module.to_string(), devices) if devices > 1 else []
-    text = module.to_string().splitlines()
+    text = module.to_string() if devices > 1 else ""
+    regions = _manual_regions(text, devices) if devices > 1 else []
+    text = text.splitlines()
     out = {}
     bodies = {}
     for body, _ in regions:
