@@ -14,8 +14,9 @@ The `Report` holds, per device:
 * HBM: the target compiler's buffer assignment (`memory_analysis`), and whether it fits;
 * flops and estimated seconds (`cost_analysis`: the TPU compiler's own `optimal_seconds`; on a
   GPU, which returns no cost analysis, XLA's cost analysis of the lowered module per device (the
-  global part over the devices, each shard_map body once: its shapes are one device's; the
-  Triton kernels count no flops there) and a roofline time on the target's peak rates).
+  global part over the devices, each shard_map body once: its shapes are one device's) plus the
+  Pallas calls' own cost estimates, which that analysis counts as nothing, and a roofline time
+  on the target's peak rates).
   Compilers count a loop body (an `nn.scan` over layers) ONCE: each scanned stack is compiled a
   second time with zero layers, the difference is one layer's cost, and the totals are that
   cost times the stack's length plus the rest;
@@ -158,6 +159,9 @@ class Report:
   kernels: dict[str, dict]
   compile_seconds: float
   notes: list[str] = dataclasses.field(default_factory=list)
+  # the Pallas calls' cost estimates inside flops_compiled (GPU: XLA's cost analysis counts a
+  # custom call as none, so they are added; TPU: the compiler's own figures include them)
+  kernel_flops: float = 0.0
 
   @property
   def all_reduce_over_trainable(self) -> float:
@@ -229,6 +233,7 @@ class _Compiled:
   compiled: Any
   lowered: Any
   seconds: float
+  kernel_cost: dict[str, float]  # the Pallas calls' own cost estimates, loop bodies once
 
 
 def _compile(config, devices, backend: str, depth: dict[str, int] | None = None) -> _Compiled:
@@ -242,9 +247,38 @@ def _compile(config, devices, backend: str, depth: dict[str, int] | None = None)
   step = loop.jit_train_step(task, exp)
   t0 = time.perf_counter()
   with dispatch.set_kernel_mode(backend):  # the kernels follow the target, not this host
-    lowered = step.lower(exp.state, exp.frozen, task.batch_spec(exp))
+    traced = step.trace(exp.state, exp.frozen, task.batch_spec(exp))
+    lowered = traced.lower()
   compiled = lowered.compile()
-  return _Compiled(exp, compiled, lowered, time.perf_counter() - t0)
+  return _Compiled(exp, compiled, lowered, time.perf_counter() - t0,
+                   _pallas_cost(traced.jaxpr.jaxpr))
+
+
+def _pallas_cost(jaxpr) -> dict[str, float]:
+  """Sum of the `cost_estimate`s of the step's Pallas calls ({'flops', 'bytes accessed',
+  'calls'}), each loop body once as the compilers count it. XLA's cost analysis counts a
+  custom call as nothing and the Triton lowering drops the estimate; a Pallas call runs on one
+  device's block (inside a layer's shard_map or on one device), so these are per device."""
+  from jax.extend import core  # pylint: disable=g-import-not-at-top
+  out = {"flops": 0.0, "bytes accessed": 0.0, "calls": 0}
+
+  def walk(j):
+    for eqn in j.eqns:
+      if eqn.primitive.name == "pallas_call":
+        est = eqn.params.get("cost_estimate")
+        out["calls"] += 1
+        if est is not None:
+          out["flops"] += float(est.flops)
+          out["bytes accessed"] += float(est.bytes_accessed)
+      for p in eqn.params.values():
+        for sub in (p if isinstance(p, (list, tuple)) else (p,)):
+          if isinstance(sub, core.ClosedJaxpr):
+            walk(sub.jaxpr)
+          elif isinstance(sub, core.Jaxpr):
+            walk(sub)
+
+  walk(jaxpr)
+  return out
 
 
 def _cost(c: _Compiled, target: targets.Target | None, devices: int
@@ -262,11 +296,17 @@ def _cost(c: _Compiled, target: targets.Target | None, devices: int
     la = _lowered_cost(c.lowered, devices)
     if la.get("flops") is None:
       return None, None, "no cost analysis"
-    flops, nbytes = float(la["flops"]), float(la.get("bytes accessed", 0.0))
+    # plus the Triton kernels' own estimates, which that analysis counts as nothing
+    flops = float(la["flops"]) + c.kernel_cost["flops"]
+    nbytes = float(la.get("bytes accessed", 0.0)) + c.kernel_cost["bytes accessed"]
   if target is None:
     return flops, None, "no target rates"
   sec = max(flops / target.peak_flops_bf16, nbytes / target.hbm_bytes_per_s)
-  return flops, sec, "roofline on the target's peak bf16 flops and HBM bandwidth"
+  return flops, sec, ROOFLINE if ca and ca.get("flops") is not None else ROOFLINE + LOWERED
+
+
+ROOFLINE = "roofline on the target's peak bf16 flops and HBM bandwidth"
+LOWERED = " (flops: XLA's cost analysis of the lowered step + the Pallas calls' estimates)"
 
 
 # A shard_map region in the lowered HLO: a call of its body, fed by a GlobalToLocalShape custom
@@ -426,9 +466,10 @@ def compile_step(config, target: str | targets.Target, *, devices=None,
           - memory["alias_size_in_bytes"] + memory["temp_size_in_bytes"])
   flops_c, sec_c, source = _cost(main, t, len(devices))
   kernels = module.kernels()
-  if t.platform == "cuda" and any(k["kind"] == "triton" for k in kernels.values()):
-    notes.append("the Triton kernels' own work is not in the flops: XLA's cost analysis counts "
-                 "a custom call as none, so the GPU flops and time are lower bounds")
+  if source.endswith(LOWERED) and main.kernel_cost["calls"]:
+    notes.append(f"the flops include {main.kernel_cost['flops']:.4g} of the "
+                 f"{main.kernel_cost['calls']} Pallas calls' own cost estimates (loop bodies "
+                 f"once): XLA's cost analysis counts a custom call as none")
 
   layer_cost: dict[str, dict[str, float | None]] = {}
   flops, sec = flops_c, sec_c
@@ -462,7 +503,7 @@ def compile_step(config, target: str | targets.Target, *, devices=None,
       flops_compiled=flops_c, seconds_compiled=sec_c, depths=depths, per_layer=layer_cost,
       flops=flops, seconds=sec, time_source=source, collectives=module.collective_bytes(),
       trip_counts=module.trip_counts, kernels=kernels, compile_seconds=main.seconds,
-      notes=notes)
+      notes=notes, kernel_flops=main.kernel_cost["flops"] if source.endswith(LOWERED) else 0.0)
 
 
 def trainable_percent(cfg, dense) -> tuple[int, int, float]:
