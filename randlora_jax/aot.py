@@ -306,7 +306,7 @@ def _cost(c: _Compiled, target: targets.Target | None, devices: int
 
 
 ROOFLINE = "roofline on the target's peak bf16 flops and HBM bandwidth"
-LOWERED = " (flops: XLA's cost analysis of the lowered step + the Pallas calls' estimates)"
+LOWERED = "; flops: XLA's analysis of the lowered step + the Pallas estimates"
 
 
 # A shard_map region in the lowered HLO: a call of its body, fed by a GlobalToLocalShape custom
