@@ -104,4 +104,6 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
+  from randlora_jax.train import host
+  host.reexec_with_malloc_tunables()  # CPU hosts: glibc reads these only at process start
   app.run(main, flags_parser=parse_flags)

@@ -145,14 +145,20 @@ def versions() -> dict[str, str]:
 def machine() -> str:
   """A one-line description of the host (CPU model, cores, memory)."""
   cpu = platform.processor() or platform.machine()
+  info = {}
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
   except OSError:
     pass
+  if "model name" in info:
+    # family/model tell CPU generations apart where the name does not (a cloud VM says only
+    # "AMD EPYC": family 25 is Zen 3/4, 26 is Zen 5), and timings differ between them
+    cpu = info["model name"]
+    if "cpu family" in info:
+      cpu += f" (family {info['cpu family']}, model {info.get('model', '?')})"
   mem = ""
   try:
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -231,6 +231,7 @@ def run_peft(cfg: Config) -> dict[str, Any]:
 def child_main(cfg: Config) -> None:
   result = run_ours(cfg) if cfg.impl == "ours" else run_peft(cfg)
   result["peak_rss_mib"] = common.peak_rss_mib()
+  result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")
   result["config"] = dataclasses.asdict(cfg)
   common.emit_result(result)
 
@@ -255,6 +256,16 @@ def configurations(args) -> list[Config]:
   return out
 
 
+def child_env(cfg: Config) -> dict[str, str] | None:
+  """Our children start as `train.py` starts a CPU run (glibc malloc tunables, `train.host`);
+  PyTorch's inherit this process's environment, as PEFT users run it. Set GLIBC_TUNABLES
+  before the command to give both sides the same allocator (ours then keeps it as it is)."""
+  if cfg.impl != "ours":
+    return None
+  from randlora_jax.train import host
+  return host.malloc_env()
+
+
 def measure(configs: list[Config], repeats: int, timeout: float | None = None,
             log=sys.stderr) -> dict[Config, list[dict[str, Any]]]:
   """Run every configuration ``repeats`` times, interleaved, each run in a fresh process."""
@@ -264,7 +275,8 @@ def measure(configs: list[Config], repeats: int, timeout: float | None = None,
     for cfg in configs[shift:] + configs[:shift]:
       t0 = time.time()
       res = common.run_child([sys.executable, os.path.abspath(__file__), "--child",
-                              json.dumps(dataclasses.asdict(cfg))], timeout=timeout)
+                              json.dumps(dataclasses.asdict(cfg))], timeout=timeout,
+                             env=child_env(cfg))
       results[cfg].append(res)
       if "error" in res:
         msg = res["error"]
@@ -441,7 +453,10 @@ def main(argv=None) -> int:
            f"interleaved repeats, one process per run")
   print(f"## {title}\n")
   print(f"machine: {common.machine()}; {json.dumps(common.versions())}")
-  print(f"load average (1, 5, 15 min): before {load_before}, after {common.load_average()}\n")
+  print(f"load average (1, 5, 15 min): before {load_before}, after {common.load_average()}")
+  tunables = sorted({f"{c.impl}: {r.get('glibc_tunables') or 'glibc defaults'}"
+                     for c, runs in results.items() for r in runs if "error" not in r})
+  print(f"malloc: {'; '.join(tunables)}\n")
   print(results_table(summary) + "\n")
   print(ratio_table(summary) + "\n")
   print(f"total wall time {time.time() - t0:.0f} s")

@@ -108,6 +108,10 @@ def test_train_step_quick_runs_every_config(tmp_path):
   assert "torch full FT / ours full FT: speed-up" in comparisons
   assert "load average" in out
   assert all(float(r["step time ratio"].rstrip("x")) > 0 for r in ratios)
+  # our children start as train.py starts a CPU run; PyTorch's as PEFT users run it
+  from randlora_jax.train import host
+  if host.malloc_env() is not None:
+    assert f"ours: {host.MALLOC_TUNABLES}" in out and "peft: glibc defaults" in out, out
   assert (tmp_path / "step.png").stat().st_size > 0
 
 
