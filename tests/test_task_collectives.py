@@ -14,6 +14,7 @@ import pytest
 
 from randlora_jax import layers, sharding
 from randlora_jax.tasks import causal_lm, clip_vl
+from randlora_jax.train import setup
 from randlora_jax.data import commonsense_synth as synth
 
 import trainer_configs
@@ -60,9 +61,24 @@ def test_decoder_step_all_reduces_adapter_sized_bytes(tmp_path, caplog, monkeypa
   assert not [r for r in caplog.records if "left to GSPMD" in r.getMessage()], caplog.text
 
 
-def test_clip_step_all_reduces_adapter_sized_bytes():
+def _no_fallback(caplog):
+  assert not [r for r in caplog.records if "left to GSPMD" in r.getMessage()], caplog.text
+
+
+def test_classification_init_is_on_the_boundary(caplog, monkeypatch):
+  """The ViT's init traces one image per data-parallel device (one image would leave every
+  adapted layer of the init to GSPMD, with a warning each)."""
+  monkeypatch.setattr(layers, "_warned", set())
+  exp = setup.build(trainer_configs.load("tiny", **MESH))
+  assert dict(exp.mesh.shape) == {"data": 2, "fsdp": 4}
+  _no_fallback(caplog)
+
+
+def test_clip_step_all_reduces_adapter_sized_bytes(caplog, monkeypatch):
+  monkeypatch.setattr(layers, "_warned", set())
   c = trainer_configs.load("clip_vl", "tiny", **MESH)
   exp = clip_vl.build(c)
+  _no_fallback(caplog)  # both towers' init included
   assert dict(exp.mesh.shape) == {"data": 2, "fsdp": 4}
   size = exp.vit_config.image_size
   batch = {"image": jax.ShapeDtypeStruct((c.batch_size, size, size, 3), jnp.uint8),

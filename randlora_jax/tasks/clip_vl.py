@@ -236,9 +236,11 @@ def build(config, *, load_pretrained=None, mesh=None) -> CLIPExperiment:
                         f"tower takes {ccfg.text.max_length} tokens from a vocabulary of "
                         f"{ccfg.text.vocab_size}")
 
-  images = jnp.zeros((1, ccfg.vision.image_size, ccfg.vision.image_size,
+  # one row per data-parallel device: the adapted layers then see a batch their mesh splits
+  rows = sharding.data_parallel_size(mesh)
+  images = jnp.zeros((rows, ccfg.vision.image_size, ccfg.vision.image_size,
                       ccfg.vision.num_channels), jnp.float32)
-  ids = jnp.asarray(class_tokens[:1])
+  ids = jnp.asarray(np.resize(class_tokens, (rows, class_tokens.shape[1])))
   plain_abstract = jax.eval_shape(lambda: clip_lib.CLIP(ccfg, methods.dense_factory("full")).init(
       jax.random.key(0), images, ids))["params"]
   setup_lib.check_targets(config, plain_abstract)
@@ -317,10 +319,12 @@ def abstract_build(config, mesh, depth: dict[str, int] | None = None) -> CLIPExp
   else:
     class_tokens = np.zeros((num_classes, length), np.int32)
   model = clip_lib.CLIP(ccfg, setup_lib.dense_factory(config, mesh))
-  images = jax.ShapeDtypeStruct((1, ccfg.vision.image_size, ccfg.vision.image_size,
+  rows = sharding.data_parallel_size(mesh)  # as build
+  images = jax.ShapeDtypeStruct((rows, ccfg.vision.image_size, ccfg.vision.image_size,
                                  ccfg.vision.num_channels), jnp.float32)
-  params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x,
-                                               jnp.asarray(class_tokens[:1]))["params"], images)
+  ids = np.resize(class_tokens, (rows, class_tokens.shape[1]))
+  params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, jnp.asarray(ids))["params"],
+                          images)
   steps = config.total_steps or 1
   schedule = step_lib.make_schedule(config.optim.lr[config.method], steps,
                                     config.optim.warmup_steps, config.optim.end_lr_fraction)

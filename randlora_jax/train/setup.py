@@ -228,7 +228,10 @@ def build(config, *, load_pretrained: Callable | None = None, mesh=None) -> Expe
   zero_shot = zero_shot_kernel(config, vcfg) if config.model.zero_shot_head else None
   if zero_shot is not None:
     vcfg = vcfg.replace(normalize_features=True)
-  dummy = jnp.zeros((1, vcfg.image_size, vcfg.image_size, vcfg.num_channels), jnp.float32)
+  # one image per data-parallel device: the adapted layers then see a batch their mesh splits
+  # (one image would log that each layer is left to GSPMD, which only the init would be)
+  dummy = jnp.zeros((sharding.data_parallel_size(mesh), vcfg.image_size, vcfg.image_size,
+                     vcfg.num_channels), jnp.float32)
   plain_abstract = jax.eval_shape(
       lambda: ViT(vcfg, methods.dense_factory("full")).init(jax.random.key(0), dummy))["params"]
   check_targets(config, plain_abstract)
@@ -367,8 +370,8 @@ def abstract_build(config, mesh, depth: dict[str, int] | None = None) -> Experim
   if depth:
     vcfg = vcfg.replace(num_layers=depth.get("encoder", vcfg.num_layers))
   model = ViT(vcfg, dense_factory(config, mesh))
-  dummy = jax.ShapeDtypeStruct((1, vcfg.image_size, vcfg.image_size, vcfg.num_channels),
-                               jnp.float32)
+  dummy = jax.ShapeDtypeStruct((sharding.data_parallel_size(mesh), vcfg.image_size,
+                                vcfg.image_size, vcfg.num_channels), jnp.float32)  # as build
   params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x)["params"], dummy)
   patterns = trainable_patterns(config, methods.CLASSIFIER_HEADS)
   steps = config.total_steps or 1
