@@ -10,7 +10,8 @@ Presets (`configs/commonsense.py:<preset>`), each with its update scale (`adapte
                        'paper'
   llama3_70b           Meta-Llama-3-70B's shapes (not in the paper), RandLoRA-64, pod (as
                        llama3_8b), e.g. for `--compile_for=v5p-64` (docs/compile_for.md),
-                       'paper'
+                       'paper', NO adapter dropout (below; `--config.adapter.dropout=0.05`
+                       restores the recipe's)
   gemma                a Gemma checkpoint (not in the paper), RandLoRA-30, 'paper'
   demo                 a tiny decoder pretrained once on an embedded corpus (cached), fine-tuned
                        by each method on an embedded generated commonsense-style set, scored by
@@ -33,7 +34,11 @@ basis seed 63098; lr 1e-4; batch 16; 100 warm-up steps then linear decay to 0; A
 decay 0; cutoff 256 tokens, EOS appended; loss on prompt + response; 120 examples held out for
 validation (every 200 steps, best state scored); evaluation: merged weights, 4-beam, 32 tokens,
 stopping at any EOS id of the checkpoint's generation_config.json.
-Adapter dropout 0.05 on the adapter branch's input (`adapter.dropout`, training steps only).
+Adapter dropout 0.05 on the adapter branch's input (`adapter.dropout`, training steps only),
+except llama3_70b, which is not the paper's: with a dropped input of its own, a full-rank adapter
+cannot ride on the frozen layer's GEMM (x W0 + xd dW = xd (W0 + dW) + (x - xd) W0), so every pass
+costs one more base-sized GEMM per adapted matrix. Compiled for 32 v5p chips, that took RandLoRA
+from 1.60x to 2.14x LoRA's flops per layer (bench/RESULTS.md, "Compiled for the target").
 `--config.method=lora` (rank 32, alpha 64) or `--config.method=full` switch the method.
 
 One host:
@@ -122,6 +127,8 @@ def get_config(preset: str = "qwen2_0_5b_instruct"):
     if preset in ("llama3_8b", "llama3_70b"):
       c.model.remat = True
       c.mesh.data, c.mesh.fsdp = 1, -1
+    if preset == "llama3_70b":
+      c.adapter.dropout = 0.0  # see the module docstring: a second base GEMM per pass
     return c
   if preset == "tiny":
     c = recipes.smoke_size(c)

@@ -207,3 +207,13 @@ def test_the_command_line_refuses_a_typo_in_one_line():
   assert out.returncode == 2
   assert out.stderr.strip() == ("error: unknown config field 'optim.lr_randlora'; did you mean "
                                 "'optim.lr.randlora'? (all fields: randlora_jax/train/config.py)")
+
+
+def test_pod_presets_adapter_dropout():
+  """The paper's recipe keeps adapter dropout 0.05 (Llama-3-8B too); the 70B pod preset, not a
+  paper run, drops it: a dropped input costs a full-rank adapter a second base GEMM per pass."""
+  load = lambda p, **kw: trainer_configs.load("commonsense", preset=p, **kw)  # noqa: E731
+  assert load("llama3_8b").adapter.dropout == 0.05
+  assert load("qwen2_0_5b").adapter.dropout == 0.05
+  assert load("llama3_70b").adapter.dropout == 0.0
+  assert load("llama3_70b", **{"adapter.dropout": 0.05}).adapter.dropout == 0.05
