@@ -85,6 +85,36 @@ def test_unreadable_trip_count_falls_back_to_the_given_length():
       ["  %c = s32[] constant(5)", "  ROOT %r = pred[] compare(%c, %i), direction=GT"]) == 5
 
 
+def test_trip_count_of_a_loop_stepping_by_two():
+  """The TPU compiler's bidirectional windowed einsum (an all-gather + matmul of a weight that
+  GSPMD partitions, inside the layer loop on 32 v5p chips) counts ``i < 16`` in steps of 2:
+  8 trips, each with two matmuls; read as 16, its products and collectives were doubled."""
+  two = TPU_SCAN_HLO.replace("%constant.0.clone.1..sunk = s32[]{:T(128)} constant(1)",
+                             "%constant.0.clone.1..sunk = s32[]{:T(128)} constant(2)")
+  assert two != TPU_SCAN_HLO
+  m = hlo.parse(two)
+  assert m.trip_counts == {"while.10": 3}  # i = 0, 2, 4 < 5
+  assert m.collective_bytes()["all-reduce"] == 3 * 6 * 4
+
+
+# One trip's matmul of that windowed einsum (libtpu 0.0.42.1, Llama-3-70B up_proj on v5p-64):
+# the contraction is the input feature dim (256) times a window of 2 over a spatial dim.
+WINDOWED_CONV = """  %a = bf16[4,1024,2,256]{3,2,1,0} parameter(0)
+  %w = bf16[2,256,28672,1]{3,2,1,0} parameter(1)
+  ROOT %convolution.302 = bf16[4,1024,28672,1]{2,1,0,3:T(8,128)(2,1)} convolution(%a, %w), window={size=2x1}, dim_labels=1b0f_0io1->1bf0
+"""
+
+
+def test_matmul_flops_count_the_window():
+  lines = WINDOWED_CONV.splitlines()
+  types = {m.group(1): m.group(2) for m in map(hlo._DEF_TYPE.match, lines) if m}  # pylint: disable=protected-access
+  assert hlo._product_flops(lines[2], types) == 2 * 4 * 1024 * 28672 * 512  # pylint: disable=protected-access
+  # padding and lhs dilation: only the taps that land on an input element count
+  assert hlo._window_taps("size=3 pad=1_1", [4], [4]) == 10  # pylint: disable=protected-access
+  assert hlo._window_taps("size=2 lhs_dilate=2", [3], [4]) == 4  # pylint: disable=protected-access
+  assert hlo._window_taps("", [], []) == 1  # pylint: disable=protected-access
+
+
 def test_trip_count_of_a_fused_condition_and_nested_unknown_loops():
   fused = """\
 %fused_lt (param_0: s32[], param_1: s32[]) -> pred[] {
