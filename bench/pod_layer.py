@@ -16,6 +16,8 @@ kind (from the compiled HLO; a single layer has no loop). Run in the side venv w
     TPU_SKIP_MDS_QUERY=1 ALLOW_MULTIPLE_LIBTPU_LOAD=1 PYTHONPATH=$PWD nice -n 10 \
       .venvs/tpu/bin/python bench/pod_layer.py --model=8b   # v5p-8: 4 chips, 64 x 256
     ... bench/pod_layer.py --model=70b                      # 32 v5p chips, 128 x 1024
+    ... bench/pod_layer.py --scatter_map=v5p-64,v6e-16       # the reduce-scatter map
+                                                            # that targets.py follows
 """
 
 from __future__ import annotations
@@ -135,15 +137,57 @@ def compile_layer(method: str, model: str, *, r: int | None = None, lora_rank: i
               trainable=n_train, trainable_bytes=4 * n_train, compile_seconds=round(seconds, 1))
 
 
+def scatter_map(target_names, rows: int = 8192, cols: int = 4096) -> list[dict]:
+  """What the TPU compiler makes of the weight cotangent's reduce-scatter over a slice's whole
+  ``fsdp`` axis (the trainer's mesh, `sharding.make_mesh`): a bf16 (rows, cols) array per chip
+  (default 64 MiB, `ops.G_CHUNK_BYTES`), reduce-scattered jointly and in two grouped stages
+  for each k (`ops._scatter_kernel`). Per variant: collective bytes by kind and
+  `optimal_seconds`."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from randlora_jax import hlo, ops, sharding, targets
+
+  out = []
+  layout = ((("fsdp",), True), ((), False))
+  for name in target_names:
+    devices = tpu_devices(name)
+    n = len(devices)
+    mesh = sharding.make_mesh(1, n, devices=devices)
+    x = jax.ShapeDtypeStruct((n * rows, cols), jnp.bfloat16,
+                             sharding=NamedSharding(mesh, P("fsdp")))
+    for k in [1] + [k for k in (2, 4, 8) if n % k == 0 and n // k >= 2]:
+      f = jax.jit(jax.shard_map(lambda v, k=k: ops._scatter_kernel(v, layout, k), mesh=mesh,
+                                in_specs=P("fsdp"), out_specs=P("fsdp")))
+      c = f.lower(x).compile()
+      cost = c.cost_analysis()
+      cost = cost[0] if isinstance(cost, list) else cost
+      row = {"target": name, "chips": n, "k": k, "bytes_per_chip": rows * cols * 2,
+             "optimal_seconds": cost.get("optimal_seconds"),
+             "collectives": {a: b for a, b in hlo.parse(c.as_text()).collective_bytes().items()
+                             if b},
+             "rule_k": targets.reduce_scatter_split(targets.get(name), n)}
+      out.append(row)
+      print(json.dumps(row), flush=True)
+  return out
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--model", choices=sorted(MODELS), default="8b")
   ap.add_argument("--methods", default="randlora,lora")
   ap.add_argument("--backend", default="xla")
   ap.add_argument("--json", default="", help="append one JSON line per compiled step here")
+  ap.add_argument("--scatter_map", default="",
+                  help="instead: the reduce-scatter map for these targets (v5p-64,v6e-16,...)")
+  ap.add_argument("--scatter_rows", type=int, default=8192)
   args = ap.parse_args(argv)
   import jax
   jax.config.update("jax_platforms", "cpu")
+  if args.scatter_map:
+    scatter_map(args.scatter_map.split(","), rows=args.scatter_rows)
+    return
   rows = []
   for method in args.methods.split(","):
     row = compile_layer(method, args.model, backend=args.backend)
