@@ -136,33 +136,36 @@ class Module:
         out[comp] = total
     return out
 
-  def inner_loops(self, outer_runs: int = 1) -> list[dict]:
-    """Loops inside other loops (XLA's own: a decomposed collective matmul inside the scanned
-    layer) whose bodies hold matrix products: {'loop', 'trips', 'body_flops' (one trip, all
+  def inner_loops(self) -> list[dict]:
+    """Loops inside other loops' bodies (XLA's own, e.g. a windowed einsum inside the scanned
+    layer) that hold matrix products: {'loop', 'trips', 'body_flops' (one trip, with all the
     computations the body calls), 'runs' (of the loop per execution)}. A compiler's
-    `cost_analysis` counts a loop body once: such a loop's products are counted 1 / trips
-    of what runs, per run of the enclosing body."""
+    `cost_analysis` counts a loop body once: such a loop's products are counted 1 / trips of
+    what runs, per run of the enclosing body."""
     flops = self.dot_flops()
-    parents = {}
+    loops = {}
     for comp, lines in self.computations.items():
       for line in lines:
         m = _INSTR.match(line)
-        if m and m.group("op") == "while":
-          body = re.search(r"\bbody=%?([\w.\-]+)", line)
-          if body:
-            parents[m.group("name")] = (comp, body.group(1))
-    bodies = {b for _, b in parents.values()}
+        body = re.search(r"\bbody=%?([\w.\-]+)", line) if m and m.group("op") == "while" else None
+        if body:
+          loops[m.group("name")] = (comp, body.group(1))
+    inside = set()  # every computation some loop body runs
+    for _, body in loops.values():
+      inside |= self._reachable(body)
     out = []
-    for loop, (comp, body) in parents.items():
-      if self.runs.get(comp, 0) <= outer_runs and not self._inside(comp, bodies):
-        continue  # a top-level loop (the layer scan): the caller subtracts it per layer
+    for loop, (comp, body) in loops.items():
+      if comp not in inside:
+        continue  # a top-level loop (the layer scan): the caller takes it per layer
       f = sum(flops.get(c, 0.0) for c in self._reachable(body))
+      trips = self.trip_counts.get(loop)
       if f:
-        out.append({"loop": loop, "trips": self.trip_counts.get(loop), "body_flops": f,
-                    "runs": self.runs.get(body, 0) // max(1, self.trip_counts.get(loop) or 1)})
+        out.append({"loop": loop, "trips": trips, "body_flops": f,
+                    "runs": self.runs.get(body, 0) // max(1, trips or 1)})
     return out
 
   def _reachable(self, comp: str) -> set[str]:
+    """``comp`` and every computation it calls, transitively."""
     seen, todo = set(), [comp]
     while todo:
       c = todo.pop()
@@ -173,9 +176,6 @@ class Module:
         for m in _CALLEE.finditer(line):
           todo.extend(x.strip().lstrip("%") for x in (m.group("list") or m.group("one")).split(","))
     return seen
-
-  def _inside(self, comp: str, bodies: set[str]) -> bool:
-    return any(comp in self._reachable(b) for b in bodies if b != comp) or comp in bodies
 
   def kernels(self) -> dict[str, dict]:
     """The custom-call kernels: instruction name (the Pallas kernel's name, without XLA's

@@ -115,6 +115,28 @@ def test_matmul_flops_count_the_window():
   assert hlo._window_taps("", [], []) == 1  # pylint: disable=protected-access
 
 
+def test_inner_loops_and_their_matmul_flops():
+  """A loop inside a scanned layer (here a 4-trip `fori_loop` of (8 x 16) @ (16 x 16) in a scan
+  of 5, compiled by XLA:CPU): listed with its trips, one trip's matmul flops and its runs; the
+  layer loop itself is not an inner loop."""
+  import jax
+  import jax.numpy as jnp
+
+  def f(x, w):
+    def layer(c, wl):
+      return jax.lax.fori_loop(0, 4, lambda i, h: jnp.tanh(h @ wl), c), None
+    return jax.lax.scan(layer, x, w)[0]
+
+  text = jax.jit(f).lower(jnp.ones((8, 16)), jnp.ones((5, 16, 16))).compile().as_text()
+  m = hlo.parse(text)
+  assert sorted(m.trip_counts.values()) == [4, 5]
+  (loop,) = m.inner_loops()
+  assert loop["trips"] == 4 and loop["runs"] == 5
+  assert loop["body_flops"] == 2 * 8 * 16 * 16
+  total = sum(f * m.runs[c] for c, f in m.dot_flops().items())
+  assert total == 5 * 4 * 2 * 8 * 16 * 16
+
+
 def test_trip_count_of_a_fused_condition_and_nested_unknown_loops():
   fused = """\
 %fused_lt (param_0: s32[], param_1: s32[]) -> pred[] {
