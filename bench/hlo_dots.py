@@ -32,7 +32,8 @@ def dot_flops(text: str, layers: int | None = None) -> dict[str, float]:
   module = hlo.parse(text, default_trip_count=layers)
   out: dict[str, float] = collections.defaultdict(float)
   for comp, lines in module.computations.items():
-    types = {m.group(1): m.group(2) for m in map(hlo._DEF_TYPE.match, lines) if m}  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    types = {m.group(1): m.group(2) for m in map(hlo._DEF_TYPE.match, lines) if m}
     for line in lines:
       f = hlo._product_flops(line, types)  # pylint: disable=protected-access
       if not f:

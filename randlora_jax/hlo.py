@@ -324,7 +324,8 @@ def condition_trip_count(lines: list[str], computations: dict[str, list[str]] | 
   return None
 
 
-_GTE = re.compile(r"^\s*%?(?P<name>[\w.\-]+) = \S+ get-tuple-element\(%?[\w.\-]+\), index=(?P<i>\d+)")
+_GTE = re.compile(r"^\s*%?(?P<name>[\w.\-]+) = \S+ get-tuple-element\(%?[\w.\-]+\), "
+                  r"index=(?P<i>\d+)")
 _ADD = re.compile(r"^\s*%?(?P<name>[\w.\-]+) = [su](?:32|64)\[\]\S* add\(%?(?P<a>[\w.\-]+), "
                   r"%?(?P<b>[\w.\-]+)\)")
 _ROOT_TUPLE = re.compile(r"^\s*ROOT\s+%?[\w.\-]+ = .* tuple\((?P<args>.*?)\)(?:, |$)")

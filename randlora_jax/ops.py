@@ -760,9 +760,9 @@ def _apply_block(x, kernel, lam, gamma, seed, spec, *, path, dtype, precision, e
                          compute_bytes=dtype.itemsize)
     # the chip decides how the weight cotangent is reduce-scattered (targets.py's map); the
     # grouped form is for a kernel gathered over one mesh axis
-    one_axis = [axes for axes, gathered in layout if axes and gathered]
+    gathered_axes = [axes for axes, gathered in layout if axes and gathered]
     split = (targets.reduce_scatter_split(target, shards[0])
-             if len(one_axis) == 1 and len(one_axis[0]) == 1 else 1)
+             if len(gathered_axes) == 1 and len(gathered_axes[0]) == 1 else 1)
     y = sharded_merged_matmul(x if xd is None else xd, kernel, lam, gamma, seed, spec, dtype,
                               layout, precision, backend, route, split)
     if xd is not None:  # W0 sees all of x: add back what the dropped input left out

@@ -143,7 +143,9 @@ _GRID_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
 # the compiler's `optimal_seconds` for a 64 MiB bf16 input per device (the weight route's chunk,
 # `ops.G_CHUNK_BYTES`) is lower for the grouped form, this table gives the k with the lowest
 # estimate; elsewhere the joint form is kept (on 8 and 16 chips the grouped one estimates slower
-# at 64 MiB). Map and command: bench/RESULTS.md, "Pod scale, after 2".
+# at 64 MiB). Measured with the axis spanning the whole slice (data = 1); an fsdp axis that
+# spans part of a larger slice is looked up by its size. Map and command: bench/RESULTS.md,
+# 'Compiled for the target, "after 2"'.
 GROUPED_REDUCE_SCATTER: dict[tuple[str, int], int] = {
     ("v4", 32): 2, ("v4", 64): 2,
     ("v5p", 32): 2, ("v5p", 64): 4,

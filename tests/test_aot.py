@@ -107,12 +107,13 @@ WINDOWED_CONV = """  %a = bf16[4,1024,2,256]{3,2,1,0} parameter(0)
 
 def test_matmul_flops_count_the_window():
   lines = WINDOWED_CONV.splitlines()
-  types = {m.group(1): m.group(2) for m in map(hlo._DEF_TYPE.match, lines) if m}  # pylint: disable=protected-access
-  assert hlo._product_flops(lines[2], types) == 2 * 4 * 1024 * 28672 * 512  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  types = {m.group(1): m.group(2) for m in map(hlo._DEF_TYPE.match, lines) if m}
+  assert hlo._product_flops(lines[2], types) == 2 * 4 * 1024 * 28672 * 512
   # padding and lhs dilation: only the taps that land on an input element count
-  assert hlo._window_taps("size=3 pad=1_1", [4], [4]) == 10  # pylint: disable=protected-access
-  assert hlo._window_taps("size=2 lhs_dilate=2", [3], [4]) == 4  # pylint: disable=protected-access
-  assert hlo._window_taps("", [], []) == 1  # pylint: disable=protected-access
+  assert hlo._window_taps("size=3 pad=1_1", [4], [4]) == 10
+  assert hlo._window_taps("size=2 lhs_dilate=2", [3], [4]) == 4
+  assert hlo._window_taps("", [], []) == 1
 
 
 def test_inner_loops_and_their_matmul_flops():

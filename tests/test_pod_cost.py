@@ -63,9 +63,9 @@ def test_route_and_path_choice_for_the_chip():
 
 def test_grouped_reduce_scatter_rule_follows_the_compiled_map():
   """`targets.reduce_scatter_split`: the two-stage reduce-scatter where libtpu turns the joint
-  one into an all-reduce AND estimates the grouped one faster (bench/RESULTS.md, "Pod scale,
-  after 2"); the joint one elsewhere (where it stays a reduce-scatter, or is estimated faster),
-  off TPU and without a target."""
+  one into an all-reduce AND estimates the grouped one faster (bench/RESULTS.md, 'Compiled for
+  the target, "after 2"'); the joint one elsewhere (where it stays a reduce-scatter, or is
+  estimated faster), off TPU and without a target."""
   split = lambda name: targets.reduce_scatter_split(targets.get(name),
                                                     targets.get(name).num_devices)
   assert split("v5p-64") == 2 and split("v5p-128") == 4

@@ -109,7 +109,7 @@ def test_layout_and_shards():
   assert ops.layout_shards(layout, (16, 48), spec) == (4, 2)
 
 
-# ------------------------------------------------------- the weight cotangent's grouped reduce-scatter
+# ------------------------------------------------ the weight cotangent's grouped reduce-scatter
 
 
 @pytest.mark.parametrize("split", [2, 4])
