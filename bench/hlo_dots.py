@@ -7,6 +7,11 @@ count more than dots.
     python bench/hlo_dots.py STEP.hlo --layers=80 [--top=20]
 
 STEP.hlo: `aot.compile_step(config, target, hlo_path=...)`'s output.
+
+It also lists the loops inside the layer loop that hold matrix products (XLA's own: on a TPU
+slice the partitioner turns an all-gather + matmul of an XLA-sharded weight into a 16-step
+"windowed einsum" loop) and what `cost_analysis` misses of them: it counts a loop body once,
+so (trips - 1) x one trip's products per layer are not in the compiler's per-layer flops.
 """
 
 from __future__ import annotations
@@ -15,12 +20,8 @@ import argparse
 import collections
 import re
 
-import numpy as np
-
 from randlora_jax import hlo
 
-_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\S+)")
-_LABELS = re.compile(r"dim_labels=(\w+)_(\w+)->(\w+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _NOISE = re.compile(r"jit\(train_step\)/|while/body/closed_call/|checkpoint/|"
                     r"rematted_computation/|shard_map/")
@@ -31,24 +32,27 @@ def dot_flops(text: str, layers: int | None = None) -> dict[str, float]:
   module = hlo.parse(text, default_trip_count=layers)
   out: dict[str, float] = collections.defaultdict(float)
   for comp, lines in module.computations.items():
-    types = {m.group(1): m.group(2) for m in map(_DEF.match, lines) if m}
+    # pylint: disable-next=protected-access
+    types = {m.group(1): m.group(2) for m in map(hlo._DEF_TYPE.match, lines) if m}
     for line in lines:
-      inst = hlo._INSTR.match(line)  # pylint: disable=protected-access
-      if not inst or inst.group("op") != "convolution":
+      f = hlo._product_flops(line, types)  # pylint: disable=protected-access
+      if not f:
         continue
-      labels = _LABELS.search(line)
-      operands = re.findall(r"%([\w.\-]+)", inst.group("args").split(")")[0])
-      rhs = hlo._ARRAY.findall(types.get(operands[1], "")) if len(operands) > 1 else []  # pylint: disable=protected-access
-      result = hlo._ARRAY.findall(inst.group("type"))  # pylint: disable=protected-access
-      if not (labels and rhs and result):
-        continue
-      rhs_shape = [int(v) for v in rhs[0][1].split(",") if v]
-      contracted = rhs_shape[labels.group(2).index("i")]
-      n_out = np.prod([int(v) for v in result[0][1].split(",") if v], dtype=np.float64)
       name = _OP_NAME.search(line)
       key = _NOISE.sub("", name.group(1)) if name else "?"
-      out[key] += 2.0 * n_out * contracted * module.runs.get(comp, 0)
+      out[key] += f * module.runs.get(comp, 0)
   return dict(out)
+
+
+def uncounted_loop_flops(text: str, layers: int | None = None) -> list[dict]:
+  """The loops inside the layer loop with matrix products, each with 'uncounted': the flops
+  of its (trips - 1) trips that a once-per-body count leaves out, per run of the layer."""
+  module = hlo.parse(text, default_trip_count=layers)
+  out = []
+  for loop in module.inner_loops():
+    trips = loop["trips"] or 1
+    out.append(dict(loop, uncounted=(trips - 1) * loop["body_flops"]))
+  return out
 
 
 def main(argv=None):
@@ -63,6 +67,12 @@ def main(argv=None):
   total = sum(flops.values())
   print(f"{total / 1e12:10.3f} TFLOP  total"
         + (f" ({total / 1e12 / args.layers:.2f} per layer incl. the rest)" if args.layers else ""))
+  loops = uncounted_loop_flops(open(args.hlo).read(), args.layers)
+  for loop in loops:
+    print(f"inner loop {loop['loop']}: {loop['trips']} trips x {loop['body_flops'] / 1e12:.3f} "
+          f"TFLOP, {loop['uncounted'] / 1e12:.3f} TFLOP per run not in cost_analysis")
+  print(f"{sum(x['uncounted'] for x in loops) / 1e12:10.3f} TFLOP  per layer not in the "
+        f"compiler's cost_analysis (inner loop bodies counted once)")
 
 
 if __name__ == "__main__":

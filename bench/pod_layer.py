@@ -16,6 +16,9 @@ kind (from the compiled HLO; a single layer has no loop). Run in the side venv w
     TPU_SKIP_MDS_QUERY=1 ALLOW_MULTIPLE_LIBTPU_LOAD=1 PYTHONPATH=$PWD nice -n 10 \
       .venvs/tpu/bin/python bench/pod_layer.py --model=8b   # v5p-8: 4 chips, 64 x 256
     ... bench/pod_layer.py --model=70b                      # 32 v5p chips, 128 x 1024
+    ... bench/pod_layer.py --loop_check                     # cost_analysis and loops
+    ... bench/pod_layer.py --scatter_map=v5p-64,v6e-16       # the reduce-scatter map
+                                                            # that targets.py follows
 """
 
 from __future__ import annotations
@@ -135,15 +138,96 @@ def compile_layer(method: str, model: str, *, r: int | None = None, lora_rank: i
               trainable=n_train, trainable_bytes=4 * n_train, compile_seconds=round(seconds, 1))
 
 
+def scatter_map(target_names, rows: int = 8192, cols: int = 4096) -> list[dict]:
+  """What the TPU compiler makes of the weight cotangent's reduce-scatter over a slice's whole
+  ``fsdp`` axis (the trainer's mesh, `sharding.make_mesh`): a bf16 (rows, cols) array per chip
+  (default 64 MiB, `ops.G_CHUNK_BYTES`), reduce-scattered jointly and in two grouped stages
+  for each k (`ops._scatter_kernel`). Per variant: collective bytes by kind and
+  `optimal_seconds`."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from randlora_jax import hlo, ops, sharding, targets
+
+  out = []
+  layout = ((("fsdp",), True), ((), False))
+  for name in target_names:
+    devices = tpu_devices(name)
+    n = len(devices)
+    mesh = sharding.make_mesh(1, n, devices=devices)
+    x = jax.ShapeDtypeStruct((n * rows, cols), jnp.bfloat16,
+                             sharding=NamedSharding(mesh, P("fsdp")))
+    for k in [1] + [k for k in (2, 4, 8) if n % k == 0 and n // k >= 2]:
+      f = jax.jit(jax.shard_map(lambda v, k=k: ops._scatter_kernel(v, layout, k), mesh=mesh,
+                                in_specs=P("fsdp"), out_specs=P("fsdp")))
+      c = f.lower(x).compile()
+      cost = c.cost_analysis()
+      cost = cost[0] if isinstance(cost, list) else cost
+      row = {"target": name, "chips": n, "k": k, "bytes_per_chip": rows * cols * 2,
+             "optimal_seconds": cost.get("optimal_seconds"),
+             "collectives": {a: b for a, b in hlo.parse(c.as_text()).collective_bytes().items()
+                             if b},
+             "rule_k": targets.reduce_scatter_split(targets.get(name), n)}
+      out.append(row)
+      print(json.dumps(row), flush=True)
+  return out
+
+
+def loop_count_check(target: str = "v5p-64") -> dict:
+  """How the TPU compiler's `cost_analysis` counts loops: a `fori_loop` of 10 matmuls, and a
+  GSPMD all-gather + matmul of a weight split over ``fsdp`` (which it turns into a windowed
+  einsum loop), each against the flops of its matmuls."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from randlora_jax import hlo, sharding
+
+  devices = tpu_devices(target)
+  n = len(devices)
+  mesh = sharding.make_mesh(1, n, devices=devices)
+  sh = lambda *spec: NamedSharding(mesh, P(*spec))
+
+  def cost(f, *args, **kw):
+    c = jax.jit(f, **kw).lower(*args).compile()
+    ca = c.cost_analysis()
+    ca = ca[0] if isinstance(ca, list) else ca
+    return {"flops": ca["flops"], "optimal_seconds": ca.get("optimal_seconds"),
+            "trip_counts": sorted(set(hlo.parse(c.as_text()).trip_counts.values()))}
+
+  x = jax.ShapeDtypeStruct((4096 * n, 1024), jnp.bfloat16, sharding=sh("fsdp"))
+  w = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16, sharding=sh())
+  out = {"fori_loop_10": dict(cost(lambda x, w: jax.lax.fori_loop(
+      0, 10, lambda i, c: jnp.tanh(c @ w), x), x, w), matmul_flops=10 * 2 * 4096 * 1024 * 1024)}
+  x = jax.ShapeDtypeStruct((4096 * n, 8192), jnp.bfloat16, sharding=sh("fsdp"))
+  w = jax.ShapeDtypeStruct((8192, 28672), jnp.bfloat16, sharding=sh("fsdp"))
+  out["gspmd_matmul"] = dict(cost(lambda x, w: x @ w, x, w, out_shardings=sh("fsdp")),
+                             matmul_flops=2 * 4096 * 8192 * 28672)
+  print(json.dumps(out), flush=True)
+  return out
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--model", choices=sorted(MODELS), default="8b")
   ap.add_argument("--methods", default="randlora,lora")
   ap.add_argument("--backend", default="xla")
   ap.add_argument("--json", default="", help="append one JSON line per compiled step here")
+  ap.add_argument("--scatter_map", default="",
+                  help="instead: the reduce-scatter map for these targets (v5p-64,v6e-16,...)")
+  ap.add_argument("--scatter_rows", type=int, default=8192)
+  ap.add_argument("--loop_check", action="store_true",
+                  help="instead: how cost_analysis counts a loop (v5p-64)")
   args = ap.parse_args(argv)
   import jax
   jax.config.update("jax_platforms", "cpu")
+  if args.loop_check:
+    loop_count_check()
+    return
+  if args.scatter_map:
+    scatter_map(args.scatter_map.split(","), rows=args.scatter_rows)
+    return
   rows = []
   for method in args.methods.split(","):
     row = compile_layer(method, args.model, backend=args.backend)

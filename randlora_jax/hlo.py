@@ -123,6 +123,60 @@ class Module:
       out[c.op] += c.bytes * c.count
     return out
 
+  def dot_flops(self) -> dict[str, float]:
+    """Computation -> flops of ONE run of its matrix products: each `convolution` (the TPU
+    compiler's form of a dot) or `dot` counts 2 x output elements x contracted size."""
+    out: dict[str, float] = {}
+    for comp, lines in self.computations.items():
+      types = {m.group(1): m.group(2) for m in map(_DEF_TYPE.match, lines) if m}
+      total = 0.0
+      for line in lines:
+        total += _product_flops(line, types)
+      if total:
+        out[comp] = total
+    return out
+
+  def inner_loops(self) -> list[dict]:
+    """Loops inside other loops' bodies (XLA's own, e.g. a windowed einsum inside the scanned
+    layer) that hold matrix products: {'loop', 'trips', 'body_flops' (one trip, with all the
+    computations the body calls), 'runs' (of the loop per execution)}. A compiler's
+    `cost_analysis` counts a loop body once: such a loop's products are counted 1 / trips of
+    what runs, per run of the enclosing body."""
+    flops = self.dot_flops()
+    loops = {}
+    for comp, lines in self.computations.items():
+      for line in lines:
+        m = _INSTR.match(line)
+        body = re.search(r"\bbody=%?([\w.\-]+)", line) if m and m.group("op") == "while" else None
+        if body:
+          loops[m.group("name")] = (comp, body.group(1))
+    inside = set()  # every computation some loop body runs
+    for _, body in loops.values():
+      inside |= self._reachable(body)
+    out = []
+    for loop, (comp, body) in loops.items():
+      if comp not in inside:
+        continue  # a top-level loop (the layer scan): the caller takes it per layer
+      f = sum(flops.get(c, 0.0) for c in self._reachable(body))
+      trips = self.trip_counts.get(loop)
+      if f:
+        out.append({"loop": loop, "trips": trips, "body_flops": f,
+                    "runs": self.runs.get(body, 0) // max(1, trips or 1)})
+    return out
+
+  def _reachable(self, comp: str) -> set[str]:
+    """``comp`` and every computation it calls, transitively."""
+    seen, todo = set(), [comp]
+    while todo:
+      c = todo.pop()
+      if c in seen or c not in self.computations:
+        continue
+      seen.add(c)
+      for line in self.computations[c]:
+        for m in _CALLEE.finditer(line):
+          todo.extend(x.strip().lstrip("%") for x in (m.group("list") or m.group("one")).split(","))
+    return seen
+
   def kernels(self) -> dict[str, dict]:
     """The custom-call kernels: instruction name (the Pallas kernel's name, without XLA's
     ``.N`` suffix) -> {'kind': 'mosaic' | 'triton' | target, 'count': instructions,
@@ -146,6 +200,74 @@ class Module:
         entry["count"] += 1
         entry["runs"] += self.runs.get(comp, 0)
     return out
+
+
+_DEF_TYPE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.+?) [a-z][\w\-]*\(")
+_DIM_LABELS = re.compile(r"dim_labels=(\w+)_(\w+)->(\w+)")
+_LHS_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
+
+
+def _dims(type_text: str) -> list[int]:
+  arrays = _ARRAY.findall(type_text)
+  return [int(v) for v in arrays[0][1].split(",") if v] if arrays else []
+
+
+_WINDOW = re.compile(r"window=\{([^}]*)\}")
+
+
+def _window_taps(window: str, lhs_sizes: list[int], out_sizes: list[int]) -> float:
+  """Over all output positions of a convolution's spatial dims, the window taps that land on
+  an input element (not padding, not a hole of lhs dilation): the product over dims."""
+  fields = dict(f.split("=", 1) for f in window.split() if "=" in f)
+  nd = len(out_sizes)
+  get = lambda key, default: ([int(v) for v in fields[key].split("x")] if key in fields
+                              else [default] * nd)
+  size, stride = get("size", 1), get("stride", 1)
+  lhs_dil, rhs_dil = get("lhs_dilate", 1), get("rhs_dilate", 1)
+  pads = ([tuple(int(v) for v in p.split("_")) for p in fields["pad"].split("x")]
+          if "pad" in fields else [(0, 0)] * nd)
+  total = 1.0
+  for d in range(nd):
+    extent = (lhs_sizes[d] - 1) * lhs_dil[d] + 1
+    o = np.arange(out_sizes[d])[:, None]
+    k = np.arange(size[d])[None, :]
+    pos = o * stride[d] + k * rhs_dil[d] - pads[d][0]
+    total *= float(np.sum((pos >= 0) & (pos < extent) & (pos % lhs_dil[d] == 0)))
+  return total
+
+
+def _product_flops(line: str, types: dict[str, str]) -> float:
+  """Flops of a `convolution` (the TPU compiler's form of a dot) or a `dot`, 0 for anything
+  else: 2 x batch x output features x input features (per group) x the window taps that
+  touch an input element, summed over output positions (what XLA's cost analysis counts;
+  a dot written as a convolution with a size-2 window contracts 2 x its input features)."""
+  m = _INSTR.match(line)
+  if not m or m.group("op") not in ("convolution", "dot"):
+    return 0.0
+  operands = re.findall(r"%([\w.\-]+)", m.group("args").split(")")[0])
+  out = _dims(m.group("type"))
+  if m.group("op") == "dot":
+    lhs = _dims(types.get(operands[0], "")) if operands else []
+    cd = _LHS_CONTRACTING.search(line)
+    k = np.prod([lhs[int(i)] for i in cd.group(1).split(",") if i], dtype=np.float64) if (
+        cd and lhs) else 1.0
+    return 2.0 * float(np.prod(out, dtype=np.float64)) * float(k)
+  labels = _DIM_LABELS.search(line)
+  lhs = _dims(types.get(operands[0], "")) if operands else []
+  rhs = _dims(types.get(operands[1], "")) if len(operands) > 1 else []
+  if not (labels and lhs and rhs and out):
+    return 0.0
+  lhs_l, rhs_l, out_l = labels.groups()
+  spatial = sorted(c for c in out_l if c.isdigit())
+  window = _WINDOW.search(line)
+  taps = _window_taps(window.group(1) if window else "",
+                      [lhs[lhs_l.index(c)] for c in spatial],
+                      [out[out_l.index(c)] for c in spatial]) if spatial else 1.0
+  batch = out[out_l.index("b")]
+  bgc = re.search(r"batch_group_count=(\d+)", line)
+  if bgc:  # the output's feature dim holds the groups; each group sees batch / groups
+    batch = lhs[lhs_l.index("b")] // int(bgc.group(1))
+  return 2.0 * batch * out[out_l.index("f")] * rhs[rhs_l.index("i")] * taps
 
 
 def split_computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
@@ -202,6 +324,41 @@ def condition_trip_count(lines: list[str], computations: dict[str, list[str]] | 
   return None
 
 
+_GTE = re.compile(r"^\s*%?(?P<name>[\w.\-]+) = \S+ get-tuple-element\(%?[\w.\-]+\), "
+                  r"index=(?P<i>\d+)")
+_ADD = re.compile(r"^\s*%?(?P<name>[\w.\-]+) = [su](?:32|64)\[\]\S* add\(%?(?P<a>[\w.\-]+), "
+                  r"%?(?P<b>[\w.\-]+)\)")
+_ROOT_TUPLE = re.compile(r"^\s*ROOT\s+%?[\w.\-]+ = .* tuple\((?P<args>.*?)\)(?:, |$)")
+
+
+def loop_step(condition: list[str], body: list[str]) -> int:
+  """The induction variable's step of a counted loop (1 unless the body adds another
+  constant: the TPU compiler's bidirectional windowed einsum steps by 2), read where the
+  condition compares a tuple element directly."""
+  gte = {m.group("name"): int(m.group("i")) for m in map(_GTE.match, condition) if m}
+  index = None
+  for line in condition:
+    m = _COMPARE.match(line)
+    if m:
+      index = gte.get(m.group("a"), gte.get(m.group("b")))
+  root = next((m for m in map(_ROOT_TUPLE.match, body) if m), None)
+  if index is None or root is None:
+    return 1
+  args = [a.strip().lstrip("%") for a in root.group("args").split(",")]
+  if index >= len(args):
+    return 1
+  consts = {m.group("name"): int(m.group("v")) for m in map(_CONSTANT.match, body) if m}
+  body_gte = {m.group("name"): int(m.group("i")) for m in map(_GTE.match, body) if m}
+  for m in map(_ADD.match, body):
+    if m and m.group("name") == args[index]:
+      a, b = m.group("a"), m.group("b")
+      if body_gte.get(a) == index and b in consts:
+        return max(1, consts[b])
+      if body_gte.get(b) == index and a in consts:
+        return max(1, consts[a])
+  return 1
+
+
 def parse(hlo_text: str, default_trip_count: int | None = None) -> Module:
   """The module's computations and how many times each runs per execution."""
   comps, entry = split_computations(hlo_text)
@@ -222,6 +379,10 @@ def parse(hlo_text: str, default_trip_count: int | None = None) -> Module:
         cond = re.search(r"\bcondition=%?([\w.\-]+)", line)
         n = int(known.group(1)) if known else (
             condition_trip_count(comps.get(cond.group(1), []), comps) if cond else None)
+        body = re.search(r"\bbody=%?([\w.\-]+)", line)
+        if n is not None and not known and cond and body:
+          step = loop_step(comps.get(cond.group(1), []), comps.get(body.group(1), []))
+          n = -(-n // step)
         trips[iname] = n
         if n is None:
           if iname not in unknown:

@@ -23,7 +23,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from randlora_jax import bases, update
+from randlora_jax import bases, targets, update
 from randlora_jax.kernels import dispatch
 from randlora_jax.update import (  # noqa: F401 (public API)
     SCALINGS, LayerSpec, init_gamma, init_lambda)
@@ -312,23 +312,45 @@ def gather_kernel(w, layout: KernelLayout):
   return w
 
 
-def _scatter_kernel(g, layout: KernelLayout):
-  """The transpose of `gather_kernel`: sum over the gathering axes, keep this device's block."""
+def scatter_groups(n: int, k: int) -> tuple[list[list[int]], list[list[int]]]:
+  """The two stages of a reduce-scatter over n axis indices d = a k + b: first over the n / k
+  indices sharing b, then over the k sharing a. After stage one, index (a, b) holds chunk a of
+  its group's sum; stage two sums the k groups and leaves it sub-chunk b of chunk a, i.e.
+  chunk a k + b = d: the joint tiled reduce-scatter's order."""
+  first = [[a * k + b for a in range(n // k)] for b in range(k)]
+  second = [[a * k + b for b in range(k)] for a in range(n // k)]
+  return first, second
+
+
+def _scatter_kernel(g, layout: KernelLayout, split: int = 1):
+  """The transpose of `gather_kernel`: sum over the gathering axes, keep this device's block.
+
+  ``split`` > 1 (`targets.reduce_scatter_split`): a dim gathered over ONE mesh axis is
+  reduce-scattered in two grouped stages (`scatter_groups`), which the TPU compiler keeps a
+  reduce-scatter where it would turn the joint one into a full all-reduce; same values."""
   for dim, (axes, gathered) in enumerate(layout):
-    if axes and gathered:
+    if not (axes and gathered):
+      continue
+    n = jax.lax.axis_size(axes[0]) if len(axes) == 1 else 0
+    if split > 1 and n % split == 0 and n // split >= 2:
+      for groups in scatter_groups(n, split):
+        g = jax.lax.psum_scatter(g, axes[0], scatter_dimension=dim, tiled=True,
+                                 axis_index_groups=groups)
+    else:
       g = jax.lax.psum_scatter(g, axes if len(axes) > 1 else axes[0], scatter_dimension=dim,
                                tiled=True)
   return g
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def _sharded_matmul(x, kernel, lam, gamma, seed, spec, dtype, precision, backend, layout, route):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10, 11))
+def _sharded_matmul(x, kernel, lam, gamma, seed, spec, dtype, precision, backend, layout, route,
+                    split):
   w = _form_block(kernel, lam, gamma, seed, spec, dtype, backend, precision, layout)
   return jnp.matmul(x, gather_kernel(w, layout), precision=precision)
 
 
 def _sharded_matmul_fwd(x, kernel, lam, gamma, seed, spec, dtype, precision, backend, layout,
-                        route):
+                        route, split):
   w = _form_block(kernel, lam, gamma, seed, spec, dtype, backend, precision, layout)
   y = jnp.matmul(x, gather_kernel(w, layout), precision=precision)
   # the merged BLOCK (W0's shard size, compute dtype) is kept: under remat it lives only
@@ -336,7 +358,7 @@ def _sharded_matmul_fwd(x, kernel, lam, gamma, seed, spec, dtype, precision, bac
   return y, (x, w, jnp.zeros((0,), kernel.dtype), lam, gamma, seed)
 
 
-def _sharded_matmul_bwd(spec, dtype, precision, backend, layout, route, res, g):
+def _sharded_matmul_bwd(spec, dtype, precision, backend, layout, route, split, res, g):
   x, w, kernel_like, lam, gamma, seed = res
   dx = jnp.matmul(g.astype(dtype), gather_kernel(w, layout).T,
                   precision=precision).astype(x.dtype)
@@ -345,7 +367,7 @@ def _sharded_matmul_bwd(spec, dtype, precision, backend, layout, route, res, g):
   if route == "tokens":  # H for the gathered block through this device's tokens, no G
     # the weight cotangent, reduce-scattered in the compute dtype (FSDP's gradient bytes), for
     # a trained W0 only: XLA drops it when W0 is frozen
-    g_block = _scatter_kernel(_tn(x2, g2).astype(dtype), layout)
+    g_block = _scatter_kernel(_tn(x2, g2).astype(dtype), layout, split)
     i0, j0, big_l, dl = _block(spec, layout, w.shape, whole_gathered=True)
     big_side, small_side = (g2, x2) if spec.transposed else (x2, g2)
     v = _mm(big_side.astype(jnp.float32), update.basis_b(spec, seed, rows=(i0, big_l)))
@@ -354,7 +376,7 @@ def _sharded_matmul_bwd(spec, dtype, precision, backend, layout, route, res, g):
                                col_offset=j0)
   else:  # this device's block of the reduce-scattered G, in column chunks
     return _weight_route(x2, g2, dx, kernel_like, lam, gamma, seed, spec, dtype, precision,
-                         backend, layout, w.shape)
+                         backend, layout, w.shape, split)
   return (dx, g_block.astype(kernel_like.dtype), dlam.astype(lam.dtype),
           _dgamma_whole(dgam, j0, spec).astype(gamma.dtype), None)
 
@@ -375,7 +397,7 @@ def _num_chunks(rows: int, cols: int, itemsize: int) -> int:
 
 
 def _weight_route(x2, g2, dx, kernel_like, lam, gamma, seed, spec, dtype, precision, backend,
-                  layout, block_shape):
+                  layout, block_shape, split=1):
   """dlambda/dgamma partials of this device's block from the reduce-scattered G = x^T g,
   formed and reduced chunk by chunk over the kernel's output columns."""
   i0, j0, big_l, dl = _block(spec, layout, block_shape)
@@ -388,7 +410,7 @@ def _weight_route(x2, g2, dx, kernel_like, lam, gamma, seed, spec, dtype, precis
 
   def chunk(c):
     gc = g2 if k == 1 else jax.lax.dynamic_slice_in_dim(g2, c * width, width, axis=1)
-    g_chunk = _scatter_kernel(_tn(x2, gc).astype(dtype), layout)
+    g_chunk = _scatter_kernel(_tn(x2, gc).astype(dtype), layout, split)
     if spec.transposed:  # kernel columns are D rows: the chunk is a band of D
       offsets, big, gam = (i0 + c * width, j0), width, _gamma_block(gamma, j0, dl, spec)
     else:  # kernel columns are d columns: the chunk owns gamma's columns
@@ -424,13 +446,15 @@ _sharded_matmul.defvjp(_sharded_matmul_fwd, _sharded_matmul_bwd)
 
 
 def sharded_merged_matmul(x, kernel, lam, gamma, seed, spec: LayerSpec, dtype, layout,
-                          precision=None, backend: str | None = None, route: str = "weight"):
+                          precision=None, backend: str | None = None, route: str = "weight",
+                          scatter_split: int = 1):
   """``x @ gather(W0 + dW)`` inside a manual region where ``kernel`` is this device's block of
-  W0 (see above); dlambda/dgamma come back as this device's partial sums."""
+  W0 (see above); dlambda/dgamma come back as this device's partial sums. ``scatter_split``:
+  the weight cotangent's reduce-scatter in two grouped stages (`_scatter_kernel`; 1: joint)."""
   if route not in ("weight", "tokens"):
     raise ValueError(f"route must be 'weight' or 'tokens', got {route!r}")
   return _sharded_matmul(x, kernel, lam, gamma, seed, spec, jnp.dtype(dtype), precision,
-                         resolve_backend(backend), layout, route)
+                         resolve_backend(backend), layout, route, int(scatter_split))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -734,8 +758,13 @@ def _apply_block(x, kernel, lam, gamma, seed, spec, *, path, dtype, precision, e
   if chosen == "merged" and explicit is None and not save_merged:
     route = choose_route(tokens, spec, target=target, shards=shards, precision=precision,
                          compute_bytes=dtype.itemsize)
+    # the chip decides how the weight cotangent is reduce-scattered (targets.py's map); the
+    # grouped form is for a kernel gathered over one mesh axis
+    gathered_axes = [axes for axes, gathered in layout if axes and gathered]
+    split = (targets.reduce_scatter_split(target, shards[0])
+             if len(gathered_axes) == 1 and len(gathered_axes[0]) == 1 else 1)
     y = sharded_merged_matmul(x if xd is None else xd, kernel, lam, gamma, seed, spec, dtype,
-                              layout, precision, backend, route)
+                              layout, precision, backend, route, split)
     if xd is not None:  # W0 sees all of x: add back what the dropped input left out
       y = y + jnp.matmul(x - xd, gather_kernel(kernel.astype(dtype), layout),
                          precision=precision)

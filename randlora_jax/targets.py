@@ -134,6 +134,36 @@ _GRID_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4,
 _GRID_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
             128: (8, 16), 256: (16, 16)}
 
+# Reduce-scatters the TPU compiler turns into a full all-reduce, and the two-stage form that it
+# keeps a reduce-scatter. A `lax.psum_scatter` over n devices of one mesh axis compiles (libtpu
+# 0.0.42.1, deviceless) to an all-reduce of the whole input plus a slice on: v4 and v5p at 8,
+# 16, 32 and 64 chips, v5e and v6e at 16 and 64 chips (v5p and v5e/v6e at 4 chips, v5e/v6e at 8
+# and 32: a reduce-scatter). The same sum in two grouped stages, over n / k devices at stride k
+# and then over k neighbours (`ops._scatter_kernel`), stays a reduce-scatter everywhere. Where
+# the compiler's `optimal_seconds` for a 64 MiB bf16 input per device (the weight route's chunk,
+# `ops.G_CHUNK_BYTES`) is lower for the grouped form, this table gives the k with the lowest
+# estimate; elsewhere the joint form is kept (on 8 and 16 chips the grouped one estimates slower
+# at 64 MiB). Measured with the axis spanning the whole slice (data = 1); an fsdp axis that
+# spans part of a larger slice is looked up by its size. Map and command: bench/RESULTS.md,
+# 'Compiled for the target, "after 2"'.
+GROUPED_REDUCE_SCATTER: dict[tuple[str, int], int] = {
+    ("v4", 32): 2, ("v4", 64): 2,
+    ("v5p", 32): 2, ("v5p", 64): 4,
+    ("v5e", 64): 2,
+    ("v6e", 16): 2, ("v6e", 64): 4,
+}
+
+
+def reduce_scatter_split(target: "Target | None", devices: int) -> int:
+  """k of the two-stage reduce-scatter over ``devices`` devices of one mesh axis on ``target``
+  (1: the joint `psum_scatter`). Follows `GROUPED_REDUCE_SCATTER`; 1 off TPU, for no target
+  and for axis sizes the map does not cover."""
+  if target is None or target.platform != "tpu":
+    return 1
+  k = GROUPED_REDUCE_SCATTER.get((target.generation, devices), 1)
+  return k if devices % k == 0 and devices // k >= 2 else 1
+
+
 VALID_FORMS = ("v4-N / v5p-N (N TensorCores, N/2 chips: N = 8, 16, 32, ... a power of two)",
                "v5e-N / v6e-N (N chips: 1, 4, 8, 16, 32, 64, 128, 256)",
                "h100, h200, a100, b200 (one GPU) or h100-N (N GPUs on one host, N <= 8)")

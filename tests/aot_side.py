@@ -69,12 +69,43 @@ def toy(devices) -> dict:
   }
 
 
+def grouped_scatter(target_name: str = "v5p-64") -> dict:
+  """The weight cotangent's reduce-scatter (`ops._scatter_kernel`) over the 32-chip fsdp axis
+  of v5p-64, bf16 (32 x 512, 256) per chip: joint, and in the two grouped stages
+  `targets.reduce_scatter_split` picks for that slice. Collective bytes and the compiler's
+  estimated seconds of each."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from randlora_jax import hlo, ops, sharding, targets
+
+  target = targets.get(target_name)
+  devices = targets.abstract_devices(target)
+  mesh = sharding.make_mesh(1, len(devices), devices=devices)
+  layout = ((("fsdp",), True), ((), False))
+  x = jax.ShapeDtypeStruct((len(devices) ** 2 * 512, 256), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, P("fsdp")))
+  split = targets.reduce_scatter_split(target, len(devices))
+  out = {"split": split}
+  for name, k in (("joint", 1), ("grouped", split)):
+    f = jax.jit(jax.shard_map(lambda v, k=k: ops._scatter_kernel(v, layout, k), mesh=mesh,
+                              in_specs=P("fsdp"), out_specs=P("fsdp")))
+    c = f.lower(x).compile()
+    cost = c.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    out[name] = {"bytes": hlo.parse(c.as_text()).collective_bytes(),
+                 "seconds": cost.get("optimal_seconds")}
+  return out
+
+
 def main():
   import trainer_configs
 
   from randlora_jax import targets
   aot.prepare_jax()
-  out = {"toy": toy(targets.abstract_devices(targets.get(TARGET)))}
+  out = {"toy": toy(targets.abstract_devices(targets.get(TARGET))),
+         "grouped_scatter": grouped_scatter()}
   runs = {
       # data=2 x fsdp=2: the frozen weights are split, the batch too
       "classification": trainer_configs.load("tiny", **{"mesh.data": 2, "mesh.fsdp": 2}),

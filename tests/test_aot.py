@@ -85,6 +85,59 @@ def test_unreadable_trip_count_falls_back_to_the_given_length():
       ["  %c = s32[] constant(5)", "  ROOT %r = pred[] compare(%c, %i), direction=GT"]) == 5
 
 
+def test_trip_count_of_a_loop_stepping_by_two():
+  """The TPU compiler's bidirectional windowed einsum (an all-gather + matmul of a weight that
+  GSPMD partitions, inside the layer loop on 32 v5p chips) counts ``i < 16`` in steps of 2:
+  8 trips, each with two matmuls; read as 16, its products and collectives were doubled."""
+  two = TPU_SCAN_HLO.replace("%constant.0.clone.1..sunk = s32[]{:T(128)} constant(1)",
+                             "%constant.0.clone.1..sunk = s32[]{:T(128)} constant(2)")
+  assert two != TPU_SCAN_HLO
+  m = hlo.parse(two)
+  assert m.trip_counts == {"while.10": 3}  # i = 0, 2, 4 < 5
+  assert m.collective_bytes()["all-reduce"] == 3 * 6 * 4
+
+
+# One trip's matmul of that windowed einsum (libtpu 0.0.42.1, Llama-3-70B up_proj on v5p-64):
+# the contraction is the input feature dim (256) times a window of 2 over a spatial dim.
+WINDOWED_CONV = """  %a = bf16[4,1024,2,256]{3,2,1,0} parameter(0)
+  %w = bf16[2,256,28672,1]{3,2,1,0} parameter(1)
+  ROOT %convolution.302 = bf16[4,1024,28672,1]{2,1,0,3:T(8,128)(2,1)} convolution(%a, %w), window={size=2x1}, dim_labels=1b0f_0io1->1bf0
+"""
+
+
+def test_matmul_flops_count_the_window():
+  lines = WINDOWED_CONV.splitlines()
+  # pylint: disable=protected-access
+  types = {m.group(1): m.group(2) for m in map(hlo._DEF_TYPE.match, lines) if m}
+  assert hlo._product_flops(lines[2], types) == 2 * 4 * 1024 * 28672 * 512
+  # padding and lhs dilation: only the taps that land on an input element count
+  assert hlo._window_taps("size=3 pad=1_1", [4], [4]) == 10
+  assert hlo._window_taps("size=2 lhs_dilate=2", [3], [4]) == 4
+  assert hlo._window_taps("", [], []) == 1
+
+
+def test_inner_loops_and_their_matmul_flops():
+  """A loop inside a scanned layer (here a 4-trip `fori_loop` of (8 x 16) @ (16 x 16) in a scan
+  of 5, compiled by XLA:CPU): listed with its trips, one trip's matmul flops and its runs; the
+  layer loop itself is not an inner loop."""
+  import jax
+  import jax.numpy as jnp
+
+  def f(x, w):
+    def layer(c, wl):
+      return jax.lax.fori_loop(0, 4, lambda i, h: jnp.tanh(h @ wl), c), None
+    return jax.lax.scan(layer, x, w)[0]
+
+  text = jax.jit(f).lower(jnp.ones((8, 16)), jnp.ones((5, 16, 16))).compile().as_text()
+  m = hlo.parse(text)
+  assert sorted(m.trip_counts.values()) == [4, 5]
+  (loop,) = m.inner_loops()
+  assert loop["trips"] == 4 and loop["runs"] == 5
+  assert loop["body_flops"] == 2 * 8 * 16 * 16
+  total = sum(f * m.runs[c] for c, f in m.dot_flops().items())
+  assert total == 5 * 4 * 2 * 8 * 16 * 16
+
+
 def test_trip_count_of_a_fused_condition_and_nested_unknown_loops():
   fused = """\
 %fused_lt (param_0: s32[], param_1: s32[]) -> pred[] {
@@ -286,7 +339,8 @@ def test_abstract_build_lowers_to_the_trained_step(task, tmp_path):
 
 @pytest.fixture(scope="module")
 def side():
-  """tests/aot_side.py's results: the toy models and each task's report for v5e-4."""
+  """tests/aot_side.py's results: the toy models, the grouped reduce-scatter on v5p-64 and each
+  task's report for v5e-4."""
   assert os.access(TPU_PYTHON, os.X_OK), (
       f"{TPU_PYTHON} missing: the TPU compiler's side venv is created by `make side-venvs`")
   env = dict(aot.compiler_env(), PYTHONPATH=ROOT)
@@ -316,6 +370,20 @@ def test_reduce_scatter_compiled_for_tpu_is_read_as_one(side):
   whole = 4096 * 4096 * 2
   assert t["rs_bytes"]["all-reduce"] == 0, t["rs_bytes"]
   assert whole / 4 <= t["rs_bytes"]["reduce-scatter"] < whole / 2, t["rs_bytes"]
+
+
+def test_grouped_reduce_scatter_stays_one_on_v5p_64(side):
+  """On the 32-chip v5p slice libtpu compiles the joint reduce-scatter of the weight cotangent
+  (`ops._scatter_kernel`) to an all-reduce of the whole input; the two grouped stages that
+  `targets.reduce_scatter_split` picks there compile to reduce-scatters only, receive less
+  than the whole, and are estimated faster."""
+  t = side["grouped_scatter"]
+  whole = 32 * 512 * 256 * 2
+  assert t["split"] == 2
+  assert t["joint"]["bytes"]["all-reduce"] == whole, t
+  assert t["grouped"]["bytes"]["all-reduce"] == 0, t
+  assert 0 < t["grouped"]["bytes"]["reduce-scatter"] < whole / 4, t
+  assert t["grouped"]["seconds"] < t["joint"]["seconds"], t
 
 
 @pytest.mark.parametrize("task", ["classification", "causal_lm", "clip_vl"])

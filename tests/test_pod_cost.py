@@ -59,3 +59,20 @@ def test_route_and_path_choice_for_the_chip():
   # a few tokens: factored; and the tokens route when G would cost more than (x Bf)^T g
   assert ops.choose_path(8, spec, target=v5p, shards=(4, 1)) == "factored"
   assert ops.choose_route(8, spec, target=v5p, shards=(4, 1)) == "tokens"
+
+
+def test_grouped_reduce_scatter_rule_follows_the_compiled_map():
+  """`targets.reduce_scatter_split`: the two-stage reduce-scatter where libtpu turns the joint
+  one into an all-reduce AND estimates the grouped one faster (bench/RESULTS.md, 'Compiled for
+  the target, "after 2"'); the joint one elsewhere (where it stays a reduce-scatter, or is
+  estimated faster), off TPU and without a target."""
+  split = lambda name: targets.reduce_scatter_split(targets.get(name),
+                                                    targets.get(name).num_devices)
+  assert split("v5p-64") == 2 and split("v5p-128") == 4
+  assert split("v4-64") == 2 and split("v4-128") == 2
+  assert split("v5e-64") == 2 and split("v6e-64") == 4 and split("v6e-16") == 2
+  for joint in ("v5p-8", "v5p-16", "v5p-32", "v4-16", "v5e-8", "v5e-16", "v5e-32", "v6e-32",
+                "h100-8"):
+    assert split(joint) == 1, joint
+  assert targets.reduce_scatter_split(None, 32) == 1
+  assert targets.reduce_scatter_split(targets.get("v5p-64"), 12) == 1  # not in the map

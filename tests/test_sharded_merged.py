@@ -11,6 +11,9 @@ dW-cotangent G = x^T g, dAf = s Bf^T G, dlambda/dgamma from dAf. Tolerance 2e-5 
 entry (f32 accumulation over at most 256 terms).
 """
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,3 +107,93 @@ def test_layout_and_shards():
   assert layout == ((("fsdp",), True), (("tensor",), False))
   spec = ops.LayerSpec(64, 96, r=8)
   assert ops.layout_shards(layout, (16, 48), spec) == (4, 2)
+
+
+# ------------------------------------------------ the weight cotangent's grouped reduce-scatter
+
+
+@pytest.mark.parametrize("split", [2, 4])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_grouped_reduce_scatter_equals_the_joint_one(dim, split):
+  """`ops._scatter_kernel` in two grouped stages (what targets.py picks where the TPU compiler
+  would turn the joint reduce-scatter into an all-reduce) lands every device's chunk where the
+  joint tiled `psum_scatter` does, bit for bit on integer-valued f32 (exact sums), and the
+  compiled program has the two grouped reduce-scatters."""
+  mesh = sharding.make_mesh(data=1, fsdp=8)
+  layout = ((("fsdp",), True), ((), False)) if dim == 0 else (((), False), (("fsdp",), True))
+  shape = (8 * 8 * 3, 5) if dim == 0 else (5, 8 * 8 * 3)  # per device: 8 x the block
+  x = jax.random.randint(jax.random.key(1), (8,) + shape, -50, 50).astype(jnp.float32)
+  spec_in = jax.sharding.PartitionSpec("fsdp")
+  out = jax.sharding.PartitionSpec(*(["fsdp", None] if dim == 0 else [None, "fsdp"]))
+
+  def run(k):
+    f = jax.shard_map(lambda v: ops._scatter_kernel(v[0], layout, k), mesh=mesh,
+                      in_specs=spec_in, out_specs=out)
+    return jax.jit(f)
+
+  joint, grouped = run(1)(x), run(split)(x)
+  np.testing.assert_array_equal(np.asarray(grouped), np.asarray(joint))
+  np.testing.assert_array_equal(np.asarray(joint), np.asarray(x).sum(0))  # the sum, tiled
+  text = run(split).lower(x).compile().as_text()
+  first, second = ops.scatter_groups(8, split)
+  assert len(first[0]) == 8 // split and len(second[0]) == split
+  scatters = [ln for ln in text.splitlines() if " reduce-scatter(" in ln]
+  assert len(scatters) == 2, scatters
+  assert "all-reduce(" not in text
+
+
+@pytest.mark.parametrize("route", ["weight", "weight_chunked", "tokens"])
+@pytest.mark.parametrize("shape", [(64, 96), (96, 64)])
+def test_sharded_layer_with_grouped_scatter_matches_float64(shape, route, monkeypatch):
+  """The sharded layer on 8 devices with the grouped reduce-scatter (forced on through the
+  one rule, `targets.reduce_scatter_split`): values and gradients against float64 NumPy, as
+  the joint one; the compiled step holds grouped reduce-scatters."""
+  mesh = sharding.make_mesh(data=1, fsdp=8)
+  spec = ops.LayerSpec(*shape, r=8, alpha=16.0)
+  ks = jax.random.split(jax.random.key(3), 5)
+  x = jax.random.normal(ks[0], (16, 4, spec.in_features))
+  w0 = jax.random.normal(ks[1], shape) * 0.1
+  lam = jax.random.normal(ks[2], spec.lambda_shape)
+  gamma = jax.random.normal(ks[3], spec.gamma_shape) * 0.1
+  probe = jax.random.normal(ks[4], (16, 4, spec.out_features))
+  seed = 5
+  if route == "weight_chunked":
+    monkeypatch.setattr(ops, "G_CHUNK_BYTES", 64 * 16 * 4)
+    route = "weight"
+  monkeypatch.setattr(ops, "choose_route", lambda *a, **k: route)
+  asked = []
+  monkeypatch.setattr(ops.targets, "reduce_scatter_split",
+                      lambda target, n: asked.append(n) or 2)
+
+  def loss(x, lam, gamma, w0):
+    # a trained W0 too, so the weight cotangent's reduce-scatter is in the program
+    y = layers.dense(x, w0, None, lam, gamma, seed, spec, path="merged", backend="xla",
+                     mesh=mesh)
+    return jnp.sum(y * probe), y
+
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+  x = jax.device_put(x, sharding.batch_sharding(mesh))
+  w0 = jax.device_put(w0, sharding.shardings({"kernel": w0}, mesh)["kernel"])
+  (_, y), (dx, dlam, dgamma, dw0) = fn(x, lam, gamma, w0)
+  assert asked and set(asked) == {8}
+  want_y, want_dlam, want_dgamma, want_dx = _reference(x, w0, lam, gamma, seed, spec, probe)
+  _close(y, want_y)
+  _close(dlam, want_dlam)
+  _close(dgamma, want_dgamma)
+  _close(dx, want_dx)
+  want_dw0 = np.asarray(x, np.float64).reshape(-1, spec.in_features).T @ np.asarray(
+      probe, np.float64).reshape(-1, spec.out_features)
+  _close(dw0, want_dw0)
+  text = fn.lower(x, lam, gamma, w0).compile().as_text()
+  scatters = [ln for ln in text.splitlines() if " reduce-scatter(" in ln]
+  # stage one over the 4 devices at stride 2, stage two over neighbouring pairs
+  assert any("replica_groups={{0,2,4,6},{1,3,5,7}}" in ln for ln in scatters), scatters
+  assert any("replica_groups={{0,1},{2,3},{4,5},{6,7}}" in ln for ln in scatters), scatters
+  # the only weight-block-sized all-reduce is W0's psum over the size-1 data axis (singleton
+  # groups, a no-op); across devices only the adapter gradients and the loss are all-reduced
+  singleton = "replica_groups={{0},{1},{2},{3},{4},{5},{6},{7}}"
+  for ln in text.splitlines():
+    if " all-reduce(" in ln and singleton not in ln:
+      assert sum(math.prod(int(d) for d in dims.split(",") if d)
+                 for dims in re.findall(r"f32\[([\d,]*)\]", ln.split(" all-reduce(")[0])) \
+          <= spec.num_trainable + 1, ln  # + the loss
