@@ -26,6 +26,7 @@ def row(r: dict, base: dict | None, name: str = "") -> list[str]:
                             f" ({get(r) / get(base):.2f}x)")
   lf = lambda x: x["per_layer"][stack]["flops"]
   ls = lambda x: x["per_layer"][stack]["seconds"]
+  la = lambda x: x["per_layer"][stack].get("flops_all_trips")
   hbm = lambda x: x["peak_bytes"]
   kernels = ", ".join(sorted(r["kernels"])) or "none"
   return [
@@ -34,6 +35,8 @@ def row(r: dict, base: dict | None, name: str = "") -> list[str]:
       f"{r['peak_bytes'] / 1e9:.2f}{ratio('hbm', hbm)} / {r['hbm_bytes'] / 1e9:.0f}",
       "yes" if r["fits"] else "NO",
       f"{layer['flops'] / 1e12:.3f}{ratio('lf', lf)}" if layer.get("flops") else "n/a",
+      (f"{layer['flops_all_trips'] / 1e12:.3f}{ratio('la', la)}"
+       if layer.get("flops_all_trips") else "n/a"),
       f"{layer['seconds'] * 1e3:.2f}{ratio('ls', ls)}" if layer.get("seconds") else "n/a",
       f"{r['flops'] / 1e12:.2f}", f"{r['seconds'] * 1e3:.1f}",
       f"{r['collectives']['all-reduce'] / 1e6:.1f}", f"{r['all_reduce_over_trainable']:.2f}",
@@ -56,7 +59,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   reports = [json.load(open(p)) for p in args.reports]
   head = ["run", "method", "target", "mesh data x fsdp", "trainable", "HBM GB / device (of)", "fits",
-          "one layer TFLOP", "one layer ms (est.)", "step TFLOP", "step ms (est.)",
+          "one layer TFLOP", "one layer TFLOP, all trips", "one layer ms (est.)", "step TFLOP", "step ms (est.)",
           "all-reduce MB", "all-reduce / trainable", "all-gather GB", "reduce-scatter MB",
           "loop trips", "kernels"]
   first: dict[str, dict] = {}

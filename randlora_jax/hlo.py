@@ -164,6 +164,12 @@ class Module:
                     "runs": self.runs.get(body, 0) // max(1, trips or 1)})
     return out
 
+  def uncounted_loop_flops(self) -> float:
+    """Per execution: the matrix products of every inner loop's trips after its first, which a
+    count that takes each loop body once (a compiler's `cost_analysis`) leaves out."""
+    return sum(((loop["trips"] or 1) - 1) * loop["body_flops"] * loop["runs"]
+               for loop in self.inner_loops())
+
   def _reachable(self, comp: str) -> set[str]:
     """``comp`` and every computation it calls, transitively."""
     seen, todo = set(), [comp]

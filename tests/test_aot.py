@@ -386,6 +386,18 @@ def test_grouped_reduce_scatter_stays_one_on_v5p_64(side):
   assert t["grouped"]["seconds"] < t["joint"]["seconds"], t
 
 
+def test_compiler_loop_trips_left_out_are_added_back(side):
+  """libtpu runs a gathered matmul as its own 8-trip loop inside the layer scan and counts
+  that body once: its flops for one layer are a fraction of the matmul's. Adding the other
+  trips' products read from the HLO (`hlo.Module.uncounted_loop_flops`, what the report's
+  'all trips' per-layer figure adds) gives the matmul's flops back."""
+  t = side["windowed_einsum"]
+  assert t["inner_trips"] and all(n and n > 1 for n in t["inner_trips"]), t
+  assert t["flops_compiled"] < 0.5 * t["matmul_flops"], t
+  per_layer = t["flops_compiled"] + t["uncounted"] / t["layers"]
+  assert per_layer == pytest.approx(t["matmul_flops"], rel=0.05), t
+
+
 @pytest.mark.parametrize("task", ["classification", "causal_lm", "clip_vl"])
 def test_task_step_compiled_for_tpu(side, task):
   r = side[task]
@@ -416,6 +428,7 @@ def test_per_layer_cost_times_depth(side):
   r = side["causal_lm"]
   (name, n), = r["depths"].items()
   layer = r["per_layer"][name]
+  assert layer["flops_all_trips"] == pytest.approx(layer["flops"] + r["flops_uncounted"] / n)
   assert n == 2 and layer["flops"] > 0 and layer["seconds"] > 0
   assert r["flops"] == pytest.approx(r["flops_compiled"] + (n - 1) * layer["flops"])
   assert r["seconds"] == pytest.approx(r["seconds_compiled"] + (n - 1) * layer["seconds"])
