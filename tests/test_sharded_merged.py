@@ -55,23 +55,34 @@ def _close(got, want):
   np.testing.assert_allclose(got, want, rtol=0, atol=REL * np.abs(want).max())
 
 
+def _layer_inputs(spec, key: int):
+  """x (16, 4, in), W0, lambda, gamma and a probe cotangent (16, 4, out) for one layer."""
+  ks = jax.random.split(jax.random.key(key), 5)
+  return (jax.random.normal(ks[0], (16, 4, spec.in_features)),
+          jax.random.normal(ks[1], (spec.in_features, spec.out_features)) * 0.1,
+          jax.random.normal(ks[2], spec.lambda_shape),
+          jax.random.normal(ks[3], spec.gamma_shape) * 0.1,
+          jax.random.normal(ks[4], (16, 4, spec.out_features)))
+
+
+def _force_route(monkeypatch, route: str) -> None:
+  """Make every sharded layer take ``route``; 'weight_chunked' is the weight route with G
+  formed and reduced in column chunks (a scan)."""
+  if route == "weight_chunked":
+    monkeypatch.setattr(ops, "G_CHUNK_BYTES", 64 * 16 * 4)
+    route = "weight"
+  monkeypatch.setattr(ops, "choose_route", lambda *a, **k: route)
+
+
 @pytest.mark.parametrize("route", ["weight", "tokens", "weight_chunked"])
 @pytest.mark.parametrize("shape", [(64, 96), (96, 64)])
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_sharded_merged_matches_float64(mesh_name, shape, route, monkeypatch):
   mesh = sharding.make_mesh(**MESHES[mesh_name])
   spec = ops.LayerSpec(*shape, r=8, alpha=16.0)
-  ks = jax.random.split(jax.random.key(0), 5)
-  x = jax.random.normal(ks[0], (16, 4, spec.in_features))
-  w0 = jax.random.normal(ks[1], shape) * 0.1
-  lam = jax.random.normal(ks[2], spec.lambda_shape)
-  gamma = jax.random.normal(ks[3], spec.gamma_shape) * 0.1
-  probe = jax.random.normal(ks[4], (16, 4, spec.out_features))
+  x, w0, lam, gamma, probe = _layer_inputs(spec, 0)
   seed = 7
-  if route == "weight_chunked":  # G formed and reduced in column chunks (a scan)
-    monkeypatch.setattr(ops, "G_CHUNK_BYTES", 64 * 16 * 4)
-    route = "weight"
-  monkeypatch.setattr(ops, "choose_route", lambda *a, **k: route)
+  _force_route(monkeypatch, route)
 
   def loss(x, lam, gamma, w0):
     y = layers.dense(x, w0, None, lam, gamma, seed, spec, path="merged", backend="xla",
@@ -150,17 +161,9 @@ def test_sharded_layer_with_grouped_scatter_matches_float64(shape, route, monkey
   the joint one; the compiled step holds grouped reduce-scatters."""
   mesh = sharding.make_mesh(data=1, fsdp=8)
   spec = ops.LayerSpec(*shape, r=8, alpha=16.0)
-  ks = jax.random.split(jax.random.key(3), 5)
-  x = jax.random.normal(ks[0], (16, 4, spec.in_features))
-  w0 = jax.random.normal(ks[1], shape) * 0.1
-  lam = jax.random.normal(ks[2], spec.lambda_shape)
-  gamma = jax.random.normal(ks[3], spec.gamma_shape) * 0.1
-  probe = jax.random.normal(ks[4], (16, 4, spec.out_features))
+  x, w0, lam, gamma, probe = _layer_inputs(spec, 3)
   seed = 5
-  if route == "weight_chunked":
-    monkeypatch.setattr(ops, "G_CHUNK_BYTES", 64 * 16 * 4)
-    route = "weight"
-  monkeypatch.setattr(ops, "choose_route", lambda *a, **k: route)
+  _force_route(monkeypatch, route)
   asked = []
   monkeypatch.setattr(ops.targets, "reduce_scatter_split",
                       lambda target, n: asked.append(n) or 2)
