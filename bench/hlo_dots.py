@@ -9,7 +9,7 @@ count more than dots.
 STEP.hlo: `aot.compile_step(config, target, hlo_path=...)`'s output.
 
 It also lists the loops inside the layer loop that hold matrix products (XLA's own: on a TPU
-slice the partitioner turns an all-gather + matmul of an XLA-sharded weight into a 16-step
+slice the partitioner turns an all-gather + matmul of an XLA-sharded weight into an 8-trip
 "windowed einsum" loop) and what `cost_analysis` misses of them: it counts a loop body once,
 so (trips - 1) x one trip's products per layer are not in the compiler's per-layer flops.
 """
@@ -27,32 +27,21 @@ _NOISE = re.compile(r"jit\(train_step\)/|while/body/closed_call/|checkpoint/|"
                     r"rematted_computation/|shard_map/")
 
 
-def dot_flops(text: str, layers: int | None = None) -> dict[str, float]:
-  """op name -> flops per step (all loop runs), the dots of every computation."""
-  module = hlo.parse(text, default_trip_count=layers)
+def dot_flops(module: hlo.Module) -> dict[str, float]:
+  """op name -> flops per step (all loop runs), the matrix products of every computation."""
   out: dict[str, float] = collections.defaultdict(float)
-  for comp, lines in module.computations.items():
-    # pylint: disable-next=protected-access
-    types = {m.group(1): m.group(2) for m in map(hlo._DEF_TYPE.match, lines) if m}
-    for line in lines:
-      f = hlo._product_flops(line, types)  # pylint: disable=protected-access
-      if not f:
-        continue
-      name = _OP_NAME.search(line)
-      key = _NOISE.sub("", name.group(1)) if name else "?"
-      out[key] += f * module.runs.get(comp, 0)
+  for comp, line, f in module.products():
+    name = _OP_NAME.search(line)
+    key = _NOISE.sub("", name.group(1)) if name else "?"
+    out[key] += f * module.runs.get(comp, 0)
   return dict(out)
 
 
-def uncounted_loop_flops(text: str, layers: int | None = None) -> list[dict]:
+def uncounted_loop_flops(module: hlo.Module) -> list[dict]:
   """The loops inside the layer loop with matrix products, each with 'uncounted': the flops
   of its (trips - 1) trips that a once-per-body count leaves out, per run of the layer."""
-  module = hlo.parse(text, default_trip_count=layers)
-  out = []
-  for loop in module.inner_loops():
-    trips = loop["trips"] or 1
-    out.append(dict(loop, uncounted=(trips - 1) * loop["body_flops"]))
-  return out
+  return [dict(loop, uncounted=((loop["trips"] or 1) - 1) * loop["body_flops"])
+          for loop in module.inner_loops()]
 
 
 def main(argv=None):
@@ -61,13 +50,15 @@ def main(argv=None):
   ap.add_argument("--layers", type=int, default=None, help="the scanned stack's length")
   ap.add_argument("--top", type=int, default=20)
   args = ap.parse_args(argv)
-  flops = dot_flops(open(args.hlo).read(), args.layers)
+  with open(args.hlo) as f:
+    module = hlo.parse(f.read(), default_trip_count=args.layers)
+  flops = dot_flops(module)
   for name, f in sorted(flops.items(), key=lambda kv: -kv[1])[:args.top]:
     print(f"{f / 1e12:10.3f} TFLOP  {name}")
   total = sum(flops.values())
   print(f"{total / 1e12:10.3f} TFLOP  total"
         + (f" ({total / 1e12 / args.layers:.2f} per layer incl. the rest)" if args.layers else ""))
-  loops = uncounted_loop_flops(open(args.hlo).read(), args.layers)
+  loops = uncounted_loop_flops(module)
   for loop in loops:
     print(f"inner loop {loop['loop']}: {loop['trips']} trips x {loop['body_flops'] / 1e12:.3f} "
           f"TFLOP, {loop['uncounted'] / 1e12:.3f} TFLOP per run not in cost_analysis")

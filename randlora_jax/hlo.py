@@ -21,6 +21,7 @@ A leaf: imports only numpy and the standard library.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 
@@ -123,18 +124,23 @@ class Module:
       out[c.op] += c.bytes * c.count
     return out
 
-  def dot_flops(self) -> dict[str, float]:
-    """Computation -> flops of ONE run of its matrix products: each `convolution` (the TPU
-    compiler's form of a dot) or `dot` counts 2 x output elements x contracted size."""
-    out: dict[str, float] = {}
+  def products(self):
+    """(computation, instruction line, flops of one run) of every matrix product: each
+    `convolution` (the TPU compiler's form of a dot) or `dot`, 2 x output elements x
+    contracted size."""
     for comp, lines in self.computations.items():
       types = {m.group(1): m.group(2) for m in map(_DEF_TYPE.match, lines) if m}
-      total = 0.0
       for line in lines:
-        total += _product_flops(line, types)
-      if total:
-        out[comp] = total
-    return out
+        f = _product_flops(line, types)
+        if f:
+          yield comp, line, f
+
+  def dot_flops(self) -> dict[str, float]:
+    """Computation -> flops of ONE run of its matrix products (`products`)."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for comp, _, f in self.products():
+      out[comp] += f
+    return dict(out)
 
   def inner_loops(self) -> list[dict]:
     """Loops inside other loops' bodies (XLA's own, e.g. a windowed einsum inside the scanned
